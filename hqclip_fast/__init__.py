@@ -1,0 +1,3 @@
+"""hqclip-fast: the training system for HQ-CLIP."""
+
+__version__ = "0.1.0"

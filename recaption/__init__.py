@@ -1,0 +1,1 @@
+"""The HQ-CLIP recaptioner: (image, alt-text) -> four texts as schema-valid JSON."""
