@@ -1,0 +1,270 @@
+"""The HQ-CLIP loss: one public entry point, input validation, distributed semantics, impl dispatch.
+
+Every implementation behind `impl` is a module that provides two functions. They see plain tensors only:
+no process groups, no weights, no normalization; api.py gathers, validates, normalizes and combines.
+
+    contrastive_sums(image, text, logit_scale, *, rows, softmax_negatives, pair_negatives)
+        -> (i2t_sum, t2i_sum, hni_sum)
+
+        image, text        (B, D) features of the whole group in rank order (B = n * b). They come out of an
+                           autograd all-gather, so gradients w.r.t. any row reach that row's owner.
+        logit_scale        0-d tensor s (already exp'd); it needs a gradient.
+        rows               (start, stop): this rank's rows, stop - start = b.
+        softmax_negatives  (B, D) gathered negative texts, extra image->text columns; or None.
+        pair_negatives     (b, D) this rank's negative texts for the pairwise HNI term; or None.
+                           When both are given, pair_negatives is softmax_negatives[start:stop].
+        Returns fp32 0-d tensors, sums (not means) over this rank's rows / columns:
+          i2t_sum = sum_{i in rows} [ -s<I_i,T_i> + log( sum_j e^{s<I_i,T_j>} + sum_k e^{s<I_i,N_k>} ) ]
+                    (the N_k sum only when softmax_negatives is given, k over all B of them)
+          t2i_sum = sum_{j in rows} [ -s<T_j,I_j> + log sum_i e^{s<T_j,I_i>} ]      (i over all B)
+          hni_sum = sum_{i in rows} softplus(s<I_i,N_i> - s<I_i,T_i>)   (zero when pair_negatives is None)
+
+    tag_bce_sum(tag_features, tag_weight, tag_bias, tag_targets) -> stc_sum
+        tag_features (b, D), tag_weight (V, D), tag_bias (V,) or None,
+        tag_targets (b, T) int64 ids in [0, V), -1 is padding, a repeated id in a row counts once.
+        Returns the fp32 0-d sum over the b x V entries of BCE-with-logits(tag_features @ tag_weight.T
+        + tag_bias, multi-hot(tag_targets)).
+
+Both must accept fp32 and bf16 features (fp32 accumulation) and give gradients to every tensor input,
+logit_scale, tag_weight and tag_bias included. Inputs arrive validated (see `_validate`).
+
+Registry: `_IMPLS` maps an impl name to its module path; a module is imported only when asked for.
+"triton" is `hqclip_fast.loss.fused` (kernels side). It may define `is_available() -> bool`; when the module
+is missing or reports False, impl="triton" raises and impl="auto" uses "chunked" (auto picks triton only for
+CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from .gather import all_gather_with_grad, group_rank_and_size
+
+__all__ = ["LossOutput", "hqclip_loss", "HQCLIPLoss", "IMPLS"]
+
+log = logging.getLogger(__name__)
+
+_IMPLS = {
+    "reference": "hqclip_fast.loss.reference",
+    "chunked": "hqclip_fast.loss.chunked",
+    "triton": "hqclip_fast.loss.fused",
+}
+IMPLS = ("auto", *_IMPLS)
+
+
+@dataclass
+class LossOutput:
+    """Scalar fp32 tensors; `total = clip + hni_weight * hni + stc_weight * stc`."""
+
+    total: torch.Tensor
+    clip: torch.Tensor
+    hni: torch.Tensor
+    stc: torch.Tensor
+
+
+def _load_triton() -> tuple[ModuleType | None, str]:
+    """(the fused module, "") or (None, why it cannot be used here)."""
+    try:
+        module = importlib.import_module(_IMPLS["triton"])
+    except ImportError as err:
+        return None, f"importing {_IMPLS['triton']} failed: {err}"
+    is_available = getattr(module, "is_available", None)
+    if is_available is not None and not is_available():
+        return None, f"{_IMPLS['triton']}.is_available() is False (it needs triton and a CUDA device)"
+    return module, ""
+
+
+def get_impl(impl: str, device: torch.device) -> ModuleType:
+    """The implementation module for `impl` on `device` (imported lazily)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton":
+        module, why = _load_triton()
+        if module is None:
+            raise ValueError(f"impl='triton' is unavailable: {why}; use impl='chunked'")
+        return module
+    if impl == "auto":
+        if device.type == "cuda":
+            module, why = _load_triton()
+            if module is not None:
+                return module
+            log.warning("hqclip_loss(impl='auto') on %s uses 'chunked': %s", device, why)
+        impl = "chunked"
+    return importlib.import_module(_IMPLS[impl])
+
+
+def _check_features(name: str, x, like: torch.Tensor | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if like is not None:
+        if x.shape != like.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(like.shape)} "
+                             "(the shape of image_features)")
+        if x.device != like.device:
+            raise ValueError(f"{name} is on {x.device}, image_features on {like.device}")
+
+
+def _check_weight(name: str, w: float) -> float:
+    w = float(w)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {w}")
+    return w
+
+
+def _validate(image_features, text_features, logit_scale, neg_text_features, hni_weight,
+              tag_features, tag_weight, tag_bias, tag_targets, stc_weight):
+    """Raise ValueError naming the argument for any bad input; returns (logit_scale as 0-d tensor, weights)."""
+    _check_features("image_features", image_features)
+    if image_features.shape[0] == 0:
+        raise ValueError("image_features has an empty batch")
+    _check_features("text_features", text_features, image_features)
+    if neg_text_features is not None:
+        _check_features("neg_text_features", neg_text_features, image_features)
+
+    if not isinstance(logit_scale, torch.Tensor):
+        logit_scale = torch.tensor(float(logit_scale), device=image_features.device)
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar tensor, got shape {tuple(logit_scale.shape)}")
+    if not logit_scale.is_floating_point():
+        raise ValueError(f"logit_scale must be floating point, got {logit_scale.dtype}")
+    logit_scale = logit_scale.reshape(())
+
+    hni_weight = _check_weight("hni_weight", hni_weight)
+    if hni_weight > 0 and neg_text_features is None:
+        raise ValueError("hni_weight > 0 needs neg_text_features")
+
+    stc_weight = _check_weight("stc_weight", stc_weight)
+    if stc_weight > 0:
+        for name, value in (("tag_features", tag_features), ("tag_weight", tag_weight),
+                            ("tag_targets", tag_targets)):
+            if value is None:
+                raise ValueError(f"stc_weight > 0 needs {name}")
+        _check_features("tag_features", tag_features)
+        if tag_features.shape[0] != image_features.shape[0]:
+            raise ValueError(f"tag_features has batch {tag_features.shape[0]}, image_features has "
+                             f"{image_features.shape[0]}")
+        _check_features("tag_weight", tag_weight)
+        num_tags, dim = tag_weight.shape
+        if dim != tag_features.shape[1]:
+            raise ValueError(f"tag_weight has feature size {dim}, tag_features has {tag_features.shape[1]}")
+        if num_tags == 0:
+            raise ValueError("tag_weight has no rows (empty tag vocabulary)")
+        if tag_bias is not None:
+            if not isinstance(tag_bias, torch.Tensor) or tag_bias.shape != (num_tags,):
+                shape = tuple(tag_bias.shape) if isinstance(tag_bias, torch.Tensor) else type(tag_bias)
+                raise ValueError(f"tag_bias must have shape ({num_tags},), got {shape}")
+        if not isinstance(tag_targets, torch.Tensor) or tag_targets.dim() != 2:
+            raise ValueError("tag_targets must be a 2-D integer tensor (batch, max_tags), -1 padded")
+        if tag_targets.dtype.is_floating_point or tag_targets.dtype == torch.bool:
+            raise ValueError(f"tag_targets must hold integer ids, got {tag_targets.dtype}")
+        if tag_targets.shape[0] != tag_features.shape[0]:
+            raise ValueError(f"tag_targets has batch {tag_targets.shape[0]}, tag_features has "
+                             f"{tag_features.shape[0]}")
+        if tag_targets.numel() > 0:
+            low, high = int(tag_targets.min()), int(tag_targets.max())
+            if high >= num_tags or low < -1:
+                raise ValueError(f"tag_targets must hold ids in [0, {num_tags}) or -1 for padding, "
+                                 f"found values in [{low}, {high}]")
+        devices = {tag_features.device, tag_weight.device, tag_targets.device}
+        if tag_bias is not None:
+            devices.add(tag_bias.device)
+        if len(devices) != 1:
+            raise ValueError(f"tag_features, tag_weight, tag_bias and tag_targets must share a device, "
+                             f"got {sorted(map(str, devices))}")
+    return logit_scale, hni_weight, stc_weight
+
+
+def _check_same_batch_across_ranks(image_features: torch.Tensor, group, world_size: int) -> None:
+    import torch.distributed as dist
+
+    local = torch.tensor(image_features.shape, dtype=torch.int64, device=image_features.device)
+    sizes = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(sizes, local, group=group)
+    sizes = [tuple(s.tolist()) for s in sizes]
+    if len(set(sizes)) != 1:
+        raise ValueError(f"image_features: local (batch, dim) must be equal on every rank, got {sizes}")
+
+
+def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
+                neg_text_features: torch.Tensor | None = None, negatives_in_softmax: bool = True,
+                hni_weight: float = 0.0,
+                tag_features: torch.Tensor | None = None, tag_weight: torch.Tensor | None = None,
+                tag_bias: torch.Tensor | None = None, tag_targets: torch.Tensor | None = None,
+                stc_weight: float = 0.0, group=None, impl: str = "auto") -> LossOutput:
+    """HQ-CLIP loss of this rank (see issue 2 / ARCHITECTURE.md for the definitions).
+
+    Each rank returns its own rows (image->text, hni, stc) and columns (text->image), normalized by the
+    local batch b: the mean of `total` over ranks is the global loss, and DDP/FSDP gradient averaging gives
+    the global gradient (open_clip's local_loss + gather_with_grad convention).
+    """
+    logit_scale, hni_weight, stc_weight = _validate(
+        image_features, text_features, logit_scale, neg_text_features, hni_weight,
+        tag_features, tag_weight, tag_bias, tag_targets, stc_weight)
+    backend = get_impl(impl, image_features.device)
+
+    group, rank, world_size = group_rank_and_size(group)
+    if world_size > 1:
+        _check_same_batch_across_ranks(image_features, group, world_size)
+    b = image_features.shape[0]
+    rows = (rank * b, rank * b + b)
+
+    use_softmax_negatives = neg_text_features is not None and negatives_in_softmax
+    all_image = all_gather_with_grad(image_features, group)
+    all_text = all_gather_with_grad(text_features, group)
+    softmax_negatives = all_gather_with_grad(neg_text_features, group) if use_softmax_negatives else None
+    pair_negatives = None
+    if hni_weight > 0:
+        pair_negatives = softmax_negatives[rows[0]:rows[1]] if use_softmax_negatives else neg_text_features
+
+    i2t_sum, t2i_sum, hni_sum = backend.contrastive_sums(
+        all_image, all_text, logit_scale, rows=rows,
+        softmax_negatives=softmax_negatives, pair_negatives=pair_negatives)
+    clip = (i2t_sum + t2i_sum) / (2 * b)
+    zero = clip.new_zeros(())
+    hni = hni_sum / b if hni_weight > 0 else zero
+    total = clip + hni_weight * hni if hni_weight > 0 else clip
+
+    stc = zero
+    if stc_weight > 0:
+        targets = tag_targets.to(torch.int64)
+        stc = backend.tag_bce_sum(tag_features, tag_weight, tag_bias, targets) / (b * tag_weight.shape[0])
+        total = total + stc_weight * stc
+    return LossOutput(total=total, clip=clip, hni=hni, stc=stc)
+
+
+class HQCLIPLoss(nn.Module):
+    """`hqclip_loss` with its options held by a module (built from the training config)."""
+
+    def __init__(self, *, hni_weight: float = 0.0, stc_weight: float = 0.0, negatives_in_softmax: bool = True,
+                 impl: str = "auto", group=None):
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.hni_weight = _check_weight("hni_weight", hni_weight)
+        self.stc_weight = _check_weight("stc_weight", stc_weight)
+        self.negatives_in_softmax = negatives_in_softmax
+        self.impl = impl
+        self.group = group
+
+    def forward(self, image_features, text_features, logit_scale, *, neg_text_features=None,
+                tag_features=None, tag_weight=None, tag_bias=None, tag_targets=None) -> LossOutput:
+        return hqclip_loss(image_features, text_features, logit_scale,
+                           neg_text_features=neg_text_features, negatives_in_softmax=self.negatives_in_softmax,
+                           hni_weight=self.hni_weight, tag_features=tag_features, tag_weight=tag_weight,
+                           tag_bias=tag_bias, tag_targets=tag_targets, stc_weight=self.stc_weight,
+                           group=self.group, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return (f"hni_weight={self.hni_weight}, stc_weight={self.stc_weight}, "
+                f"negatives_in_softmax={self.negatives_in_softmax}, impl={self.impl!r}")
