@@ -1,0 +1,191 @@
+"""The trainer's small parts on their own: schedule, optimizer groups, checkpoints, metrics files."""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from hqclip_fast.checkpoint import Checkpointer, latest_checkpoint, list_checkpoints
+from hqclip_fast.metrics import MetricsLogger, read_metrics
+from hqclip_fast.optim import build_optimizer, decays
+from hqclip_fast.schedule import WarmupCosine, build_lr_scheduler
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_warmup_is_linear_and_never_zero():
+    f = WarmupCosine(warmup_steps=4, total_steps=20)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_cosine_reaches_floor_and_is_monotone():
+    f = WarmupCosine(warmup_steps=3, total_steps=13, min_lr_ratio=0.1)
+    values = [f(s) for s in range(3, 14)]
+    assert values[0] == pytest.approx(1.0)
+    assert values[5] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert values[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert f(1000) == pytest.approx(0.1)  # past the end it stays at the floor
+
+
+def test_scheduler_drives_optimizer_and_round_trips():
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2.0)
+    sched = build_lr_scheduler(opt, warmup_steps=2, total_steps=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [2.0 * WarmupCosine(2, 6)(s) for s in range(6)]
+    assert lrs == pytest.approx(expected)
+    # Resume half way (optimizer and schedule restored together, as checkpoints do): the same lrs follow.
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2.0)
+    sched = build_lr_scheduler(opt, warmup_steps=2, total_steps=6)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched2 = build_lr_scheduler(opt2, warmup_steps=2, total_steps=6)
+    opt2.load_state_dict(opt.state_dict())
+    sched2.load_state_dict(sched.state_dict())
+    resumed = []
+    for _ in range(3):
+        resumed.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert resumed == pytest.approx(expected[3:])
+
+
+@pytest.mark.parametrize("kwargs", [dict(warmup_steps=5, total_steps=4), dict(warmup_steps=0, total_steps=0),
+                                    dict(warmup_steps=1, total_steps=4, min_lr_ratio=1.5)])
+def test_schedule_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        WarmupCosine(**kwargs)
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+class _Towerish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.token_embedding = nn.Embedding(10, 4)
+        self.positional_embedding = nn.Parameter(torch.zeros(5, 4))
+        self.class_embedding = nn.Parameter(torch.zeros(4))
+        self.proj = nn.Linear(4, 4)
+        self.ln = nn.LayerNorm(4)
+        self.conv = nn.Conv2d(3, 4, 2)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+
+def test_no_weight_decay_on_gains_biases_embeddings_and_scale():
+    model = _Towerish()
+    decayed = {name for name, p in model.named_parameters() if decays(name, p)}
+    assert decayed == {"proj.weight", "conv.weight"}
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.2)
+    by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert by_id[id(model.proj.weight)] == 0.2
+    assert by_id[id(model.token_embedding.weight)] == 0.0
+    assert by_id[id(model.logit_scale)] == 0.0
+    assert len(by_id) == len(list(model.parameters()))
+
+
+def test_optimizer_rejects_bad_settings():
+    with pytest.raises(ValueError, match="lr"):
+        build_optimizer(_Towerish(), lr=0.0, weight_decay=0.1)
+    with pytest.raises(ValueError, match="weight_decay"):
+        build_optimizer(_Towerish(), lr=1e-3, weight_decay=-1.0)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _train_a_bit(model, opt, steps=2):
+    for _ in range(steps):
+        tokens = model.token_embedding(torch.tensor([1, 2, 3, 4, 0])) + model.positional_embedding
+        pixels = model.conv(torch.ones(1, 3, 3, 3)).flatten() + model.class_embedding.repeat(4)
+        loss = model.proj(model.ln(tokens)).pow(2).sum() + pixels.pow(2).sum() + model.logit_scale
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path):
+    torch.manual_seed(0)
+    model = _Towerish()
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    _train_a_bit(model, opt)
+    ckpt = Checkpointer(tmp_path / "ckpt", keep_last=2)
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    ckpt.save(7, model, opt, {"loader": {"position": [1, 2]}, "scheduler": {"last_epoch": 7}})
+    expected_draws = (random.random(), np.random.rand(), torch.rand(1).item())
+
+    model2 = _Towerish()
+    opt2 = build_optimizer(model2, lr=1e-2, weight_decay=0.1)
+    path = latest_checkpoint(tmp_path / "ckpt")
+    assert path.name == "step_00000007"
+    state = ckpt.load(path, model2, opt2)
+    assert state["step"] == 7 and state["loader"] == {"position": [1, 2]} and state["scheduler"]["last_epoch"] == 7
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected_draws
+    for (name, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+    # Optimizer moments came back: one more identical step keeps the two models identical.
+    _train_a_bit(model, opt, 1)
+    _train_a_bit(model2, opt2, 1)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_keeps_last_k_and_ignores_partial_writes(tmp_path):
+    model = _Towerish()
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    _train_a_bit(model, opt, 1)
+    ckpt = Checkpointer(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        ckpt.save(step, model, opt, {})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    # A run killed while writing step 4 leaves only a tmp folder: never picked, and cleaned by the next run.
+    partial = tmp_path / ".tmp-step_00000004"
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"torn")
+    assert latest_checkpoint(tmp_path).name == "step_00000003"
+    Checkpointer(tmp_path, keep_last=2)
+    assert not partial.exists()
+
+
+def test_checkpoint_rejects_bad_keep_last(tmp_path):
+    with pytest.raises(ValueError, match="keep_last"):
+        Checkpointer(tmp_path, keep_last=0)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_resume_drops_records_after_the_checkpoint(tmp_path):
+    log = MetricsLogger(tmp_path, enabled=True, tensorboard=False)
+    for step in range(1, 6):
+        log.log(step, "train", {"loss": float(step)})
+    log.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "kind": "tr')  # torn line of a killed writer
+    resumed = MetricsLogger(tmp_path, enabled=True, resume_step=3, tensorboard=False)
+    resumed.log(4, "train", {"loss": 40.0})
+    resumed.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert all(json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+def test_metrics_disabled_on_other_ranks_writes_nothing(tmp_path):
+    log = MetricsLogger(tmp_path, enabled=False)
+    log.log(1, "train", {"loss": 1.0})
+    log.close()
+    assert not (tmp_path / "metrics.jsonl").exists()
