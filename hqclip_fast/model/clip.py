@@ -1,0 +1,79 @@
+"""The CLIP model: image tower, text tower, learnable temperature and the optional short-tag head."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import check_backend
+from .configs import CLIPConfig, get_config
+from .text import TextTransformer
+from .vision import VisionTransformer
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig, num_tags: int = 0):
+        super().__init__()
+        config.validate()
+        check_backend(config.attn_backend)
+        if num_tags < 0:
+            raise ValueError(f"num_tags must be >= 0, got {num_tags}")
+        self.config = config
+        self.num_tags = num_tags
+        kw = dict(quick_gelu=config.quick_gelu, backend=config.attn_backend)
+        self.visual = VisionTransformer(config.vision_cfg, config.embed_dim, **kw)
+        self.text = TextTransformer(config.text_cfg, config.embed_dim, **kw)
+        # Log of the inverse temperature, 0-d like open_clip's (parallelize_model makes it 1-D for FSDP2).
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # Short-tag classification: multi-label linear head on the normalized image embedding.
+        self.tag_head = nn.Linear(config.embed_dim, num_tags) if num_tags > 0 else None
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+    def encode_text(self, tokens: torch.Tensor, *, packed: bool | None = None) -> torch.Tensor:
+        """packed=None uses config.pack_text."""
+        return self.text(tokens, packed=self.config.pack_text if packed is None else packed)
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor,
+                neg_texts: torch.Tensor | None = None) -> dict[str, Any]:
+        image_features = F.normalize(self.encode_image(images), dim=-1)
+        if neg_texts is None:
+            text_features, neg_text_features = F.normalize(self.encode_text(texts), dim=-1), None
+        else:
+            if neg_texts.shape[1] != texts.shape[1]:
+                raise ValueError(f"neg_texts length {neg_texts.shape[1]} != texts length {texts.shape[1]}")
+            # One pass over positives and negatives: one set of kernels, and packing sees all of them.
+            both = F.normalize(self.encode_text(torch.cat([texts, neg_texts])), dim=-1)
+            text_features, neg_text_features = both.split([texts.shape[0], neg_texts.shape[0]])
+        out = {
+            "image_features": image_features,
+            "text_features": text_features,
+            "neg_text_features": neg_text_features,
+            "logit_scale": self.logit_scale.exp().reshape(()),
+        }
+        if self.tag_head is not None:
+            out["tag_features"] = image_features
+            out["tag_weight"] = self.tag_head.weight
+            out["tag_bias"] = self.tag_head.bias
+        return out
+
+    def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's weights under open_clip's key names (tag head dropped, 0-d logit_scale).
+
+        On a model sharded by FSDP2, gather a full state dict first (see hqclip_fast.parallelize)."""
+        from .openclip_compat import to_open_clip_state_dict
+
+        return to_open_clip_state_dict(self.state_dict())
+
+
+def create_model(name: str, num_tags: int = 0, **overrides: Any) -> CLIP:
+    """A freshly initialized model for an open_clip config name (or an hqclip-* CPU config).
+
+    overrides: image_size, patch_size, context_length, vocab_size, embed_dim, quick_gelu, attn_backend,
+    pack_text, or vision_cfg={...} / text_cfg={...} for any sub-field."""
+    return CLIP(get_config(name, **overrides), num_tags=num_tags)

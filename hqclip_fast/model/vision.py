@@ -1,0 +1,43 @@
+"""ViT image tower with open_clip's layout (class token pooling, ln_post, linear projection)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .configs import VisionConfig
+from .transformer import Transformer
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, *, quick_gelu: bool, backend: str):
+        super().__init__()
+        self.cfg = cfg
+        width = cfg.width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.grid_size**2 + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer(width, cfg.layers, cfg.heads, cfg.mlp_ratio, causal=False,
+                                       quick_gelu=quick_gelu, backend=backend)
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.empty(width, embed_dim))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        scale = self.cfg.width**-0.5
+        nn.init.normal_(self.class_embedding, std=scale)
+        nn.init.normal_(self.positional_embedding, std=scale)
+        nn.init.normal_(self.proj, std=scale)
+        self.transformer.init_weights()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) with H = W = image_size; returns (B, embed_dim), unnormalized."""
+        size = self.cfg.image_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (size, size):
+            raise ValueError(f"images must have shape (B, 3, {size}, {size}), got {tuple(images.shape)}")
+        x = self.conv1(images).flatten(2).transpose(1, 2)  # (B, grid*grid, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
