@@ -1,0 +1,53 @@
+"""DataConfig: every knob of the training data pipeline (the trainer nests it in its config tree)."""
+
+from dataclasses import dataclass, field
+from typing import List, Optional  # noqa: UP035  (OmegaConf structured configs need typing generics)
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class DataConfig:
+    # Shards: one pattern, or several joined by "::" (open_clip's convention), each a local path, a brace
+    # pattern (shard-{000000..000099}.tar) or an fsspec URL (s3://, gs://, https://, pipe:cmd).
+    train_data: str = ""
+    # Sampling weight per "::"-separated source (None: equal weights).
+    train_data_weights: Optional[List[float]] = None  # noqa: UP006, UP045
+    # Resampled: shards drawn with replacement per worker (open_clip's --dataset-resampled); else each epoch
+    # visits every shard once, split across ranks and workers without overlap.
+    resampled: bool = False
+    image_size: int = 224
+    context_length: int = 77
+    workers: int = 2
+    prefetch_factor: int = 2
+    shuffle_buffer: int = 1000
+    pin_memory: bool = False
+    decoder: str = "cpu"  # "cpu" (PIL in DataLoader workers) | "dali" (GPU decode; nvidia-dali needed)
+    dali_index_dir: Optional[str] = None  # noqa: UP045  (index files from `hqclip-data index`; None: beside shards)
+    # Text sampling (HQ-CLIP): positive = positive_description with probability p_description, else alt_text;
+    # negative = ", ".join(negative_tags) with probability p_neg_tags, else negative_description.
+    # A chosen field that is absent falls back to the other one.
+    p_description: float = 0.5
+    p_neg_tags: float = 0.5
+    use_negatives: bool = True
+    use_tags: bool = True  # emit tag_ids (needs a TagVocab)
+    # Fields a sample must have (non-empty) to be used; others are optional. Plain CLIP on raw shards:
+    # required_fields=[] with use_negatives=false (the alt text then also comes from a .txt member).
+    required_fields: List[str] = field(default_factory=list)  # noqa: UP006
+    rrc_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])  # noqa: UP006
+    max_tags: int = 32  # tag_ids width cap per sample
+
+    def validate(self) -> None:
+        if self.decoder not in ("cpu", "dali"):
+            raise ValueError(f"decoder must be 'cpu' or 'dali', got {self.decoder!r}")
+        for name in ("p_description", "p_neg_tags"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("image_size", "context_length", "prefetch_factor", "max_tags"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("workers and shuffle_buffer must be >= 0")
+        if len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
+            raise ValueError(f"rrc_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.rrc_scale}")
