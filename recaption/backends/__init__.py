@@ -1,0 +1,47 @@
+"""Backends turn (image, alt-text) requests into raw model answers; the runner parses and validates them.
+
+Every backend is built from the same three things: a prompt template, the caption JSON schema (for
+constrained decoding) and a token budget. ``create_backend`` imports a backend's heavy dependencies
+(transformers, vLLM) only when that backend is asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from PIL import Image
+
+
+@dataclass
+class CaptionRequest:
+    image: Image.Image
+    alt_text: str
+
+
+@dataclass
+class Generation:
+    text: str
+    num_tokens: int  # generated tokens, end-of-sequence token included, padding excluded
+    finished: bool  # False when generation stopped at the token limit
+
+
+class Backend(Protocol):
+    model_name: str
+
+    def generate(self, requests: list[CaptionRequest]) -> list[Generation]: ...
+
+
+BACKENDS = ("transformers", "vllm")
+
+
+def create_backend(name: str, **kwargs) -> Backend:
+    if name == "transformers":
+        from .transformers_backend import TransformersBackend
+
+        return TransformersBackend(**kwargs)
+    if name == "vllm":
+        from .vllm_backend import VLLMBackend
+
+        return VLLMBackend(**kwargs)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

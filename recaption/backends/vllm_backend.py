@@ -1,0 +1,183 @@
+"""vLLM backend: one offline engine per process, batched generation with JSON-schema structured outputs.
+
+vLLM is an optional dependency (``pip install 'hqclip-fast[vllm]'``), imported only when this backend is
+built. The request, engine and sampling arguments are made by the pure functions below so they can be checked
+without vLLM; ``VLLMBackend`` only hands them to ``vllm.LLM``. Data parallelism is one process per GPU over
+disjoint shards (see ``runner.resolve_rank``), so the engine itself runs on a single GPU by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..prompts import PromptTemplate
+from . import CaptionRequest, Generation
+
+INSTALL_HINT = "the vllm backend needs vLLM: pip install 'hqclip-fast[vllm]' (Linux with a CUDA GPU)"
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ImportError(f"{INSTALL_HINT} ({exc})") from exc
+    return vllm
+
+
+def engine_kwargs(
+    model: str,
+    *,
+    max_pixels: int | None = None,
+    min_pixels: int | None = None,
+    max_num_seqs: int = 256,
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: int | None = 4096,
+    load_format: str = "auto",
+    dtype: str = "auto",
+    tensor_parallel_size: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Keyword arguments of ``vllm.LLM``: one image per prompt, pixels capped in the HF processor."""
+    if not 0.0 < gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+    processor_kwargs = {}
+    if min_pixels is not None:
+        processor_kwargs["min_pixels"] = min_pixels
+    if max_pixels is not None:
+        processor_kwargs["max_pixels"] = max_pixels
+    kwargs = {
+        "model": model,
+        "limit_mm_per_prompt": {"image": 1, "video": 0},
+        "max_num_seqs": max_num_seqs,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "load_format": load_format,
+        "dtype": dtype,
+        "tensor_parallel_size": tensor_parallel_size,
+        "seed": seed,
+    }
+    if processor_kwargs:
+        kwargs["mm_processor_kwargs"] = processor_kwargs
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    return kwargs
+
+
+def sampling_kwargs(
+    schema: dict | None,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    fixed_output_tokens: int | None = None,
+) -> dict:
+    """Keyword arguments of ``vllm.SamplingParams``, with ``json_schema`` standing for the structured output.
+
+    ``fixed_output_tokens`` is for throughput measurement only: every request generates exactly that many
+    tokens (end-of-sequence ignored), which cannot be combined with a grammar that ends the object.
+    """
+    if fixed_output_tokens is not None:
+        if schema is not None:
+            raise ValueError("fixed_output_tokens cannot be combined with a schema (the grammar ends generation)")
+        return {
+            "max_tokens": fixed_output_tokens,
+            "min_tokens": fixed_output_tokens,
+            "ignore_eos": True,
+            "temperature": 1.0,
+        }
+    if schema is None:
+        raise ValueError("schema is required unless fixed_output_tokens is given")
+    return {"max_tokens": max_new_tokens, "temperature": temperature, "json_schema": schema}
+
+
+def make_sampling_params(vllm, kwargs: dict):
+    """Build ``SamplingParams`` for this vLLM version (``structured_outputs`` since v0.11, earlier
+    ``guided_decoding``); whitespace between JSON tokens is disabled where the version allows it."""
+    kwargs = dict(kwargs)
+    schema = kwargs.pop("json_schema", None)
+    if schema is None:
+        return vllm.SamplingParams(**kwargs)
+    from vllm import sampling_params as sp
+
+    if hasattr(sp, "StructuredOutputsParams"):
+        params_cls, field = sp.StructuredOutputsParams, "structured_outputs"
+    else:
+        params_cls, field = sp.GuidedDecodingParams, "guided_decoding"
+    options = {"json": schema}
+    if "disable_any_whitespace" in {f.name for f in dataclasses.fields(params_cls)}:
+        options["disable_any_whitespace"] = True
+    return vllm.SamplingParams(**kwargs, **{field: params_cls(**options)})
+
+
+def build_request(prompt_text: str, image) -> dict:
+    """One offline-generation request: the chat-formatted prompt and its image."""
+    return {"prompt": prompt_text, "multi_modal_data": {"image": image}}
+
+
+class VLLMBackend:
+    def __init__(
+        self,
+        *,
+        model: str,
+        prompt: PromptTemplate,
+        schema: dict | None,
+        max_new_tokens: int = 1024,
+        temperature: float = 0.0,
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
+        max_num_seqs: int = 256,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = 4096,
+        load_format: str = "auto",
+        dtype: str = "auto",
+        seed: int = 0,
+        fixed_output_tokens: int | None = None,
+    ):
+        vllm = import_vllm()
+        from transformers import AutoProcessor
+
+        self.model_name = model
+        self.prompt = prompt
+        # The checkpoint's own chat template renders the prompt; vLLM inserts the image tokens.
+        self.processor = AutoProcessor.from_pretrained(model)
+        self.llm = vllm.LLM(
+            **engine_kwargs(
+                model,
+                max_pixels=max_pixels,
+                min_pixels=min_pixels,
+                max_num_seqs=max_num_seqs,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                load_format=load_format,
+                dtype=dtype,
+                seed=seed,
+            )
+        )
+        self.sampling_params = make_sampling_params(
+            vllm,
+            sampling_kwargs(
+                schema,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                fixed_output_tokens=fixed_output_tokens,
+            ),
+        )
+
+    def chat_text(self, alt_text: str) -> str:
+        return self.processor.apply_chat_template(
+            self.prompt.messages(alt_text), tokenize=False, add_generation_prompt=True
+        )
+
+    def generate(self, requests: list[CaptionRequest]) -> list[Generation]:
+        if not requests:
+            return []
+        batch = [build_request(self.chat_text(r.alt_text), r.image) for r in requests]
+        outputs = self.llm.generate(batch, self.sampling_params, use_tqdm=False)
+        return [
+            Generation(
+                text=out.outputs[0].text,
+                num_tokens=len(out.outputs[0].token_ids),
+                finished=out.outputs[0].finish_reason == "stop",
+            )
+            for out in outputs
+        ]

@@ -1,0 +1,217 @@
+"""The recaptioning job: stream this rank's shards, caption in batches, write one jsonl per shard.
+
+Resumability: ``OUT/<shard>.jsonl`` is written to a temporary file and renamed into place when the shard is
+complete, so its existence means "done". A rerun skips done shards without opening them for writing; a
+killed run leaves at most a stale temporary file, which the rerun overwrites. Every input sample yields
+exactly one record; samples that cannot be captioned carry ``error`` (a kind counted in the summary) and
+``error_detail``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+from PIL import Image
+from tqdm import tqdm
+
+from .backends import Backend, CaptionRequest
+from .schema import CAPTION_FIELDS, CaptionError, parse_caption
+from .shards import RawSample, expand_shards, iter_shard, shard_name
+
+log = logging.getLogger(__name__)
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None, env=None) -> tuple[int, int]:
+    """Rank and world size: explicit values, else torchrun's RANK/WORLD_SIZE, else SLURM's
+    SLURM_PROCID/SLURM_NTASKS, else a single process."""
+    env = os.environ if env is None else env
+    if rank is None and world_size is None:
+        for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+            if rank_var in env and size_var in env:
+                rank, world_size = int(env[rank_var]), int(env[size_var])
+                break
+    rank = 0 if rank is None else rank
+    world_size = 1 if world_size is None else world_size
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return rank, world_size
+
+
+def assign_shards(shards: list[str], rank: int, world_size: int) -> list[str]:
+    """This rank's shards: a round-robin slice of the sorted list, disjoint across ranks and covering it."""
+    return sorted(shards)[rank::world_size]
+
+
+@dataclass
+class RunStats:
+    rank: int
+    world_size: int
+    shards_assigned: int = 0
+    shards_done: int = 0
+    shards_skipped: int = 0  # finished by an earlier run
+    shards_failed: int = 0  # unreadable tar: no output written, a rerun retries it
+    samples: int = 0
+    captioned: int = 0
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    errors: Counter = field(default_factory=Counter)
+
+    def summary(self) -> dict:
+        out = asdict(self)
+        out["errors"] = dict(sorted(self.errors.items()))
+        out["num_errors"] = sum(self.errors.values())
+        out["images_per_s"] = self.samples / self.wall_seconds if self.wall_seconds else 0.0
+        out["generated_tokens_per_s"] = self.generated_tokens / self.wall_seconds if self.wall_seconds else 0.0
+        out["captioned_per_generation_s"] = (
+            self.captioned / self.generation_seconds if self.generation_seconds else 0.0
+        )
+        return out
+
+
+def _decode_image(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()  # decode now: a truncated file must fail here, not inside the model's processor
+    return image.convert("RGB")
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class Recaptioner:
+    def __init__(self, backend: Backend, *, prompt_version: str, schema: dict, batch_size: int = 8):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.backend = backend
+        self.prompt_version = prompt_version
+        self.schema = schema
+        self.batch_size = batch_size
+
+    def _record(self, sample: RawSample, **fields) -> dict:
+        record = {"key": sample.key, "alt_text": sample.alt_text}
+        record.update({name: None for name in CAPTION_FIELDS})
+        record.update(model=self.backend.model_name, prompt_version=self.prompt_version)
+        record.update(fields)
+        return record
+
+    def _error(self, sample: RawSample, kind: str, detail: str, stats: RunStats, **extra) -> dict:
+        stats.errors[kind] += 1
+        return self._record(sample, error=kind, error_detail=detail, **extra)
+
+    def _caption_batch(self, samples: list[RawSample], stats: RunStats) -> list[dict]:
+        """Records for a batch, in input order; only samples with an image and alt-text reach the model."""
+        records: list[dict | None] = [None] * len(samples)
+        pending: list[tuple[int, CaptionRequest]] = []
+        for i, sample in enumerate(samples):
+            if sample.image is None:
+                records[i] = self._error(sample, "missing_image", "no image member for this key", stats)
+                continue
+            if sample.alt_text_error:
+                records[i] = self._error(sample, "unreadable_alt_text", sample.alt_text_error, stats)
+                continue
+            if not sample.alt_text:
+                records[i] = self._error(sample, "empty_alt_text", "alt-text is empty", stats)
+                continue
+            try:
+                image = _decode_image(sample.image)
+            except Exception as exc:  # PIL raises many types for broken files
+                records[i] = self._error(sample, "unreadable_image", f"{type(exc).__name__}: {exc}", stats)
+                continue
+            pending.append((i, CaptionRequest(image=image, alt_text=sample.alt_text)))
+
+        start = time.perf_counter()
+        generations = self.backend.generate([request for _, request in pending])
+        stats.generation_seconds += time.perf_counter() - start
+        for (i, _), gen in zip(pending, generations, strict=True):
+            stats.generated_tokens += gen.num_tokens
+            try:
+                caption = parse_caption(gen.text, self.schema, truncated=not gen.finished)
+            except CaptionError as exc:
+                records[i] = self._error(samples[i], exc.kind, str(exc), stats, raw_output=gen.text)
+                continue
+            stats.captioned += 1
+            records[i] = self._record(samples[i], **caption)
+        return records
+
+    def run_shard(self, path: str, out_path: str, stats: RunStats, progress: tqdm) -> bool:
+        """Caption one shard into ``out_path``; returns False (and writes nothing) if the tar is unreadable."""
+        tmp_path = out_path + ".tmp"
+        shard_stats = RunStats(stats.rank, stats.world_size)
+        try:
+            with open(tmp_path, "w", encoding="utf-8") as out:
+                for batch in _batches(iter_shard(path), self.batch_size):
+                    for record in self._caption_batch(batch, shard_stats):
+                        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    shard_stats.samples += len(batch)
+                    progress.update(len(batch))
+                out.flush()
+                os.fsync(out.fileno())
+        except (tarfile.TarError, EOFError) as exc:
+            log.error("shard %s is unreadable, left for a rerun: %s", path, exc)
+            os.unlink(tmp_path)
+            return False
+        finally:
+            # Work done on a shard counts in the throughput even when its tar turns out broken halfway.
+            for name in ("samples", "captioned", "generated_tokens", "generation_seconds"):
+                setattr(stats, name, getattr(stats, name) + getattr(shard_stats, name))
+            stats.errors.update(shard_stats.errors)
+        os.replace(tmp_path, out_path)
+        return True
+
+    def run(self, shards: list[str], output_dir: str, *, rank: int = 0, world_size: int = 1) -> dict:
+        """Caption this rank's part of ``shards`` into ``output_dir``; returns (and writes) the summary."""
+        names = [shard_name(s) for s in shards]
+        duplicates = sorted(n for n, c in Counter(names).items() if c > 1)
+        if duplicates:
+            raise ValueError(f"input shards share output names (file name without .tar): {duplicates[:5]}")
+        os.makedirs(output_dir, exist_ok=True)
+        mine = assign_shards(shards, rank, world_size)
+        stats = RunStats(rank, world_size, shards_assigned=len(mine))
+        start = time.perf_counter()
+        progress = tqdm(desc=f"recaption rank {rank}", unit="img", dynamic_ncols=True)
+        try:
+            for path in mine:
+                out_path = os.path.join(output_dir, shard_name(path) + ".jsonl")
+                if os.path.exists(out_path):
+                    stats.shards_skipped += 1
+                    continue
+                if self.run_shard(path, out_path, stats, progress):
+                    stats.shards_done += 1
+                else:
+                    stats.shards_failed += 1
+                progress.set_postfix(errors=sum(stats.errors.values()), shards=stats.shards_done)
+        finally:
+            progress.close()
+        stats.wall_seconds = time.perf_counter() - start
+        summary = stats.summary()
+        summary.update(model=self.backend.model_name, prompt_version=self.prompt_version)
+        summary_path = os.path.join(output_dir, f"summary-rank{rank}.json")
+        with open(summary_path + ".tmp", "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(summary_path + ".tmp", summary_path)
+        return summary
+
+
+def run_job(input_pattern, output_dir: str, backend: Backend, **kwargs) -> dict:
+    """Expand ``input_pattern`` and run; kwargs as in ``Recaptioner`` plus ``rank`` and ``world_size``."""
+    rank, world_size = resolve_rank(kwargs.pop("rank", None), kwargs.pop("world_size", None))
+    recaptioner = Recaptioner(backend, **kwargs)
+    return recaptioner.run(expand_shards(input_pattern), output_dir, rank=rank, world_size=world_size)

@@ -1,0 +1,206 @@
+"""The recaptioner end to end with the tiny random Qwen2-VL: schema-valid records from constrained decoding,
+one record per input sample (errors included), resume without rewriting, completion after a killed run."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import jsonschema
+import pytest
+import torch
+from hqclip_recaption.backends import create_backend
+from hqclip_recaption.cli import main as cli_main
+from hqclip_recaption.prompts import get_prompt
+from hqclip_recaption.runner import Recaptioner
+from hqclip_recaption.schema import CAPTION_FIELDS, CaptionLimits, caption_schema, max_answer_tokens
+from hqclip_recaption.tiny_model import make_tiny_model
+from PIL import Image
+
+LIMITS = CaptionLimits(max_description_chars=24, max_tags=2, max_tag_chars=8)
+SCHEMA = caption_schema(LIMITS)
+MAX_PIXELS = 112 * 112
+LIMIT_ARGS = ["--max-description-chars", "24", "--max-tags", "2", "--max-tag-chars", "8"]
+
+
+def _jpeg(seed: int, size=(97, 61)) -> bytes:
+    image = Image.effect_noise(size, 40 + seed).convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_raw_shard(path, samples):
+    """samples: (key, {ext: bytes}) in order, written like img2dataset does (members of a key adjacent)."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model's matmuls are microseconds; on a busy 2-core machine thread hand-offs cost more.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-vl")))
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model):
+    return create_backend(
+        "transformers", model=tiny_model, prompt=get_prompt(), schema=SCHEMA,
+        max_new_tokens=max_answer_tokens(LIMITS), max_pixels=MAX_PIXELS,
+    )
+
+
+@pytest.fixture
+def raw_shards(tmp_path):
+    """Three shards; the first holds every kind of bad sample next to good ones."""
+    data = tmp_path / "raw"
+    data.mkdir()
+    write_raw_shard(data / "shard-000000.tar", [
+        ("a0", {"jpg": _jpeg(0), "txt": b"a cat on a sofa"}),
+        ("a1", {"jpg": b"\xff\xd8 this is not a jpeg", "txt": b"broken image"}),
+        ("a2", {"jpg": _jpeg(2, (300, 40)), "txt": b"   "}),
+        ("a3", {"png": _jpeg(3), "json": json.dumps({"caption": "json alt text", "url": "x"}).encode()}),
+        ("a4", {"txt": b"text without an image"}),
+    ])
+    write_raw_shard(data / "shard-000001.tar", [
+        (f"b{i}", {"jpg": _jpeg(10 + i, (40 + 13 * i, 50)), "txt": f"sample {i}".encode()}) for i in range(3)
+    ])
+    write_raw_shard(data / "shard-000002.tar", [("c0", {"jpg": _jpeg(20), "txt": "ünïcode «alt»".encode()})])
+    return data
+
+
+def _read(out_dir, name):
+    with open(out_dir / f"{name}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _snapshot(out_dir):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out_dir.glob("*.jsonl")}
+
+
+def test_cli_end_to_end_every_sample_has_one_record(tiny_model, raw_shards, tmp_path):
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(raw_shards / "shard-{000000..000002}.tar"), "--output", str(out),
+            "--backend", "transformers", "--model", tiny_model, "--batch-size", "3",
+            "--max-new-tokens", str(max_answer_tokens(LIMITS)), "--max-pixels", str(MAX_PIXELS), *LIMIT_ARGS]
+    assert cli_main(argv) == 0
+
+    records = _read(out, "shard-000000")
+    assert [r["key"] for r in records] == ["a0", "a1", "a2", "a3", "a4"]
+    by_key = {r["key"]: r for r in records}
+    assert by_key["a1"]["error"] == "unreadable_image"
+    assert by_key["a2"]["error"] == "empty_alt_text"
+    assert by_key["a4"]["error"] == "missing_image"
+    assert by_key["a3"]["alt_text"] == "json alt text"
+    for key in ("a1", "a2", "a4"):
+        assert all(by_key[key][f] is None for f in CAPTION_FIELDS)
+
+    good = [r for name in ("shard-000000", "shard-000001", "shard-000002") for r in _read(out, name)
+            if "error" not in r]
+    assert [r["key"] for r in good] == ["a0", "a3", "b0", "b1", "b2", "c0"]
+    for record in good:
+        jsonschema.validate({f: record[f] for f in CAPTION_FIELDS}, SCHEMA)
+        assert record["model"] == tiny_model and record["prompt_version"] == "v1"
+    assert good[-1]["alt_text"] == "ünïcode «alt»"
+
+    summary = json.loads((out / "summary-rank0.json").read_text())
+    assert summary["samples"] == 9 and summary["captioned"] == 6 and summary["shards_done"] == 3
+    assert summary["errors"] == {"empty_alt_text": 1, "missing_image": 1, "unreadable_image": 1}
+    assert summary["generated_tokens"] > 6 and summary["images_per_s"] > 0
+    assert not list(out.glob("*.tmp"))
+
+
+def test_rerun_changes_nothing_and_stale_tmp_is_completed(backend, raw_shards, tmp_path):
+    out = tmp_path / "out"
+    recaptioner = Recaptioner(backend, prompt_version="v1", schema=SCHEMA, batch_size=2)
+    shards = sorted(str(p) for p in raw_shards.glob("*.tar"))
+    recaptioner.run(shards, str(out))
+    before = _snapshot(out)
+    assert len(before) == 3
+
+    summary = recaptioner.run(shards, str(out))
+    assert _snapshot(out) == before
+    assert (summary["shards_skipped"], summary["shards_done"], summary["samples"]) == (3, 0, 0)
+
+    # A run killed mid-shard leaves a partial temporary file and no finished file for that shard.
+    finished = out / "shard-000001.jsonl"
+    lines = finished.read_text().splitlines()
+    finished.unlink()
+    (out / "shard-000001.jsonl.tmp").write_text(lines[0] + "\n" + lines[1][:10])
+    summary = recaptioner.run(shards, str(out))
+    assert (summary["shards_skipped"], summary["shards_done"], summary["samples"]) == (2, 1, 3)
+    after = _snapshot(out)
+    assert after["shard-000001.jsonl"][1].decode().splitlines() == lines  # greedy decoding: same records
+    assert {k: v for k, v in after.items() if k != "shard-000001.jsonl"} == {
+        k: v for k, v in before.items() if k != "shard-000001.jsonl"
+    }
+    assert not list(out.glob("*.tmp"))
+
+
+def test_ranks_write_disjoint_shards_that_cover_the_input(backend, raw_shards, tmp_path):
+    out = tmp_path / "out"
+    recaptioner = Recaptioner(backend, prompt_version="v1", schema=SCHEMA, batch_size=4)
+    shards = sorted(str(p) for p in raw_shards.glob("*.tar"))
+    written = []
+    for rank in range(2):
+        existing = set(_snapshot(out)) if out.exists() else set()
+        summary = recaptioner.run(shards, str(out), rank=rank, world_size=2)
+        assert summary["shards_skipped"] == 0
+        written.append(set(_snapshot(out)) - existing)
+        assert (out / f"summary-rank{rank}.json").exists()
+    assert written == [{"shard-000000.jsonl", "shard-000002.jsonl"}, {"shard-000001.jsonl"}]
+
+
+def test_unreadable_tar_is_counted_and_left_for_a_rerun(backend, raw_shards, tmp_path):
+    broken = raw_shards / "shard-000003.tar"
+    data = (raw_shards / "shard-000001.tar").read_bytes()
+    broken.write_bytes(data[: len(data) // 2 + 100])
+    out = tmp_path / "out"
+    recaptioner = Recaptioner(backend, prompt_version="v1", schema=SCHEMA, batch_size=8)
+    summary = recaptioner.run([str(broken)], str(out))
+    assert (summary["shards_failed"], summary["shards_done"]) == (1, 0)
+    assert not list(out.glob("shard-000003*"))
+
+
+@pytest.mark.distributed
+def test_killed_subprocess_run_completes_on_rerun(tiny_model, raw_shards, tmp_path):
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "hqclip_recaption.cli", "run", "--input", str(raw_shards / "*.tar"),
+            "--output", str(out), "--backend", "transformers", "--model", tiny_model, "--batch-size", "1",
+            "--max-new-tokens", str(max_answer_tokens(LIMITS)), "--max-pixels", str(MAX_PIXELS), *LIMIT_ARGS]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*.jsonl")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed_state = _snapshot(out)
+    assert killed_state, "the killed run finished no shard within the deadline"
+
+    assert cli_main(argv[3:]) == 0
+    final = _snapshot(out)
+    assert sorted(final) == ["shard-000000.jsonl", "shard-000001.jsonl", "shard-000002.jsonl"]
+    for name, state in killed_state.items():
+        assert final[name] == state  # finished before the kill: skipped, not rewritten
+    keys = [r["key"] for name in sorted(final) for r in _read(out, name[: -len(".jsonl")])]
+    assert keys == ["a0", "a1", "a2", "a3", "a4", "b0", "b1", "b2", "c0"]
+    assert not list(out.glob("*.tmp"))

@@ -1,0 +1,241 @@
+"""Recaptioner pieces that need no model: schema and parsing, prompts, shard reading, rank and shard
+assignment, and the vLLM request/engine/sampling arguments (built without vLLM installed)."""
+
+import io
+import json
+import tarfile
+
+import jsonschema
+import pytest
+from hqclip_recaption.backends import vllm_backend
+from hqclip_recaption.prompts import DEFAULT_PROMPT_VERSION, PROMPTS, get_prompt
+from hqclip_recaption.runner import assign_shards, resolve_rank
+from hqclip_recaption.schema import (
+    CAPTION_FIELDS,
+    CaptionError,
+    CaptionLimits,
+    caption_schema,
+    max_answer_tokens,
+    parse_caption,
+)
+from hqclip_recaption.shards import expand_shards, iter_shard, shard_name
+
+LIMITS = CaptionLimits(max_description_chars=40, max_tags=3, max_tag_chars=10)
+SCHEMA = caption_schema(LIMITS)
+GOOD = {
+    "positive_description": "a red cube on a blue table",
+    "negative_description": "a green cube on a blue table",
+    "positive_tags": ["red cube", "table"],
+    "negative_tags": ["green cube"],
+}
+
+
+def test_schema_is_valid_draft_and_orders_the_four_fields():
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    assert tuple(SCHEMA["properties"]) == CAPTION_FIELDS
+    assert SCHEMA["required"] == list(CAPTION_FIELDS)
+
+
+def test_parse_good_answer_roundtrips():
+    assert parse_caption(json.dumps(GOOD), SCHEMA) == GOOD
+
+
+def test_parse_accepts_raw_control_characters_in_strings():
+    text = json.dumps(GOOD).replace("a red cube", "a red\tcube")
+    assert parse_caption(text, SCHEMA)["positive_description"] == "a red\tcube on a blue table"
+
+
+@pytest.mark.parametrize(
+    "mutate, kind",
+    [
+        (lambda d: d.pop("negative_tags"), "schema"),
+        (lambda d: d.update(positive_tags=[]), "schema"),
+        (lambda d: d.update(positive_tags=["a", "b", "c", "d"]), "schema"),
+        (lambda d: d.update(negative_tags=["x" * 11]), "schema"),
+        (lambda d: d.update(positive_description="x" * 41), "schema"),
+        (lambda d: d.update(positive_description=""), "schema"),
+        (lambda d: d.update(positive_tags="red"), "schema"),
+        (lambda d: d.update(extra="field"), "schema"),
+    ],
+)
+def test_parse_rejects_schema_violations(mutate, kind):
+    answer = json.loads(json.dumps(GOOD))
+    mutate(answer)
+    with pytest.raises(CaptionError) as info:
+        parse_caption(json.dumps(answer), SCHEMA)
+    assert info.value.kind == kind
+
+
+def test_parse_broken_json_and_truncation_are_told_apart():
+    cut = json.dumps(GOOD)[:-7]
+    with pytest.raises(CaptionError) as info:
+        parse_caption(cut, SCHEMA)
+    assert info.value.kind == "invalid_json"
+    with pytest.raises(CaptionError) as info:
+        parse_caption(cut, SCHEMA, truncated=True)
+    assert info.value.kind == "truncated"
+    with pytest.raises(CaptionError) as info:
+        parse_caption("[1, 2]", SCHEMA)
+    assert info.value.kind == "schema"
+
+
+def test_max_answer_tokens_bounds_the_longest_valid_answer():
+    longest = {
+        "positive_description": "\U0001f600" * 40,
+        "negative_description": "\U0001f600" * 40,
+        "positive_tags": ["\U0001f600" * 10] * 3,
+        "negative_tags": ["\U0001f600" * 10] * 3,
+    }
+    text = json.dumps(longest, ensure_ascii=False, separators=(", ", ": "))
+    parse_caption(text, SCHEMA)
+    assert max_answer_tokens(LIMITS) == len(text.encode()) + 1  # + end token
+
+
+@pytest.mark.parametrize("bad", [dict(max_description_chars=0), dict(min_tags=0), dict(min_tags=5, max_tags=4)])
+def test_limits_reject_bad_values(bad):
+    with pytest.raises(ValueError):
+        CaptionLimits(**bad)
+
+
+def test_prompt_rendering_embeds_alt_text_and_image_first():
+    prompt = get_prompt(DEFAULT_PROMPT_VERSION)
+    messages = prompt.messages('a "quoted" {brace} alt')
+    assert [m["role"] for m in messages] == ["system", "user"]
+    user = messages[1]["content"]
+    assert user[0] == {"type": "image"}
+    assert 'a "quoted" {brace} alt' in user[1]["text"]
+    for name in CAPTION_FIELDS:
+        assert f'"{name}"' in user[1]["text"]
+    assert all(p.version == v for v, p in PROMPTS.items())
+    with pytest.raises(ValueError, match="prompt_version"):
+        get_prompt("no-such-version")
+
+
+def test_tiny_chat_template_renders_vision_tokens():
+    from hqclip_recaption.tiny_model import CHAT_TEMPLATE
+    from jinja2 import Template
+
+    text = Template(CHAT_TEMPLATE).render(messages=get_prompt().messages("a dog"), add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n")
+    assert "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>The image" in text
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_iter_shard_reads_txt_json_and_missing_members(tmp_path):
+    path = tmp_path / "shard-000.tar"
+    _tar(
+        path,
+        [
+            ("000.jpg", b"img0"), ("000.txt", b"  alt zero \n"),
+            ("001.jpg", b"img1"), ("001.json", json.dumps({"caption": "alt one", "url": "u"}).encode()),
+            ("002.txt", b"no image"),
+            ("003.png", b"img3"), ("003.json", b"{broken"),
+            ("004.webp", b"img4"),
+        ],
+    )
+    samples = list(iter_shard(str(path)))
+    assert [s.key for s in samples] == ["000", "001", "002", "003", "004"]
+    assert [s.alt_text for s in samples] == ["alt zero", "alt one", "no image", "", ""]
+    assert [s.image for s in samples] == [b"img0", b"img1", None, b"img3", b"img4"]
+    assert samples[3].alt_text_error and samples[4].alt_text_error is None
+    assert shard_name(str(path)) == "shard-000"
+
+
+def test_expand_shards_braces_globs_and_missing(tmp_path):
+    for i in range(3):
+        _tar(tmp_path / f"s-{i}.tar", [])
+    assert expand_shards(str(tmp_path / "s-{0..1}.tar")) == [str(tmp_path / "s-0.tar"), str(tmp_path / "s-1.tar")]
+    assert len(expand_shards([str(tmp_path / "*.tar"), str(tmp_path / "s-0.tar")])) == 3
+    with pytest.raises(ValueError, match="do not exist"):
+        expand_shards(str(tmp_path / "s-{0..5}.tar"))
+
+
+@pytest.mark.parametrize("num_shards, world_size", [(1, 1), (7, 3), (2, 4), (16, 8), (13, 5)])
+def test_assign_shards_is_disjoint_and_complete(num_shards, world_size):
+    shards = [f"/data/shard-{i:06d}.tar" for i in reversed(range(num_shards))]
+    parts = [assign_shards(shards, r, world_size) for r in range(world_size)]
+    flat = [s for part in parts for s in part]
+    assert sorted(flat) == sorted(shards)
+    assert len(set(flat)) == len(flat)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_resolve_rank_from_options_torchrun_and_slurm():
+    assert resolve_rank(env={}) == (0, 1)
+    assert resolve_rank(env={"RANK": "3", "WORLD_SIZE": "8"}) == (3, 8)
+    assert resolve_rank(env={"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == (1, 2)
+    both = {"RANK": "2", "WORLD_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert resolve_rank(env=both) == (2, 4)  # torchrun inside a SLURM allocation wins
+    assert resolve_rank(1, 2, env={"RANK": "3", "WORLD_SIZE": "8"}) == (1, 2)
+    with pytest.raises(ValueError, match="rank"):
+        resolve_rank(2, 2, env={})
+    with pytest.raises(ValueError, match="world_size"):
+        resolve_rank(0, 0, env={})
+
+
+def test_vllm_engine_kwargs():
+    kwargs = vllm_backend.engine_kwargs(
+        "Qwen/Qwen2-VL-7B-Instruct", max_pixels=448 * 448, max_num_seqs=128, gpu_memory_utilization=0.8,
+        load_format="dummy",
+    )
+    assert kwargs["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+    assert kwargs["mm_processor_kwargs"] == {"max_pixels": 448 * 448}
+    assert (kwargs["max_num_seqs"], kwargs["gpu_memory_utilization"], kwargs["load_format"]) == (128, 0.8, "dummy")
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        vllm_backend.engine_kwargs("m", gpu_memory_utilization=1.5)
+
+
+def test_vllm_sampling_kwargs_and_request():
+    constrained = vllm_backend.sampling_kwargs(SCHEMA, max_new_tokens=300)
+    assert constrained == {"max_tokens": 300, "temperature": 0.0, "json_schema": SCHEMA}
+    fixed = vllm_backend.sampling_kwargs(None, max_new_tokens=300, fixed_output_tokens=250)
+    assert (fixed["max_tokens"], fixed["min_tokens"], fixed["ignore_eos"]) == (250, 250, True)
+    with pytest.raises(ValueError, match="fixed_output_tokens"):
+        vllm_backend.sampling_kwargs(SCHEMA, max_new_tokens=300, fixed_output_tokens=250)
+    image = object()
+    assert vllm_backend.build_request("<prompt>", image) == {
+        "prompt": "<prompt>", "multi_modal_data": {"image": image}
+    }
+
+
+class _FakeParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+def test_vllm_make_sampling_params_uses_structured_outputs(monkeypatch):
+    import dataclasses
+    import sys
+    import types
+
+    @dataclasses.dataclass
+    class StructuredOutputsParams:
+        json: dict | None = None
+        disable_any_whitespace: bool = False
+
+    fake_sp = types.ModuleType("vllm.sampling_params")
+    fake_sp.StructuredOutputsParams = StructuredOutputsParams
+    fake_vllm = types.ModuleType("vllm")
+    fake_vllm.SamplingParams = _FakeParams
+    fake_vllm.sampling_params = fake_sp
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", fake_sp)
+    params = vllm_backend.make_sampling_params(fake_vllm, vllm_backend.sampling_kwargs(SCHEMA, max_new_tokens=9))
+    assert params.kwargs["max_tokens"] == 9
+    assert params.kwargs["structured_outputs"] == StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+
+
+def test_vllm_backend_missing_vllm_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
+    with pytest.raises(ImportError, match=r"hqclip-fast\[vllm\]"):
+        vllm_backend.import_vllm()
