@@ -1,0 +1,314 @@
+"""Fused log-sum-exp of contrastive logits, s * Q @ K.T, without ever holding the logits.
+
+Keys are given as two row blocks K = [K1; K2] (K2 optional: negative texts as extra image->text columns), so
+the caller never concatenates feature matrices.
+
+Forward (`_lse_fwd_kernel`): one sweep over BLOCK_M x BLOCK_N logit tiles. Program (m, g) takes row block m
+and a group of consecutive column tiles; it keeps an online (max, sum) per row in registers and writes
+  row_part[g, i] = lse over its column group of row i,
+  col_part[m, j] = lse over row block m of column j (only K1 columns, only when column stats are asked for).
+Both are reduced with torch.logsumexp afterwards (fixed order, deterministic). Rows and columns are
+rescaled by their own running max, so any scale (up to 100 and beyond) is safe however poorly rows align.
+The same sweep stores the positive logits diag[i] = s <q_i, k1_{i + offset}> (the InfoNCE targets).
+
+Backward: for panels of Q rows, `_grad_logits_kernel` recomputes each tile once and writes
+  G = s * (g_row_i P_row_ij + g_col_j P_col_ij + [j = i + offset] g_diag_i),
+  P_row = exp(S - lse_row), P_col = exp(S - lse_col)
+(the gradient w.r.t. s * <q_i, k_j>, times s) in the input dtype, plus a per-tile partial of d(scale).
+The positive-logit gradient is added in fp32 inside the tile, so the large, nearly cancelling
+softmax and target terms are rounded to bf16 once, after they cancel.
+Then dQ = G @ K and dK = G.T @ Q are plain GEMMs (cuBLAS on a GPU). No atomics: every sum has a fixed
+order, so two runs are bit-identical. Peak extra memory: one panel (panel_rows x (N1 + N2)) plus O(M + N)
+statistics and O(M N / BLOCK_M) column partials.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    LN2,
+    LOG2E,
+    NEG,
+    Tiles,
+    autotune_configs,
+    default_tiles,
+    dot_precision,
+    interpreting,
+    tile_dot,
+)
+
+__all__ = ["contrastive_lse", "lse_forward", "lse_backward"]
+
+# Elements of one backward panel on a GPU (bf16: 64 MiB); the interpreter uses small panels.
+_PANEL_ELEMENTS = 1 << 25
+
+
+@triton.autotune(configs=autotune_configs(), key=["D", "TILES1", "TOTAL_TILES"])
+@triton.jit
+def _lse_fwd_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_part_ptr, col_part_ptr, diag_ptr,
+                    M, N1, N2, D, stride_q, stride_k1, stride_k2,
+                    TILES1, TOTAL_TILES, TILES_PER_GROUP, DIAG_OFFSET,
+                    COL_STATS: tl.constexpr, HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E  # base-2 logits: exp2 is the fast path
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    m_i = tl.full([BLOCK_M], NEG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    t_start = pid_g * TILES_PER_GROUP
+    t_stop = tl.minimum(t_start + TILES_PER_GROUP, TOTAL_TILES)
+    for t in range(t_start, t_stop):
+        if t < TILES1:
+            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < N1
+            acc = tile_dot(q_ptr, k1_ptr, rows, cols, row_ok, col_ok, D, stride_q, stride_k1,
+                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        else:
+            cols = (t - TILES1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < N2
+            acc = tile_dot(q_ptr, k2_ptr, rows, cols, row_ok, col_ok, D, stride_q, stride_k2,
+                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        x = acc * scale2
+        x_row = tl.where(col_ok[None, :], x, NEG)
+        m_new = tl.maximum(m_i, tl.max(x_row, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x_row - m_new[:, None]), axis=1)
+        m_i = m_new
+        if HAS_DIAG:
+            if t < TILES1:
+                on_diag = cols[None, :] == rows[:, None] + DIAG_OFFSET
+                in_tile = row_ok & (rows + DIAG_OFFSET >= t * BLOCK_N) & (rows + DIAG_OFFSET < t * BLOCK_N + BLOCK_N)
+                tl.store(diag_ptr + rows, tl.sum(tl.where(on_diag, x, 0.0), axis=1) * LN2, mask=in_tile)
+        if COL_STATS:
+            if t < TILES1:
+                x_col = tl.where(row_ok[:, None], x, NEG)
+                c_m = tl.max(x_col, axis=0)
+                c_l = tl.sum(tl.exp2(x_col - c_m[None, :]), axis=0)
+                tl.store(col_part_ptr + pid_m * N1 + cols, (c_m + tl.log2(c_l)) * LN2, mask=col_ok)
+    tl.store(row_part_ptr + pid_g * M + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
+
+
+@triton.autotune(configs=autotune_configs(), key=["D", "TILES1", "N_TILES"])
+@triton.jit
+def _grad_logits_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_lse_ptr, row_g_ptr, col_lse_ptr, col_g_ptr,
+                        diag_g_ptr, g_ptr, ds_part_ptr, M, N1, N2, D, stride_q, stride_k1, stride_k2, stride_g,
+                        TILES1, N_TILES, DIAG_OFFSET,
+                        COL_STATS: tl.constexpr, HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    if pid_t < TILES1:
+        cols = pid_t * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N1
+        g_cols = cols
+        acc = tile_dot(q_ptr, k1_ptr, rows, cols, row_ok, col_ok, D, stride_q, stride_k1,
+                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        cols = (pid_t - TILES1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N2
+        g_cols = N1 + cols
+        acc = tile_dot(q_ptr, k2_ptr, rows, cols, row_ok, col_ok, D, stride_q, stride_k2,
+                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    x = acc * (scale * LOG2E)
+    lse_r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
+    g_r = tl.load(row_g_ptr + rows, mask=row_ok, other=0.0)
+    grad = g_r[:, None] * tl.exp2(x - lse_r[:, None])
+    if COL_STATS:
+        if pid_t < TILES1:
+            lse_c = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
+            g_c = tl.load(col_g_ptr + cols, mask=col_ok, other=0.0)
+            grad += g_c[None, :] * tl.exp2(x - lse_c[None, :])
+    if HAS_DIAG:
+        if pid_t < TILES1:
+            g_d = tl.load(diag_g_ptr + rows, mask=row_ok, other=0.0)
+            grad += tl.where(cols[None, :] == rows[:, None] + DIAG_OFFSET, g_d[:, None], 0.0)
+    ok = row_ok[:, None] & col_ok[None, :]
+    grad = tl.where(ok, grad, 0.0)
+    tl.store(ds_part_ptr + pid_m * N_TILES + pid_t, tl.sum(tl.sum(grad * acc, axis=1), axis=0))
+    tl.store(g_ptr + rows[:, None] * stride_g + g_cols[None, :],
+             (grad * scale).to(g_ptr.dtype.element_ty), mask=ok)
+
+
+def _groups(row_blocks: int, tiles: int, device: torch.device) -> int:
+    """Column-tile groups per row block: enough programs to fill the GPU (about 4 waves), few in the
+    interpreter (each program is a Python loop there)."""
+    if device.type == "cuda" and not interpreting():
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(tiles, triton.cdiv(4 * sms, row_blocks)))
+    return min(tiles, 2)
+
+
+def _prep(q, k1, k2, tiles):
+    q, k1 = q.contiguous(), k1.contiguous()
+    k2 = k1[:0] if k2 is None else k2.contiguous()
+    tiles = tiles or default_tiles(q.device, q.dtype)
+    return q, k1, k2, tiles
+
+
+def lse_forward(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scale: torch.Tensor,
+                col_stats: bool, diag_offset: int, tiles: Tiles | None = None):
+    """(row_lse (M,), col_lse (N1,) or empty, diag (M,) or empty), fp32. See `contrastive_lse`."""
+    q, k1, k2, tiles = _prep(q, k1, k2, tiles)
+    M, D = q.shape
+    N1, N2 = k1.shape[0], k2.shape[0]
+    row_blocks = triton.cdiv(M, tiles.block_m)
+    tiles1, tiles2 = triton.cdiv(N1, tiles.block_n), triton.cdiv(N2, tiles.block_n)
+    total = tiles1 + tiles2
+    groups = _groups(row_blocks, total, q.device)
+    per_group = triton.cdiv(total, groups)
+    groups = triton.cdiv(total, per_group)
+    has_diag = diag_offset >= 0
+    row_part = torch.empty(groups, M, device=q.device, dtype=torch.float32)
+    col_part = torch.empty(row_blocks if col_stats else 0, N1, device=q.device, dtype=torch.float32)
+    diag = torch.empty(M if has_diag else 0, device=q.device, dtype=torch.float32)
+    scale = scale.detach().float().reshape(1)
+    _lse_fwd_kernel[(row_blocks, groups)](
+        q, k1, k2, scale, row_part, col_part, diag, M, N1, N2, D, q.stride(0), k1.stride(0), k2.stride(0),
+        tiles1, total, per_group, max(diag_offset, 0), COL_STATS=col_stats, HAS_DIAG=has_diag,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(q.dtype))
+    row_lse = torch.logsumexp(row_part, dim=0)
+    col_lse = torch.logsumexp(col_part, dim=0) if col_stats else col_part.new_empty(0)
+    return row_lse, col_lse, diag
+
+
+def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag, diag_offset: int, *,
+                 panel_rows: int = 0, tiles: Tiles | None = None):
+    """Gradients (dq, dk1, dk2 or None, dscale) of
+    sum(grad_row * row_lse) + sum(grad_col * col_lse) + sum(grad_diag * diag)."""
+    has_k2 = k2 is not None
+    q, k1, k2, tiles = _prep(q, k1, k2, tiles)
+    M, D = q.shape
+    N1, N2 = k1.shape[0], k2.shape[0]
+    col_stats, has_diag = col_lse.numel() > 0, diag_offset >= 0
+    grad_row = grad_row.float().contiguous()
+    grad_col = grad_col.float().contiguous() if col_stats else grad_row
+    col_lse = col_lse if col_stats else row_lse
+    grad_diag = grad_diag.float().contiguous() if has_diag else grad_row
+    if panel_rows <= 0:
+        budget = _PANEL_ELEMENTS if q.is_cuda and not interpreting() else 1 << 14
+        panel_rows = max(tiles.block_m, budget // max(N1 + N2, 1) // tiles.block_m * tiles.block_m)
+    panel_rows = min(panel_rows, M)
+    tiles1, tiles2 = triton.cdiv(N1, tiles.block_n), triton.cdiv(N2, tiles.block_n)
+    n_tiles = tiles1 + tiles2
+    scale32 = scale.detach().float().reshape(1)
+
+    # One panel: GEMMs write the gradients directly. Several: dk sums over panels in fp32, in panel order.
+    single = panel_rows >= M
+    dq = torch.empty_like(q)
+    dk1 = torch.zeros(N1, D, device=q.device, dtype=q.dtype if single else torch.float32)
+    dk2 = torch.zeros(N2, D, device=q.device, dtype=q.dtype if single else torch.float32)
+    ds_parts = []
+    grad = torch.empty(panel_rows, N1 + N2, device=q.device, dtype=q.dtype)
+    for start in range(0, M, panel_rows):
+        stop = min(start + panel_rows, M)
+        rows = stop - start
+        row_blocks = triton.cdiv(rows, tiles.block_m)
+        ds_part = torch.empty(row_blocks, n_tiles, device=q.device, dtype=torch.float32)
+        g, qp = grad[:rows], q[start:stop]
+        # Panel row r is row start + r: its positive sits in column start + r + offset.
+        _grad_logits_kernel[(row_blocks, n_tiles)](
+            qp, k1, k2, scale32, row_lse[start:stop], grad_row[start:stop], col_lse, grad_col,
+            grad_diag[start:stop], g, ds_part, rows, N1, N2, D, qp.stride(0), k1.stride(0), k2.stride(0),
+            g.stride(0), tiles1, n_tiles, start + max(diag_offset, 0), COL_STATS=col_stats, HAS_DIAG=has_diag,
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+            PRECISION=dot_precision(q.dtype))
+        ds_parts.append(ds_part.sum())
+        g1, g2 = g[:, :N1], g[:, N1:]
+        dq_panel = g1 @ k1
+        if N2:
+            dq_panel = dq_panel + g2 @ k2
+        dq[start:stop] = dq_panel
+        if single:
+            dk1, dk2 = g1.T @ qp, g2.T @ qp
+        else:
+            dk1 += (g1.T @ qp).float()
+            dk2 += (g2.T @ qp).float()
+    dscale = torch.stack(ds_parts).sum().to(scale.dtype).reshape(scale.shape)
+    return dq, dk1.to(q.dtype), (dk2.to(q.dtype) if has_k2 else None), dscale
+
+
+# torch.compile sees these as opaque ops with fake (shape-only) implementations: no graph breaks.
+@torch.library.custom_op("hqclip::contrastive_lse", mutates_args=())
+def _contrastive_lse_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scale: torch.Tensor,
+                        col_stats: bool, diag_offset: int, panel_rows: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return lse_forward(q, k1, k2, scale, col_stats, diag_offset)
+
+
+@_contrastive_lse_op.register_fake
+def _(q, k1, k2, scale, col_stats, diag_offset, panel_rows):
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty(q.shape[0], **f32), q.new_empty(k1.shape[0] if col_stats else 0, **f32),
+            q.new_empty(q.shape[0] if diag_offset >= 0 else 0, **f32))
+
+
+@torch.library.custom_op("hqclip::contrastive_lse_backward", mutates_args=())
+def _contrastive_lse_backward_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None,
+                                 scale: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
+                                 grad_row: torch.Tensor, grad_col: torch.Tensor, grad_diag: torch.Tensor,
+                                 diag_offset: int, panel_rows: int
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk1, dk2, dscale = lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag,
+                                        diag_offset, panel_rows=panel_rows)
+    return dq, dk1, (dk2 if dk2 is not None else k1.new_empty(0, k1.shape[1])), dscale
+
+
+@_contrastive_lse_backward_op.register_fake
+def _(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag, diag_offset, panel_rows):
+    dk2 = torch.empty_like(k2) if k2 is not None else k1.new_empty(0, k1.shape[1])
+    return torch.empty_like(q), torch.empty_like(k1), dk2, torch.empty_like(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k1, k2, scale, col_stats, diag_offset, panel_rows = inputs
+    row_lse, col_lse, _ = output
+    ctx.save_for_backward(q, k1, k2, scale, row_lse, col_lse)
+    ctx.diag_offset, ctx.panel_rows = diag_offset, panel_rows
+
+
+def _backward(ctx, grad_row, grad_col, grad_diag):
+    q, k1, k2, scale, row_lse, col_lse = ctx.saved_tensors
+    grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row
+    grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col
+    if grad_diag is None:
+        grad_diag = row_lse.new_zeros(row_lse.shape[0] if ctx.diag_offset >= 0 else 0)
+    dq, dk1, dk2, dscale = _contrastive_lse_backward_op(q, k1, k2, scale, row_lse, col_lse, grad_row,
+                                                        grad_col, grad_diag, ctx.diag_offset, ctx.panel_rows)
+    return dq, dk1, (dk2 if k2 is not None else None), dscale, None, None, None
+
+
+_contrastive_lse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def contrastive_lse(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scale: torch.Tensor, *,
+                    col_stats: bool = False, diag_offset: int | None = None, panel_rows: int = 0):
+    """Differentiable statistics of the logits S = s * q @ [k1; k2].T, which are never materialized.
+
+    Returns fp32 (row_lse, col_lse, diag):
+      row_lse[i] = log sum_j exp(S_ij) over all k1 and k2 rows;
+      col_lse[j] = log sum_i exp(S_ij) over all q rows, for the k1 columns (empty unless col_stats);
+      diag[i]    = S_{i, i + diag_offset}, the positive logits (empty when diag_offset is None).
+    Gradients reach q, k1, k2 and scale (a 0-d tensor). panel_rows bounds the backward's logit panel
+    (0: automatic).
+    """
+    if q.dim() != 2 or k1.dim() != 2 or q.shape[1] != k1.shape[1]:
+        raise ValueError(f"q and k1 must be (M, D) and (N, D), got {tuple(q.shape)} and {tuple(k1.shape)}")
+    if k2 is not None and (k2.dim() != 2 or k2.shape[1] != q.shape[1]):
+        raise ValueError(f"k2 must be (N2, {q.shape[1]}), got {tuple(k2.shape)}")
+    if k1.dtype != q.dtype or (k2 is not None and k2.dtype != q.dtype):
+        raise ValueError(f"q, k1, k2 must share a dtype, got {q.dtype}, {k1.dtype}, "
+                         f"{None if k2 is None else k2.dtype}")
+    if scale.numel() != 1:
+        raise ValueError(f"scale must be a scalar tensor, got shape {tuple(scale.shape)}")
+    if diag_offset is not None and not 0 <= diag_offset <= k1.shape[0] - q.shape[0]:
+        raise ValueError(f"diag_offset must put every positive inside k1: 0 <= {diag_offset} <= "
+                         f"{k1.shape[0]} - {q.shape[0]}")
+    offset = -1 if diag_offset is None else diag_offset
+    return _contrastive_lse_op(q, k1, k2, scale.reshape(()), col_stats, offset, panel_rows)

@@ -1,0 +1,124 @@
+"""impl="triton" against impl="reference": values and every gradient, all option combinations, fp32 and bf16.
+
+Without a GPU the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
+shapes are small and odd, and the interpreter's 16 x 16 tiles are smaller than them.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hqclip_fast.loss import hqclip_loss
+
+TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-3)}
+
+
+def grad_tolerance(dtype, reference):
+    """bf16 gradients are rounded once at the end: allow about two bf16 ulps of the largest entry."""
+    if dtype == torch.float32:
+        return TOL[dtype]
+    return dict(rtol=2e-2, atol=max(2e-3, 1e-2 * reference.abs().max().item()))
+
+
+def _features(batch, dim, dtype, generator):
+    return F.normalize(torch.randn(batch, dim, generator=generator), dim=1).to(dtype)
+
+
+def _inputs(batch, dim, dtype, *, negatives, tags, bias, scale=14.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = {
+        "image_features": _features(batch, dim, dtype, g),
+        "text_features": _features(batch, dim, dtype, g),
+        "logit_scale": torch.tensor(scale),
+    }
+    if negatives:
+        inputs["neg_text_features"] = _features(batch, dim, dtype, g)
+    if tags:
+        num_tags = 13
+        targets = torch.randint(-1, num_tags, (batch, 5), generator=g)
+        targets[0, :3] = 4  # a repeated id counts once
+        targets[-1, :] = -1  # a row with no tags
+        inputs["tag_features"] = _features(batch, dim, dtype, g)
+        inputs["tag_weight"] = (0.3 * torch.randn(num_tags, dim, generator=g)).to(dtype)
+        inputs["tag_bias"] = torch.randn(num_tags, generator=g) if bias else None
+        inputs["tag_targets"] = targets
+    return inputs
+
+
+def _run(impl, inputs, **options):
+    leaves = {k: v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point()
+              else v for k, v in inputs.items()}
+    out = hqclip_loss(**leaves, impl=impl, **options)
+    out.total.backward()
+    grads = {k: v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    return out, grads
+
+
+def assert_matches(inputs, dtype, **options):
+    out, grads = _run("triton", inputs, **options)
+    ref, ref_grads = _run("reference", inputs, **options)
+    for name in ("total", "clip", "hni", "stc"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), **TOL[torch.float32], msg=lambda m, name=name: f"{name}: {m}")
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None, name
+        assert grad.dtype == ref_grads[name].dtype, name
+        reference = ref_grads[name].float()
+        torch.testing.assert_close(grad.float(), reference, **grad_tolerance(dtype, reference), msg=lambda m, name=name: f"{name}: {m}")
+
+
+SHAPES = [(1, 16), (7, 16), (37, 40)]
+NEGATIVE_MODES = {  # (negatives given, in softmax, hni weight)
+    "none": (False, True, 0.0),
+    "softmax": (True, True, 0.0),
+    "pair": (True, False, 0.7),
+    "softmax+pair": (True, True, 0.7),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", list(NEGATIVE_MODES))
+@pytest.mark.parametrize("batch,dim", SHAPES)
+def test_contrastive_terms_match_reference(batch, dim, mode, dtype):
+    negatives, in_softmax, hni_weight = NEGATIVE_MODES[mode]
+    inputs = _inputs(batch, dim, dtype, negatives=negatives, tags=False, bias=False, seed=batch)
+    assert_matches(inputs, dtype, negatives_in_softmax=in_softmax, hni_weight=hni_weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_every_term_together_matches_reference(bias, dtype):
+    inputs = _inputs(37, 40, dtype, negatives=True, tags=True, bias=bias, seed=3)
+    assert_matches(inputs, dtype, hni_weight=0.5, stc_weight=2.0)
+
+
+def test_scale_100_with_poorly_aligned_rows():
+    """Rows whose best logit is 100 next to rows whose logits all sit near 0 or -100: a fixed shift
+    would underflow; per-row and per-column running maxima must not."""
+    inputs = _inputs(37, 40, torch.float32, negatives=True, tags=False, bias=False, scale=100.0, seed=5)
+    image, text = inputs["image_features"], inputs["text_features"]
+    image[:9] = text[:9]  # perfectly aligned rows: diagonal logit exactly s
+    image[9:18] = -text[9:18]  # anti-aligned rows: diagonal logit -s
+    inputs["neg_text_features"][18:22] = image[18:22]  # negatives that win their rows
+    out, grads = _run("triton", inputs, hni_weight=1.0)
+    assert torch.isfinite(out.total)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    assert_matches(inputs, torch.float32, hni_weight=1.0)
+
+
+def test_triton_is_deterministic():
+    inputs = _inputs(37, 40, torch.bfloat16, negatives=True, tags=True, bias=True, seed=11)
+    first, first_grads = _run("triton", inputs, hni_weight=0.5, stc_weight=1.0)
+    second, second_grads = _run("triton", inputs, hni_weight=0.5, stc_weight=1.0)
+    assert torch.equal(first.total, second.total)
+    for name in first_grads:
+        assert torch.equal(first_grads[name], second_grads[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU in this session: realistic-shape check "
+                    "needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_realistic_shape_on_gpu(dtype):
+    inputs = _inputs(4099, 512, dtype, negatives=True, tags=True, bias=True, seed=7)
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    assert_matches(inputs, dtype, hni_weight=0.5, stc_weight=1.0)
