@@ -74,8 +74,15 @@ def random_resized_crop_params(width: int, height: int, scale: tuple[float, floa
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+_MEAN_255 = np.array(OPENAI_MEAN, dtype=np.float32) * 255
+_INV_STD_255 = 1.0 / (np.array(OPENAI_STD, dtype=np.float32) * 255)
+
+
 def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
-    return TF.normalize(TF.to_tensor(img), OPENAI_MEAN, OPENAI_STD)
+    """HWC uint8 -> CHW float, (x / 255 - mean) / std. In numpy: tiny torch ops in a busy loader process pay
+    for intra-op thread wake-ups, numpy's do not."""
+    pixels = (np.asarray(img, dtype=np.float32) - _MEAN_255) * _INV_STD_255
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
 def train_transform(img: Image.Image, image_size: int, scale, rng: np.random.Generator) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""`hqclip-data` console script: synthetic | validate | join | tags build | index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import DataConfig
+from .records import RecordError, parse_record
+from .shards import expand_sources, iter_tar_samples
+from .tags import TagVocab
+
+
+def _synthetic(args) -> int:
+    from .synthetic import write_synthetic
+
+    manifest = write_synthetic(args.out, args.num_samples, args.shard_size, args.seed, args.image_size,
+                               num_zeroshot=args.num_zeroshot, num_hardneg=args.num_hardneg)
+    print(json.dumps(manifest))
+    return 0
+
+
+def _validate(args) -> int:
+    from .validate import validate_shards
+
+    cfg = DataConfig(use_negatives=not args.plain, required_fields=list(args.required or []))
+    result = validate_shards(args.pattern, cfg, progress=not args.no_progress)
+    print(json.dumps(result))
+    readable = result["samples_ok"] + result["samples_skipped"] > 0
+    return 0 if readable else 1
+
+
+def _join(args) -> int:
+    from .join import join_shards
+
+    field_map = dict(item.split("=", 1) for item in args.map or [])
+    report = join_shards(args.shards, args.annotations, args.out, key_field=args.key_field, field_map=field_map)
+    print(json.dumps(report))
+    return 0
+
+
+def _tags_build(args) -> int:
+    from collections import Counter
+
+    stats: Counter = Counter()
+
+    def tag_lists():
+        for url in (u for source in expand_sources(args.pattern) for u in source):
+            for raw in iter_tar_samples(url, stats):
+                try:
+                    tags = parse_record(raw["json"]).get("positive_tags") if "json" in raw else None
+                except RecordError:
+                    continue
+                if isinstance(tags, list):
+                    yield [t for t in tags if isinstance(t, str)]
+
+    vocab = TagVocab.build(tag_lists(), size=args.size, min_count=args.min_count)
+    vocab.save(args.out)
+    print(json.dumps({"tags": len(vocab), "out": args.out, "top": vocab.tags[:10]}))
+    return 0
+
+
+def _index(args) -> int:
+    try:
+        from wds2idx import IndexCreator  # ships with nvidia-dali
+    except ImportError:
+        print("hqclip-data index: DALI's wds2idx is not installed (pip install nvidia-dali-cuda130)", file=sys.stderr)
+        return 2
+    written = 0
+    for url in (u for source in expand_sources(args.pattern) for u in source):
+        out = dali_index_path(url, args.out_dir)
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        try:
+            with IndexCreator(url, out, verbose=False) as creator:
+                creator.create_index()
+            written += 1
+        except ValueError as e:
+            print(f"hqclip-data index: skipping {url}: {e}", file=sys.stderr)
+    print(json.dumps({"index_files": written}))
+    return 0
+
+
+def dali_index_path(shard: str, index_dir: str | None) -> str:
+    """shard-000001.tar -> <index_dir or the shard's folder>/shard-000001.idx"""
+    stem = os.path.splitext(os.path.basename(shard))[0] + ".idx"
+    return os.path.join(index_dir or os.path.dirname(shard), stem)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hqclip-data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synthetic", help="write the synthetic compositional-scene data set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-samples", type=int, default=4000)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--num-zeroshot", type=int, default=600)
+    p.add_argument("--num-hardneg", type=int, default=500)
+    p.set_defaults(func=_synthetic)
+
+    p = sub.add_parser("validate", help="stream shards through the training decode path and count skips")
+    p.add_argument("pattern")
+    p.add_argument("--plain", action="store_true", help="plain CLIP shards: no negative text needed")
+    p.add_argument("--required", nargs="*", help="record fields that must be present and non-empty")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("join", help="merge annotation records into image shards by key")
+    p.add_argument("shards")
+    p.add_argument("annotations", help=".jsonl (one record per line) or .json (list, or object keyed by id)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--key-field", default="key", help="annotation field holding the sample key (e.g. uid)")
+    p.add_argument("--map", nargs="*", metavar="OURS=THEIRS",
+                   help="field mapping, e.g. positive_description=long_caption")
+    p.set_defaults(func=_join)
+
+    p = sub.add_parser("tags", help="tag vocabulary tools")
+    tags = p.add_subparsers(dest="tags_command", required=True)
+    b = tags.add_parser("build", help="frequency-ranked vocabulary of normalized positive tags")
+    b.add_argument("pattern")
+    b.add_argument("--out", required=True)
+    b.add_argument("--size", type=int, default=1000)
+    b.add_argument("--min-count", type=int, default=1)
+    b.set_defaults(func=_tags_build)
+
+    p = sub.add_parser("index", help="write DALI webdataset index files (one .idx per shard)")
+    p.add_argument("pattern")
+    p.add_argument("--out-dir", default=None, help="default: beside each shard")
+    p.set_defaults(func=_index)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
