@@ -41,8 +41,39 @@ _CORPUS_EXTRA = [
     "[] {} : , \" \\ \\n 0123456789 ( ) - _ . ! ? ' /",
 ]
 
-# Small enough for a CPU test step in milliseconds, shaped like the real model (mrope, 2x2 merge, 14px patches).
-TINY_PIXELS = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+# The tiny model is small enough for a CPU test step in milliseconds, yet shaped like the real one (mrope,
+# 2x2 merge, 14 px patches); head sizes of 64 keep vLLM's attention backends usable. "qwen2-vl-7b" is the
+# published Qwen2-VL-7B architecture, written without weights for vLLM's load_format="dummy" benchmarks.
+ARCHITECTURES = {
+    "tiny": {
+        "text": {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+        },
+        "vision": {"depth": 2, "embed_dim": 64, "num_heads": 1, "mlp_ratio": 2},
+        "pixels": {"min_pixels": 56 * 56, "max_pixels": 112 * 112},
+    },
+    "qwen2-vl-7b": {
+        "text": {
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        },
+        "vision": {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4},
+        "pixels": {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280},
+    },
+}
 
 
 def _train_tokenizer(vocab_size: int):
@@ -64,9 +95,17 @@ def _train_tokenizer(vocab_size: int):
 
 
 def make_tiny_model(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0) -> Path:
-    """Write the tiny model to ``out_dir`` (created if needed) and return its path."""
+    """Write the tiny random model (weights included) to ``out_dir`` and return its path."""
+    return write_model_dir(out_dir, arch="tiny", vocab_size=vocab_size, seed=seed, weights=True)
+
+
+def write_model_dir(
+    out_dir: str | Path, *, arch: str = "tiny", vocab_size: int = 512, seed: int = 0, weights: bool = True
+) -> Path:
+    """Write config, tokenizer, processor and (if ``weights``) random weights of ``arch`` to ``out_dir``."""
     import torch
     from transformers import (
+        GenerationConfig,
         PreTrainedTokenizerFast,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
@@ -75,8 +114,11 @@ def make_tiny_model(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0
         Qwen2VLVideoProcessor,
     )
 
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {sorted(ARCHITECTURES)}, got {arch!r}")
     if vocab_size < 300:
         raise ValueError(f"vocab_size must be >= 300 (256 bytes + special tokens + merges), got {vocab_size}")
+    spec = ARCHITECTURES[arch]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -85,41 +127,26 @@ def make_tiny_model(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         extra_special_tokens={},
-        model_max_length=4096,
+        model_max_length=spec["text"]["max_position_embeddings"],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     token_id = tokenizer.convert_tokens_to_ids
-    image_processor = Qwen2VLImageProcessor(**TINY_PIXELS)
-    video_processor = Qwen2VLVideoProcessor(**TINY_PIXELS)
     processor = Qwen2VLProcessor(
-        image_processor=image_processor,
+        image_processor=Qwen2VLImageProcessor(**spec["pixels"]),
         tokenizer=tokenizer,
-        video_processor=video_processor,
+        video_processor=Qwen2VLVideoProcessor(**spec["pixels"]),
         chat_template=CHAT_TEMPLATE,
     )
-
-    # Head sizes of 64 keep vLLM's attention backends usable; everything else is as small as it gets.
-    hidden = 128
+    special = {
+        "bos_token_id": token_id("<|endoftext|>"),
+        "eos_token_id": token_id("<|im_end|>"),
+        "pad_token_id": token_id("<|endoftext|>"),
+    }
     config = Qwen2VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
-            "bos_token_id": token_id("<|endoftext|>"),
-            "eos_token_id": token_id("<|im_end|>"),
-            "pad_token_id": token_id("<|endoftext|>"),
-        },
+        text_config={"vocab_size": len(tokenizer), **spec["text"], **special},
         vision_config={
-            "depth": 2,
-            "embed_dim": 64,
-            "hidden_size": hidden,
-            "num_heads": 1,
-            "mlp_ratio": 2,
+            **spec["vision"],
+            "hidden_size": spec["text"]["hidden_size"],
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -128,15 +155,16 @@ def make_tiny_model(out_dir: str | Path, *, vocab_size: int = 512, seed: int = 0
         video_token_id=token_id("<|video_pad|>"),
         vision_start_token_id=token_id("<|vision_start|>"),
         vision_end_token_id=token_id("<|vision_end|>"),
-        # vLLM and older transformers read these from the top level of config.json.
-        bos_token_id=token_id("<|endoftext|>"),
-        eos_token_id=token_id("<|im_end|>"),
-        pad_token_id=token_id("<|endoftext|>"),
+        **special,  # vLLM and older transformers read these from the top level of config.json
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = token_id("<|im_end|>")
-    model.generation_config.pad_token_id = token_id("<|endoftext|>")
-    model.save_pretrained(out_dir)
+    generation_config = GenerationConfig(**special)
+    if weights:
+        torch.manual_seed(seed)
+        model = Qwen2VLForConditionalGeneration(config).eval()
+        model.generation_config = generation_config
+        model.save_pretrained(out_dir)
+    else:
+        config.save_pretrained(out_dir)
+        generation_config.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

@@ -18,7 +18,6 @@ from hqclip_recaption.cli import main as cli_main
 from hqclip_recaption.prompts import get_prompt
 from hqclip_recaption.runner import Recaptioner
 from hqclip_recaption.schema import CAPTION_FIELDS, CaptionLimits, caption_schema, max_answer_tokens
-from hqclip_recaption.tiny_model import make_tiny_model
 from PIL import Image
 
 LIMITS = CaptionLimits(max_description_chars=24, max_tags=2, max_tag_chars=8)
@@ -55,7 +54,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2-vl")))
+    path = tmp_path_factory.mktemp("tiny-qwen2-vl")
+    assert cli_main(["make-tiny-model", str(path)]) == 0
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +205,48 @@ def test_killed_subprocess_run_completes_on_rerun(tiny_model, raw_shards, tmp_pa
     keys = [r["key"] for name in sorted(final) for r in _read(out, name[: -len(".jsonl")])]
     assert keys == ["a0", "a1", "a2", "a3", "a4", "b0", "b1", "b2", "c0"]
     assert not list(out.glob("*.tmp"))
+
+
+def test_vllm_backend_glue_with_a_stand_in_engine(tiny_model, monkeypatch):
+    """VLLMBackend without vLLM: a stand-in module records what the backend hands to vllm.LLM and
+    LLM.generate, and returns vLLM-shaped outputs; the real engine needs a GPU and is run by the benchmark."""
+    import dataclasses
+    import types
+
+    from hqclip_recaption.backends import CaptionRequest
+    from hqclip_recaption.backends.vllm_backend import VLLMBackend
+
+    @dataclasses.dataclass
+    class StructuredOutputsParams:
+        json: dict | None = None
+        disable_any_whitespace: bool = False
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def generate(self, requests, sampling_params, use_tqdm):
+            self.requests, self.sampling_params = requests, sampling_params
+            output = types.SimpleNamespace(text='{"a": 1}', token_ids=[7, 8, 2], finish_reason="stop")
+            cut = types.SimpleNamespace(text='{"a', token_ids=[7] * 5, finish_reason="length")
+            return [types.SimpleNamespace(outputs=[output if i % 2 == 0 else cut]) for i in range(len(requests))]
+
+    fake_sp = types.ModuleType("vllm.sampling_params")
+    fake_sp.StructuredOutputsParams = StructuredOutputsParams
+    fake_vllm = types.ModuleType("vllm")
+    fake_vllm.LLM, fake_vllm.SamplingParams, fake_vllm.sampling_params = FakeLLM, dict, fake_sp
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm)
+    monkeypatch.setitem(sys.modules, "vllm.sampling_params", fake_sp)
+
+    backend = VLLMBackend(model=tiny_model, prompt=get_prompt(), schema=SCHEMA, max_new_tokens=50,
+                          max_pixels=MAX_PIXELS, max_num_seqs=4, load_format="dummy")
+    assert backend.llm.kwargs["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+    assert backend.llm.kwargs["mm_processor_kwargs"] == {"max_pixels": MAX_PIXELS}
+    assert backend.sampling_params["structured_outputs"].json == SCHEMA
+    image = Image.new("RGB", (30, 20))
+    generations = backend.generate([CaptionRequest(image, "alt one"), CaptionRequest(image, "alt two")])
+    assert [(g.num_tokens, g.finished) for g in generations] == [(3, True), (5, False)]
+    request = backend.llm.requests[1]
+    assert request["multi_modal_data"]["image"] is image
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in request["prompt"] and "alt two" in request["prompt"]
+    assert request["prompt"].endswith("<|im_start|>assistant\n")

@@ -239,3 +239,23 @@ def test_vllm_backend_missing_vllm_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     with pytest.raises(ImportError, match=r"hqclip-fast\[vllm\]"):
         vllm_backend.import_vllm()
+
+
+def test_qwen2_vl_7b_architecture_dir_without_weights(tmp_path):
+    from hqclip_recaption.tiny_model import write_model_dir
+    from transformers import AutoConfig, AutoProcessor
+
+    path = write_model_dir(tmp_path, arch="qwen2-vl-7b", weights=False)
+    assert not list(path.glob("*.safetensors"))
+    config = AutoConfig.from_pretrained(path)
+    text = config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.vocab_size) == (
+        3584, 28, 28, 152064
+    )
+    assert (config.vision_config.depth, config.vision_config.embed_dim) == (32, 1280)
+    tokenizer = AutoProcessor.from_pretrained(path).tokenizer
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert config.vision_start_token_id == tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert text.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with pytest.raises(ValueError, match="arch"):
+        write_model_dir(tmp_path, arch="qwen9")
