@@ -119,19 +119,23 @@ def _grad_logits_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_lse_ptr, row_g_ptr
     x = acc * (scale * LOG2E)
     lse_r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
     g_r = tl.load(row_g_ptr + rows, mask=row_ok, other=0.0)
+    ok = row_ok[:, None] & col_ok[None, :]
     grad = g_r[:, None] * tl.exp2(x - lse_r[:, None])
-    if COL_STATS:
-        if pid_t < TILES1:
-            lse_c = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
-            g_c = tl.load(col_g_ptr + cols, mask=col_ok, other=0.0)
-            grad += g_c[None, :] * tl.exp2(x - lse_c[None, :])
     if HAS_DIAG:
         if pid_t < TILES1:
             g_d = tl.load(diag_g_ptr + rows, mask=row_ok, other=0.0)
             grad += tl.where(cols[None, :] == rows[:, None] + DIAG_OFFSET, g_d[:, None], 0.0)
-    ok = row_ok[:, None] & col_ok[None, :]
     grad = tl.where(ok, grad, 0.0)
-    tl.store(ds_part_ptr + pid_m * N_TILES + pid_t, tl.sum(tl.sum(grad * acc, axis=1), axis=0))
+    # d(scale) in two parts: row + positive terms, and column terms (owned by another rank in a ring).
+    ds_ptr = ds_part_ptr + 2 * (pid_m * N_TILES + pid_t)
+    tl.store(ds_ptr, tl.sum(tl.sum(grad * acc, axis=1), axis=0))
+    if COL_STATS:
+        if pid_t < TILES1:
+            lse_c = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
+            g_c = tl.load(col_g_ptr + cols, mask=col_ok, other=0.0)
+            grad_c = tl.where(ok, g_c[None, :] * tl.exp2(x - lse_c[None, :]), 0.0)
+            tl.store(ds_ptr + 1, tl.sum(tl.sum(grad_c * acc, axis=1), axis=0))
+            grad += grad_c
     tl.store(g_ptr + rows[:, None] * stride_g + g_cols[None, :],
              (grad * scale).to(g_ptr.dtype.element_ty), mask=ok)
 
@@ -180,8 +184,9 @@ def lse_forward(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scal
 
 def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag, diag_offset: int, *,
                  panel_rows: int = 0, tiles: Tiles | None = None):
-    """Gradients (dq, dk1, dk2 or None, dscale) of
-    sum(grad_row * row_lse) + sum(grad_col * col_lse) + sum(grad_diag * diag)."""
+    """Gradients (dq, dk1, dk2 or None, dscale_rows, dscale_cols) of
+    sum(grad_row * row_lse) + sum(grad_col * col_lse) + sum(grad_diag * diag); d(scale) is split into the
+    row + positive terms and the column terms (0-d tensors, their sum is d(scale))."""
     has_k2 = k2 is not None
     q, k1, k2, tiles = _prep(q, k1, k2, tiles)
     M, D = q.shape
@@ -210,7 +215,7 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
         stop = min(start + panel_rows, M)
         rows = stop - start
         row_blocks = triton.cdiv(rows, tiles.block_m)
-        ds_part = torch.empty(row_blocks, n_tiles, device=q.device, dtype=torch.float32)
+        ds_part = torch.zeros(row_blocks, n_tiles, 2, device=q.device, dtype=torch.float32)
         g, qp = grad[:rows], q[start:stop]
         # Panel row r is row start + r: its positive sits in column start + r + offset.
         _grad_logits_kernel[(row_blocks, n_tiles)](
@@ -219,7 +224,7 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
             g.stride(0), tiles1, n_tiles, start + max(diag_offset, 0), COL_STATS=col_stats, HAS_DIAG=has_diag,
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
             PRECISION=dot_precision(q.dtype))
-        ds_parts.append(ds_part.sum())
+        ds_parts.append(ds_part.sum(dim=(0, 1)))
         g1, g2 = g[:, :N1], g[:, N1:]
         dq_panel = g1 @ k1
         if N2:
@@ -230,8 +235,8 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
         else:
             dk1 += (g1.T @ qp).float()
             dk2 += (g2.T @ qp).float()
-    dscale = torch.stack(ds_parts).sum().to(scale.dtype).reshape(scale.shape)
-    return dq, dk1.to(q.dtype), (dk2.to(q.dtype) if has_k2 else None), dscale
+    ds_row, ds_col = torch.stack(ds_parts).sum(dim=0).to(scale.dtype).unbind()
+    return dq, dk1.to(q.dtype), (dk2.to(q.dtype) if has_k2 else None), ds_row, ds_col
 
 
 # torch.compile sees these as opaque ops with fake (shape-only) implementations: no graph breaks.
@@ -255,9 +260,9 @@ def _contrastive_lse_backward_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Te
                                  grad_row: torch.Tensor, grad_col: torch.Tensor, grad_diag: torch.Tensor,
                                  diag_offset: int, panel_rows: int
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk1, dk2, dscale = lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag,
-                                        diag_offset, panel_rows=panel_rows)
-    return dq, dk1, (dk2 if dk2 is not None else k1.new_empty(0, k1.shape[1])), dscale
+    dq, dk1, dk2, ds_row, ds_col = lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col,
+                                                grad_diag, diag_offset, panel_rows=panel_rows)
+    return dq, dk1, (dk2 if dk2 is not None else k1.new_empty(0, k1.shape[1])), ds_row + ds_col
 
 
 @_contrastive_lse_backward_op.register_fake

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .gather import _all_gather_single, group_rank_and_size
+
 try:
     from hqclip_kernels._common import interpreting
     from hqclip_kernels.contrastive import contrastive_lse
@@ -67,3 +69,149 @@ def contrastive_sums(image, text, logit_scale, *, rows, softmax_negatives=None, 
 def tag_bce_sum(tag_features, tag_weight, tag_bias, tag_targets):
     _check_device(tag_features, "tag_features")
     return _fused_tag_bce_sum(tag_features, tag_weight, tag_bias, tag_targets)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed: a ring over the group instead of an all-gather. Each rank keeps its own images and sees every
+# rank's texts (and negatives) one chunk at a time: while chunk c is swept, chunk c - 1 is already in flight
+# to the next rank. Peak memory O(b x D) (two chunk buffers) plus O(B) statistics, independent of n.
+# One sweep of local rows x every chunk yields the image->text row statistics and, per chunk, the partial
+# text->image column statistics over the local images; an all_to_all hands each owner the n partials of its
+# own columns. Backward walks the same ring: each chunk travels with an fp32 gradient accumulator that every
+# rank adds its share to (fixed order: owner, owner + 1, ...), and which reaches its owner after n hops.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _Ring:
+    """Point-to-point ring neighbours of this rank in `group` (global ranks, as isend/irecv want them)."""
+
+    def __init__(self, group, rank: int, world_size: int):
+        import torch.distributed as dist
+
+        self.dist, self.group, self.rank, self.size = dist, group, rank, world_size
+        self.next = dist.get_global_rank(group, (rank + 1) % world_size)
+        self.prev = dist.get_global_rank(group, (rank - 1) % world_size)
+
+    def shift(self, send: torch.Tensor, recv: torch.Tensor, tag: int):
+        """Start sending `send` to the next rank and receiving into `recv` from the previous one."""
+        return [self.dist.isend(send, self.next, group=self.group, tag=tag),
+                self.dist.irecv(recv, self.prev, group=self.group, tag=tag)]
+
+    @staticmethod
+    def wait(requests) -> None:
+        for request in requests:
+            request.wait()
+
+
+_FEATURES, _GRADS = 0, 1  # message tags
+
+
+class _RingContrastive(torch.autograd.Function):
+    """(row_lse, col_lse, positive) for this rank's rows and columns, the keys arriving around the ring.
+
+    keys = [texts; negatives] of this rank (negatives only when they are softmax columns); `num_texts` = b.
+    """
+
+    @staticmethod
+    def forward(ctx, image, keys, scale, ring: _Ring, num_texts: int):
+        b, n, r = image.shape[0], ring.size, ring.rank
+        from hqclip_kernels.contrastive import lse_forward
+
+        keys = keys.contiguous()
+        receive = [torch.empty_like(keys), torch.empty_like(keys)]  # never into `keys`: it may be the caller's
+        col_parts = image.new_empty(n, b, dtype=torch.float32)
+        row_lse = positive = None
+        current = keys
+        for step in range(n):
+            chunk = (r - step) % n
+            pending = ring.shift(current, receive[step % 2], _FEATURES) if step < n - 1 else []
+            rows, col_parts[chunk], diag = lse_forward(
+                image, current[:num_texts], current[num_texts:] if keys.shape[0] > num_texts else None,
+                scale, True, 0 if chunk == r else -1)
+            row_lse = rows if row_lse is None else torch.logaddexp(row_lse, rows)
+            if chunk == r:
+                positive = diag
+            ring.wait(pending)
+            current = receive[step % 2]
+        # Owner c receives every rank's partial lse of its columns, sums them, and shares the result.
+        received = torch.empty_like(col_parts)
+        ring.dist.all_to_all_single(received, col_parts, group=ring.group)
+        col_lse = torch.logsumexp(received, dim=0)
+        all_col_lse = image.new_empty(n * b, dtype=torch.float32)
+        _all_gather_single(all_col_lse, col_lse, group=ring.group)
+        all_col_lse = all_col_lse.view(n, b)
+
+        ctx.save_for_backward(image, keys, scale, row_lse, all_col_lse)
+        ctx.ring, ctx.num_texts = ring, num_texts
+        return row_lse, col_lse, positive
+
+    @staticmethod
+    def backward(ctx, grad_row, grad_col, grad_positive):
+        from hqclip_kernels.contrastive import lse_backward
+
+        image, keys, scale, row_lse, all_col_lse = ctx.saved_tensors
+        ring, num_texts = ctx.ring, ctx.num_texts
+        b, n, r = image.shape[0], ring.size, ring.rank
+        grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row.float().contiguous()
+        grad_col = torch.zeros(b, device=image.device) if grad_col is None else grad_col.float().contiguous()
+        grad_positive = torch.zeros_like(row_lse) if grad_positive is None else grad_positive
+        all_grad_col = torch.empty(n * b, device=image.device, dtype=torch.float32)
+        _all_gather_single(all_grad_col, grad_col, group=ring.group)
+        all_grad_col = all_grad_col.view(n, b)
+
+        receive = [torch.empty_like(keys), torch.empty_like(keys)]
+        accumulators = [torch.zeros(keys.shape, device=keys.device, dtype=torch.float32) for _ in range(2)]
+        grad_image = torch.zeros(image.shape, device=image.device, dtype=torch.float32)
+        ds_rows = torch.zeros((), device=image.device, dtype=torch.float32)
+        ds_cols = torch.zeros(n, device=image.device, dtype=torch.float32)  # per owner of the columns
+        current, grads_in_flight = keys, []
+        for step in range(n):
+            chunk = (r - step) % n
+            pending = ring.shift(current, receive[step % 2], _FEATURES) if step < n - 1 else []
+            own = chunk == r
+            dq, dk1, dk2, ds_r, ds_c = lse_backward(
+                image, current[:num_texts], current[num_texts:] if keys.shape[0] > num_texts else None,
+                scale, row_lse, all_col_lse[chunk], grad_row, all_grad_col[chunk], grad_positive,
+                0 if own else -1)
+            grad_image += dq.float()
+            ds_rows += ds_r.float()
+            ds_cols[chunk] += ds_c.float()
+            # This chunk's accumulator came from the previous rank during the sweep (the owner starts at 0);
+            # add this rank's share and pass it on.
+            ring.wait(grads_in_flight)
+            accumulator = accumulators[step % 2]
+            accumulator[:num_texts] += dk1.float()
+            if dk2 is not None:
+                accumulator[num_texts:] += dk2.float()
+            grads_in_flight = ring.shift(accumulator, accumulators[(step + 1) % 2], _GRADS)
+            ring.wait(pending)
+            current = receive[step % 2]
+        ring.wait(grads_in_flight)
+        grad_keys = accumulators[n % 2]  # after n hops every chunk's accumulator is back with its owner
+        ring.dist.all_reduce(ds_cols, group=ring.group)
+        grad_scale = (ds_rows + ds_cols[r]).to(scale.dtype).reshape(scale.shape)
+        return grad_image.to(image.dtype), grad_keys.to(keys.dtype), grad_scale, None, None
+
+
+def contrastive_sums_ring(image, text, logit_scale, *, group, negatives=None, negatives_in_softmax=True,
+                          pair_negatives=False):
+    """(i2t_sum, t2i_sum, hni_sum) of this rank from its LOCAL (b, D) features, with the same values and
+    gradients as `contrastive_sums` on gathered features followed by the autograd all-gather's
+    reduce-scatter. The other ranks' features arrive around the ring, overlapped with the sweep."""
+    _check_device(image, "image_features")
+    group, rank, world_size = group_rank_and_size(group)
+    if world_size == 1:
+        raise ValueError("group: contrastive_sums_ring needs at least 2 ranks")
+    b, dtype = image.shape[0], image.dtype
+    keys = text.to(dtype)
+    if negatives is not None and negatives_in_softmax:
+        keys = torch.cat([keys, negatives.to(dtype)])
+    ring = _Ring(group, rank, world_size)
+    row_lse, col_lse, positive = _RingContrastive.apply(image, keys, logit_scale.reshape(()), ring, b)
+    i2t_sum = (row_lse - positive).sum()
+    t2i_sum = (col_lse - positive).sum()
+    hni_sum = i2t_sum.new_zeros(())
+    if pair_negatives:
+        negative = _upcast(logit_scale) * (_upcast(image) * _upcast(negatives)).sum(dim=1)
+        hni_sum = F.softplus(negative - positive).sum()
+    return i2t_sum, t2i_sum, hni_sum
