@@ -1,7 +1,8 @@
 """Distributed impl="triton" on 2 gloo CPU processes (Triton interpreter) against impl="reference".
 
-Both paths are checked per rank: the all-gather path that api.py drives (`contrastive_sums` on gathered
-features) and the overlapped ring (`contrastive_sums_ring` on local features). Each rank's values and
+Both paths are checked per rank: the overlapped ring that api.py picks for impl="triton" on several ranks
+(`contrastive_sums_ring` on local features) and the plain path (`contrastive_sums` on features from the
+autograd all-gather). Each rank's values and
 gradients must equal the reference's for the same rank, i.e. open_clip's local_loss + gather_with_grad
 semantics of issue 2.
 """
@@ -49,7 +50,8 @@ def _worker(rank, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         from hqclip_fast.loss import hqclip_loss
-        from hqclip_fast.loss.fused import contrastive_sums_ring
+        from hqclip_fast.loss.fused import contrastive_sums
+        from hqclip_fast.loss.gather import all_gather_with_grad
 
         for seed, (dtype, negatives, in_softmax, hni_weight) in enumerate(CASES):
             (image, text, neg), scale = _global_inputs(dtype, seed)
@@ -66,15 +68,17 @@ def _worker(rank, init_file):
                 results[impl] = (out.total, out.hni, [x.grad for x in leaves])
 
             leaves = [_leaf(x) for x in local] + [_leaf(scale)]
-            i2t, t2i, hni = contrastive_sums_ring(
-                leaves[0], leaves[1], leaves[3], group=None, negatives=leaves[2] if negatives else None,
-                negatives_in_softmax=in_softmax, pair_negatives=hni_weight > 0)
+            image_all, text_all, neg_all = (all_gather_with_grad(x) for x in leaves[:3])
+            i2t, t2i, hni = contrastive_sums(
+                image_all, text_all, leaves[3], rows=(rows.start, rows.stop),
+                softmax_negatives=neg_all if negatives and in_softmax else None,
+                pair_negatives=neg_all[rows] if negatives and hni_weight > 0 else None)
             total = (i2t + t2i) / (2 * BATCH) + hni_weight * hni / BATCH
             total.backward()
-            results["ring"] = (total, hni / BATCH, [x.grad for x in leaves])
+            results["gathered"] = (total, hni / BATCH, [x.grad for x in leaves])
 
             ref_total, ref_hni, ref_grads = results["reference"]
-            for impl in ("triton", "ring"):
+            for impl in ("triton", "gathered"):
                 got_total, got_hni, got_grads = results[impl]
                 where = f"rank {rank} case {seed} {impl}"
                 _check(f"{where} total", got_total, ref_total, torch.float32)

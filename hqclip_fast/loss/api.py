@@ -28,6 +28,11 @@ no process groups, no weights, no normalization; api.py gathers, validates, norm
 Both must accept fp32 and bf16 features (fp32 accumulation) and give gradients to every tensor input,
 logit_scale, tag_weight and tag_bias included. Inputs arrive validated (see `_validate`).
 
+    contrastive_sums_ring(image, text, logit_scale, *, group, negatives, negatives_in_softmax,
+                          pair_negatives: bool) -> (i2t_sum, t2i_sum, hni_sum)      (optional)
+        Same sums from this rank's LOCAL (b, D) features; used instead of the all-gather + contrastive_sums
+        when there are several ranks, so a backend can overlap its own chunked feature exchange with compute.
+
 Registry: `_IMPLS` maps an impl name to its module path; a module is imported only when asked for.
 "triton" is `hqclip_fast.loss.fused` (kernels side). It may define `is_available() -> bool`; when the module
 is missing or reports False, impl="triton" raises and impl="auto" uses "chunked" (auto picks triton only for
@@ -219,17 +224,23 @@ def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     b = image_features.shape[0]
     rows = (rank * b, rank * b + b)
 
-    use_softmax_negatives = neg_text_features is not None and negatives_in_softmax
-    all_image = all_gather_with_grad(image_features, group)
-    all_text = all_gather_with_grad(text_features, group)
-    softmax_negatives = all_gather_with_grad(neg_text_features, group) if use_softmax_negatives else None
-    pair_negatives = None
-    if hni_weight > 0:
-        pair_negatives = softmax_negatives[rows[0]:rows[1]] if use_softmax_negatives else neg_text_features
+    ring = getattr(backend, "contrastive_sums_ring", None) if world_size > 1 else None
+    if ring is not None:  # the backend overlaps its own chunked exchange of features with compute
+        i2t_sum, t2i_sum, hni_sum = ring(
+            image_features, text_features, logit_scale, group=group, negatives=neg_text_features,
+            negatives_in_softmax=negatives_in_softmax, pair_negatives=hni_weight > 0)
+    else:
+        use_softmax_negatives = neg_text_features is not None and negatives_in_softmax
+        all_image = all_gather_with_grad(image_features, group)
+        all_text = all_gather_with_grad(text_features, group)
+        softmax_negatives = all_gather_with_grad(neg_text_features, group) if use_softmax_negatives else None
+        pair_negatives = None
+        if hni_weight > 0:
+            pair_negatives = softmax_negatives[rows[0]:rows[1]] if use_softmax_negatives else neg_text_features
 
-    i2t_sum, t2i_sum, hni_sum = backend.contrastive_sums(
-        all_image, all_text, logit_scale, rows=rows,
-        softmax_negatives=softmax_negatives, pair_negatives=pair_negatives)
+        i2t_sum, t2i_sum, hni_sum = backend.contrastive_sums(
+            all_image, all_text, logit_scale, rows=rows,
+            softmax_negatives=softmax_negatives, pair_negatives=pair_negatives)
     clip = (i2t_sum + t2i_sum) / (2 * b)
     zero = clip.new_zeros(())
     hni = hni_sum / b if hni_weight > 0 else zero
