@@ -124,9 +124,9 @@ def bench_transformers(args) -> dict:
         (tmp / "warm").mkdir()
         write_raw_shards(tmp / "warm", random_images(args.batch_size, args.image_size, 1), args.batch_size)
         run_job(str(tmp / "warm" / "*.tar"), str(tmp / "warm-out"), backend, prompt_version="v1", schema=schema,
-                batch_size=args.batch_size, rank=0, world_size=1)
+                batch_size=args.batch_size, max_pixels=args.max_pixels, rank=0, world_size=1)
         summary = run_job(pattern, str(tmp / "out"), backend, prompt_version="v1", schema=schema,
-                          batch_size=args.batch_size, rank=0, world_size=1)
+                          batch_size=args.batch_size, max_pixels=args.max_pixels, rank=0, world_size=1)
     return {
         "model": args.model or "tiny random Qwen2-VL (hqclip-recaption make-tiny-model)",
         "num_images": args.num_images,

@@ -80,6 +80,7 @@ def _run(args) -> int:
         prompt_version=args.prompt_version,
         schema=schema,
         batch_size=batch_size,
+        max_pixels=args.max_pixels,
         rank=args.rank,
         world_size=args.world_size,
     )

@@ -259,3 +259,19 @@ def test_qwen2_vl_7b_architecture_dir_without_weights(tmp_path):
     assert text.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
     with pytest.raises(ValueError, match="arch"):
         write_model_dir(tmp_path, arch="qwen9")
+
+
+def test_decode_image_draft_keeps_at_least_max_pixels():
+    from hqclip_recaption.runner import decode_image
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.effect_noise((1003, 611), 50).convert("RGB").save(buf, format="JPEG")
+    full = decode_image(buf.getvalue())
+    assert full.size == (1003, 611) and full.mode == "RGB"
+    reduced = decode_image(buf.getvalue(), max_pixels=200 * 120)
+    assert reduced.width * reduced.height >= 200 * 120
+    assert reduced.width < 1003 / 2  # decoded at 1/4 scale or smaller
+    assert decode_image(buf.getvalue(), max_pixels=10**7).size == (1003, 611)
+    with pytest.raises(OSError):  # truncated JPEG: fails at decode, not later in the model's processor
+        decode_image(buf.getvalue()[:400])
