@@ -1,0 +1,140 @@
+"""hqclip_kernels ops on their own: statistics and gradients against plain PyTorch on materialized logits,
+multi-panel backward, custom-op registration (opcheck), torch.compile without graph breaks, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hqclip_kernels import contrastive_lse, tag_bce_sum
+
+TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
+def assert_grad_close(got, want, dtype):
+    """bf16 gradients are rounded once at the end: allow about two bf16 ulps of the largest entry."""
+    want = want.float()
+    tol = TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2 * want.abs().max().item())
+    torch.testing.assert_close(got.float(), want, **tol)
+
+
+def _unit(rows, dim, dtype, g):
+    return F.normalize(torch.randn(rows, dim, generator=g), dim=1).to(dtype).requires_grad_()
+
+
+def _reference_stats(q, k1, k2, scale, offset):
+    keys = k1 if k2 is None else torch.cat([k1, k2])
+    logits = scale * q.float() @ keys.float().T
+    rows = torch.arange(q.shape[0])
+    return logits.logsumexp(1), logits[:, :k1.shape[0]].logsumexp(0), logits[rows, rows + offset]
+
+
+def _grads(outputs, weights, leaves):
+    loss = sum((o * w).sum() for o, w in zip(outputs, weights))
+    return torch.autograd.grad(loss, [x for x in leaves if x is not None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_k2", [False, True], ids=["k1", "k1+k2"])
+def test_contrastive_lse_multi_panel_matches_materialized(with_k2, dtype):
+    g = torch.Generator().manual_seed(1)
+    q, k1 = _unit(37, 40, dtype, g), _unit(37, 40, dtype, g)
+    k2 = _unit(21, 40, dtype, g) if with_k2 else None
+    scale = torch.tensor(31.0, requires_grad=True)
+    weights = [torch.randn(37, generator=g) for _ in range(3)]
+    leaves = [q, k1, k2, scale]
+
+    got = contrastive_lse(q, k1, k2, scale, col_stats=True, diag_offset=0, panel_rows=16)
+    want = _reference_stats(q, k1, k2, scale, 0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    for a, b in zip(_grads(got, weights, leaves), _grads(want, weights, leaves)):
+        assert_grad_close(a, b, dtype)
+
+
+def test_contrastive_lse_rows_only_with_offset():
+    """A rank's rows against gathered columns: positives sit at column i + offset."""
+    g = torch.Generator().manual_seed(2)
+    q, k1 = _unit(7, 16, torch.float32, g), _unit(23, 16, torch.float32, g)
+    scale = torch.tensor(100.0, requires_grad=True)
+    row_lse, col_lse, diag = contrastive_lse(q, k1, None, scale, diag_offset=9)
+    assert col_lse.numel() == 0
+    ref_row, _, ref_diag = _reference_stats(q, k1, None, scale, 9)
+    torch.testing.assert_close(row_lse, ref_row, **TOL[torch.float32])
+    torch.testing.assert_close(diag, ref_diag, **TOL[torch.float32])
+    weights = [torch.randn(7, generator=g), None, torch.randn(7, generator=g)]
+    got = _grads([row_lse, diag], [weights[0], weights[2]], [q, k1, scale])
+    want = _grads([ref_row, ref_diag], [weights[0], weights[2]], [q, k1, scale])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+def _reference_bce(features, weight, bias, targets):
+    logits = features.float() @ weight.float().T + (0 if bias is None else bias.float())
+    labels = torch.zeros(logits.shape[0], logits.shape[1] + 1)
+    labels.scatter_(1, torch.where(targets < 0, logits.shape[1], targets), 1.0)
+    return F.binary_cross_entropy_with_logits(logits, labels[:, :-1], reduction="sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_tag_bce_multi_panel_matches_materialized(with_bias, dtype):
+    g = torch.Generator().manual_seed(3)
+    features = _unit(37, 40, dtype, g)
+    weight = (0.5 * torch.randn(13, 40, generator=g)).to(dtype).requires_grad_()
+    bias = torch.randn(13, generator=g).requires_grad_() if with_bias else None
+    targets = torch.randint(-1, 13, (37, 6), generator=g)
+    targets[1] = torch.tensor([5, 5, 5, -1, 2, 2])  # repeated ids count once
+    targets[2] = -1
+    leaves = [x for x in (features, weight, bias) if x is not None]
+    got = tag_bce_sum(features, weight, bias, targets, panel_rows=16)
+    want = _reference_bce(features, weight, bias, targets)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        assert_grad_close(a, b, dtype)
+
+
+def test_custom_ops_pass_opcheck():
+    g = torch.Generator().manual_seed(4)
+    q, k1, k2 = (_unit(n, 16, torch.float32, g) for n in (7, 7, 5))
+    scale = torch.tensor(10.0, requires_grad=True)
+    torch.library.opcheck(torch.ops.hqclip.contrastive_lse.default, (q, k1, k2, scale, True, 0, 0),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    targets = torch.tensor([[0, 3, -1]] * 7)
+    weight, bias = torch.randn(5, 16, requires_grad=True), torch.randn(5, requires_grad=True)
+    torch.library.opcheck(torch.ops.hqclip.tag_bce_sum.default, (q, weight, bias, targets, 0),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_ops_compile_without_graph_breaks():
+    g = torch.Generator().manual_seed(5)
+    q, k1 = _unit(7, 16, torch.float32, g), _unit(7, 16, torch.float32, g)
+    weight = torch.randn(5, 16, generator=g).requires_grad_()
+    targets = torch.tensor([[0, 3, -1]] * 7)
+    scale = torch.tensor(20.0, requires_grad=True)
+
+    def loss_fn(q, k1, weight, scale):
+        row_lse, col_lse, diag = contrastive_lse(q, k1, None, scale, col_stats=True, diag_offset=0)
+        return (row_lse + col_lse - 2 * diag).mean() + tag_bce_sum(q, weight, None, targets) / 35
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    leaves = [q, k1, weight, scale]
+    got = compiled(*leaves)
+    want = loss_fn(*leaves)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_input_names_the_argument():
+    q = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="k1"):
+        contrastive_lse(q, torch.randn(4, 6), None, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="dtype"):
+        contrastive_lse(q, torch.randn(4, 8, dtype=torch.bfloat16), None, torch.tensor(1.0))
+    with pytest.raises(ValueError, match="diag_offset"):
+        contrastive_lse(q, torch.randn(5, 8), None, torch.tensor(1.0), diag_offset=2)
+    with pytest.raises(ValueError, match="scale"):
+        contrastive_lse(q, q, None, torch.ones(2))
+    with pytest.raises(ValueError, match="targets"):
+        tag_bce_sum(q, torch.randn(3, 8), None, torch.zeros(5, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="bias"):
+        tag_bce_sum(q, torch.randn(3, 8), torch.zeros(4), torch.zeros(4, 2, dtype=torch.int64))
