@@ -45,6 +45,23 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return os.path.join(directory, stem) if directory else stem, ext.lower()
 
 
+class _CountingReader:
+    """Counts the bytes read through it (a tar cut inside a header ends silently in tarfile's stream mode;
+    the byte count, not a multiple of 512, tells us)."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.stream, self.count = stream, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+
 def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
     """Yield {'__key__', '__url__', ext: bytes, ...} per sample (consecutive members sharing a key).
 
@@ -57,22 +74,27 @@ def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
         stats["unreadable_shard"] += 1
         return
     sample: dict | None = None
+    counter = _CountingReader(stream)
+    members_seen = 0
     try:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|*")
+            tar = tarfile.open(fileobj=counter, mode="r|*")
         except tarfile.ReadError as e:
             stats["empty_tar" if "empty" in str(e) else "truncated_tar"] += 1
             return
         members = iter(tar)
+        ended_cleanly = False
         while True:
             try:
                 member = next(members)
             except StopIteration:
+                ended_cleanly = True
                 break
             except (tarfile.TarError, EOFError, OSError, ValueError):
                 # Cut inside a header: the samples read so far are complete.
                 stats["truncated_tar"] += 1
                 break
+            members_seen += 1
             parts = split_member_name(member.name) if member.isfile() else None
             if parts is None:
                 continue
@@ -90,6 +112,13 @@ def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
                 stats["truncated_tar"] += 1
                 sample = None
                 break
+        if ended_cleanly:
+            counter.drain()
+            uncompressed = getattr(tar.fileobj, "comptype", "tar") == "tar"
+            if uncompressed and counter.count % 512:
+                stats["truncated_tar"] += 1  # cut inside a header: the samples read so far are complete
+            elif members_seen == 0:
+                stats["empty_tar"] += 1
         if sample is not None:
             yield sample
     finally:

@@ -52,8 +52,7 @@ class SceneObject:
     position: str
 
     def phrase(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape} at the {self.position}" if self.position != "center" \
-            else f"a {self.size} {self.colour} {self.shape} in the center"
+        return f"a {self.size} {self.colour} {self.shape} at the {self.position}"
 
 
 @dataclass(frozen=True)
