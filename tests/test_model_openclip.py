@@ -147,6 +147,7 @@ def test_forward_contract_with_tags_and_negatives():
     assert torch.allclose(out["text_features"], F.normalize(model.encode_text(texts), dim=-1), atol=1e-6)
     assert torch.allclose(out["neg_text_features"], F.normalize(model.encode_text(negs), dim=-1), atol=1e-6)
     assert out["tag_features"] is out["image_features"]
+    assert torch.equal(out["tag_weight"], model.tag_head.weight) and torch.equal(out["tag_bias"], model.tag_head.bias)
     assert out["tag_weight"].shape == (7, 64) and out["tag_bias"].shape == (7,)
     assert not any(k.startswith("tag_head") for k in model.open_clip_state_dict())
     # Gradients reach both towers, the temperature and the tag head.

@@ -48,18 +48,21 @@ class CLIP(nn.Module):
             if neg_texts.shape[1] != texts.shape[1]:
                 raise ValueError(f"neg_texts length {neg_texts.shape[1]} != texts length {texts.shape[1]}")
             # One pass over positives and negatives: one set of kernels, and packing sees all of them.
-            both = F.normalize(self.encode_text(torch.cat([texts, neg_texts])), dim=-1)
-            text_features, neg_text_features = both.split([texts.shape[0], neg_texts.shape[0]])
+            both = self.encode_text(torch.cat([texts, neg_texts]))
+            text_features, neg_text_features = (
+                F.normalize(part, dim=-1) for part in both.split([texts.shape[0], neg_texts.shape[0]]))
         out = {
             "image_features": image_features,
             "text_features": text_features,
             "neg_text_features": neg_text_features,
-            "logit_scale": self.logit_scale.exp().reshape(()),
+            "logit_scale": torch.exp(self.logit_scale.reshape(())),  # 0-d even when the parameter is 1-D
         }
         if self.tag_head is not None:
             out["tag_features"] = image_features
-            out["tag_weight"] = self.tag_head.weight
-            out["tag_bias"] = self.tag_head.bias
+            # Copies made inside forward (gradients still reach the parameters): a wrapper such as FSDP2 may
+            # free its gathered parameters once forward returns, before the loss reads them.
+            out["tag_weight"] = self.tag_head.weight.clone()
+            out["tag_bias"] = self.tag_head.bias.clone()
         return out
 
     def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
