@@ -58,6 +58,7 @@ def environment(device: str) -> dict:
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1m": os.getloadavg()[0],  # the CPU machine is shared: a high load slows CPU numbers
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": version("triton"),

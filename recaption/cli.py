@@ -25,7 +25,8 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="samples per generate call (default: 512 for vllm, 8 for transformers)")
     p.add_argument("--prompt-version", choices=sorted(PROMPTS), default=DEFAULT_PROMPT_VERSION)
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--max-new-tokens", type=int, default=2048,
+                   help="token budget per answer; an answer cut off by it becomes a 'truncated' error record")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-pixels", type=int, default=448 * 448, help="image pixel cap in the processor")
     p.add_argument("--max-description-chars", type=int, default=CaptionLimits.max_description_chars)

@@ -21,7 +21,7 @@ class TransformersBackend:
         model: str,
         prompt: PromptTemplate,
         schema: dict,
-        max_new_tokens: int = 1024,
+        max_new_tokens: int = 2048,
         temperature: float = 0.0,
         max_pixels: int | None = None,
         device: str = "cpu",

@@ -121,7 +121,7 @@ class VLLMBackend:
         model: str,
         prompt: PromptTemplate,
         schema: dict | None,
-        max_new_tokens: int = 1024,
+        max_new_tokens: int = 2048,
         temperature: float = 0.0,
         max_pixels: int | None = None,
         min_pixels: int | None = None,
