@@ -159,17 +159,15 @@ def bench_vllm(args) -> dict:
             model=model, prompt=get_prompt(), schema=None, fixed_output_tokens=args.output_tokens,
             max_pixels=args.max_pixels, max_num_seqs=args.max_num_seqs,
             gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-            load_format="dummy",
+            load_format="dummy", dtype="bfloat16",
         )
         requests = [CaptionRequest(image, f"stock photo number {i}")
                     for i, image in enumerate(random_images(args.num_images, args.image_size, 0))]
         backend.generate(requests[: min(64, len(requests))])  # warm-up: CUDA graphs, allocator, processor caches
 
-        def timed_pass():
-            torch.cuda.synchronize()
+        def timed_pass():  # LLM.generate returns when every request has finished
             start = time.perf_counter()
             generations = backend.generate(requests)
-            torch.cuda.synchronize()
             return generations, time.perf_counter() - start
 
         generations, seconds = timed_pass()
@@ -191,9 +189,8 @@ def bench_vllm(args) -> dict:
             from hqclip_recaption.schema import CaptionError, parse_caption
 
             schema = caption_schema()
-            backend.sampling_params = make_sampling_params(
-                vllm, sampling_kwargs(schema, max_new_tokens=max_answer_tokens(CaptionLimits()))
-            )
+            # The CLI's default budget: a random model fills strings to their limits, so some answers truncate.
+            backend.sampling_params = make_sampling_params(vllm, sampling_kwargs(schema, max_new_tokens=2048))
             generations, seconds = timed_pass()
             valid = 0
             for g in generations:
@@ -223,7 +220,8 @@ def write_results(result: dict, name: str) -> Path:
         f"{result['num_images']} | {result['images_per_s']:.2f} | {result['generated_tokens_per_s']:.1f} | "
         f"{result.get('mean_output_tokens', result.get('output_tokens', 0)):.0f} |",
     ]
-    note = (f"\ntorch {env['torch']}, transformers {env['transformers']}, xgrammar {env['xgrammar']}, "
+    note = (f"\nload average (1 min) {env['load_average_1m']:.1f} on {env['cpu_count']} cores; "
+            f"torch {env['torch']}, transformers {env['transformers']}, xgrammar {env['xgrammar']}, "
             f"vllm {env['vllm']}, commit {env['git_commit']}\n")
     path.with_suffix(".md").write_text("\n".join(rows) + "\n" + note)
     return path

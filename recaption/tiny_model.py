@@ -164,6 +164,7 @@ def write_model_dir(
         model.generation_config = generation_config
         model.save_pretrained(out_dir)
     else:
+        config.dtype = torch.bfloat16  # what the published checkpoint ships; vLLM's dtype="auto" reads it
         config.save_pretrained(out_dir)
         generation_config.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -253,6 +253,7 @@ def test_qwen2_vl_7b_architecture_dir_without_weights(tmp_path):
         3584, 28, 28, 152064
     )
     assert (config.vision_config.depth, config.vision_config.embed_dim) == (32, 1280)
+    assert "bfloat16" in str(config.dtype)
     tokenizer = AutoProcessor.from_pretrained(path).tokenizer
     assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert config.vision_start_token_id == tokenizer.convert_tokens_to_ids("<|vision_start|>")
@@ -275,3 +276,17 @@ def test_decode_image_draft_keeps_at_least_max_pixels():
     assert decode_image(buf.getvalue(), max_pixels=10**7).size == (1003, 611)
     with pytest.raises(OSError):  # truncated JPEG: fails at decode, not later in the model's processor
         decode_image(buf.getvalue()[:400])
+
+
+def test_vllm_benchmark_refuses_clearly_without_vllm(monkeypatch):
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_recaption.py"
+    spec = importlib.util.spec_from_file_location("bench_recaption", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(SystemExit, match="needs vLLM"):
+        bench.main(["--mode", "vllm"])
