@@ -117,19 +117,24 @@ class ShardStream(IterableDataset):
         raw = mix_sources(streams, self.weights, random.Random(f"mix-{self.seed}-{slot}"))
         raw = shuffle_buffer(raw, self.cfg.shuffle_buffer, random.Random(f"shuffle-{self.seed}-{slot}"))
         skip = self.skip_raw[worker]
-        samples, samples_ok = [], 0
+        samples, samples_ok, last_ok_epoch = [], 0, 0
         for index, (epoch, sample) in enumerate(raw):
             if index < skip:
                 if index == skip - 1:
                     stats.clear()  # the resumed state already counted everything read up to here
+                last_ok_epoch = epoch
                 continue
             try:
                 samples.append(decode_train_sample(sample, self.cfg, np.random.default_rng([self.seed, slot, index]),
                                                    self.tag_vocab))
             except SkipSample as e:
                 stats[e.reason] += 1
+                if epoch - last_ok_epoch >= 2:  # a whole epoch without one usable sample: fail, don't spin
+                    raise RuntimeError(f"train_data: no usable sample in a whole epoch for rank {self.rank} "
+                                       f"worker {worker}; skipped: {dict(stats)}") from None
                 continue
             samples_ok += 1
+            last_ok_epoch = epoch
             if len(samples) == self.batch_size:
                 batch = self.collate(samples)
                 batch["_meta"] = {"worker": worker, "raw": index + 1, "epoch": epoch,
