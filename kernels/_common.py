@@ -82,3 +82,13 @@ def tile_dot(a_ptr, b_ptr, rows, cols, row_ok, col_ok, D, stride_a, stride_b,
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return acc
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b computed and returned in fp32, added in place to `out` when given. On a GPU one cuBLAS call
+    with bf16/fp16 inputs and an fp32 result (aten mm.dtype); on the CPU (interpreter runs) fp32 matmuls."""
+    if a.is_cuda and a.dtype != torch.float32:
+        product = torch.ops.aten.mm.dtype(a, b, torch.float32)
+    else:
+        product = a.float() @ b.float()
+    return product if out is None else out.add_(product)

@@ -37,6 +37,7 @@ from ._common import (
     default_tiles,
     dot_precision,
     interpreting,
+    matmul_fp32,
     tile_dot,
 )
 
@@ -183,10 +184,15 @@ def lse_forward(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scal
 
 
 def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag, diag_offset: int, *,
-                 panel_rows: int = 0, tiles: Tiles | None = None):
+                 panel_rows: int = 0, tiles: Tiles | None = None, accumulate=None):
     """Gradients (dq, dk1, dk2 or None, dscale_rows, dscale_cols) of
     sum(grad_row * row_lse) + sum(grad_col * col_lse) + sum(grad_diag * diag); d(scale) is split into the
-    row + positive terms and the column terms (0-d tensors, their sum is d(scale))."""
+    row + positive terms and the column terms (0-d fp32 tensors, their sum is d(scale)).
+
+    accumulate: optional fp32 buffers (dq, dk1, dk2 or None) that the gradients are added to in place and
+    returned as, for callers that sum over several key chunks (the ring). Otherwise gradients come in q's
+    dtype.
+    """
     has_k2 = k2 is not None
     q, k1, k2, tiles = _prep(q, k1, k2, tiles)
     M, D = q.shape
@@ -204,11 +210,12 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
     n_tiles = tiles1 + tiles2
     scale32 = scale.detach().float().reshape(1)
 
-    # One panel: GEMMs write the gradients directly. Several: dk sums over panels in fp32, in panel order.
-    single = panel_rows >= M
-    dq = torch.empty_like(q)
-    dk1 = torch.zeros(N1, D, device=q.device, dtype=q.dtype if single else torch.float32)
-    dk2 = torch.zeros(N2, D, device=q.device, dtype=q.dtype if single else torch.float32)
+    # One panel and nothing to add to: the GEMMs write q-dtype gradients directly (one rounding).
+    # Otherwise fp32 buffers sum the panels in order (deterministic).
+    direct = accumulate is None and panel_rows >= M
+    caller_buffers = accumulate is not None
+    if accumulate is None and not direct:
+        accumulate = tuple(torch.zeros(n, D, device=q.device, dtype=torch.float32) for n in (M, N1, N2))
     ds_parts = []
     grad = torch.empty(panel_rows, N1 + N2, device=q.device, dtype=q.dtype)
     for start in range(0, M, panel_rows):
@@ -226,17 +233,22 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
             PRECISION=dot_precision(q.dtype))
         ds_parts.append(ds_part.sum(dim=(0, 1)))
         g1, g2 = g[:, :N1], g[:, N1:]
-        dq_panel = g1 @ k1
-        if N2:
-            dq_panel = dq_panel + g2 @ k2
-        dq[start:stop] = dq_panel
-        if single:
+        if direct:
+            dq = matmul_fp32(g2, k2, matmul_fp32(g1, k1)).to(q.dtype) if N2 else g1 @ k1
             dk1, dk2 = g1.T @ qp, g2.T @ qp
-        else:
-            dk1 += (g1.T @ qp).float()
-            dk2 += (g2.T @ qp).float()
-    ds_row, ds_col = torch.stack(ds_parts).sum(dim=0).to(scale.dtype).unbind()
-    return dq, dk1.to(q.dtype), (dk2.to(q.dtype) if has_k2 else None), ds_row, ds_col
+            continue
+        dq_acc, dk1_acc, dk2_acc = accumulate
+        matmul_fp32(g1, k1, dq_acc[start:stop])
+        matmul_fp32(g1.T, qp, dk1_acc)
+        if N2:
+            matmul_fp32(g2, k2, dq_acc[start:stop])
+            matmul_fp32(g2.T, qp, dk2_acc)
+    ds_row, ds_col = torch.stack(ds_parts).sum(dim=0).unbind()
+    if not direct:
+        dq, dk1, dk2 = accumulate
+        if not caller_buffers:
+            dq, dk1, dk2 = dq.to(q.dtype), dk1.to(q.dtype), dk2.to(q.dtype)
+    return dq, dk1, (dk2 if has_k2 else None), ds_row, ds_col
 
 
 # torch.compile sees these as opaque ops with fake (shape-only) implementations: no graph breaks.
@@ -262,7 +274,8 @@ def _contrastive_lse_backward_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Te
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk1, dk2, ds_row, ds_col = lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col,
                                                 grad_diag, diag_offset, panel_rows=panel_rows)
-    return dq, dk1, (dk2 if dk2 is not None else k1.new_empty(0, k1.shape[1])), ds_row + ds_col
+    dk2 = dk2 if dk2 is not None else k1.new_empty(0, k1.shape[1])
+    return dq, dk1, dk2, (ds_row + ds_col).to(scale.dtype).reshape(scale.shape)
 
 
 @_contrastive_lse_backward_op.register_fake

@@ -162,27 +162,27 @@ class _RingContrastive(torch.autograd.Function):
         receive = [torch.empty_like(keys), torch.empty_like(keys)]
         accumulators = [torch.zeros(keys.shape, device=keys.device, dtype=torch.float32) for _ in range(2)]
         grad_image = torch.zeros(image.shape, device=image.device, dtype=torch.float32)
+        grad_chunk = torch.empty(keys.shape, device=keys.device, dtype=torch.float32)
         ds_rows = torch.zeros((), device=image.device, dtype=torch.float32)
         ds_cols = torch.zeros(n, device=image.device, dtype=torch.float32)  # per owner of the columns
         current, grads_in_flight = keys, []
         for step in range(n):
             chunk = (r - step) % n
             pending = ring.shift(current, receive[step % 2], _FEATURES) if step < n - 1 else []
-            own = chunk == r
-            dq, dk1, dk2, ds_r, ds_c = lse_backward(
-                image, current[:num_texts], current[num_texts:] if keys.shape[0] > num_texts else None,
+            grad_chunk.zero_()
+            has_negatives = keys.shape[0] > num_texts
+            _, _, _, ds_r, ds_c = lse_backward(
+                image, current[:num_texts], current[num_texts:] if has_negatives else None,
                 scale, row_lse, all_col_lse[chunk], grad_row, all_grad_col[chunk], grad_positive,
-                0 if own else -1)
-            grad_image += dq.float()
-            ds_rows += ds_r.float()
-            ds_cols[chunk] += ds_c.float()
+                0 if chunk == r else -1,
+                accumulate=(grad_image, grad_chunk[:num_texts], grad_chunk[num_texts:] if has_negatives else None))
+            ds_rows += ds_r
+            ds_cols[chunk] += ds_c
             # This chunk's accumulator came from the previous rank during the sweep (the owner starts at 0);
             # add this rank's share and pass it on.
             ring.wait(grads_in_flight)
             accumulator = accumulators[step % 2]
-            accumulator[:num_texts] += dk1.float()
-            if dk2 is not None:
-                accumulator[num_texts:] += dk2.float()
+            accumulator += grad_chunk
             grads_in_flight = ring.shift(accumulator, accumulators[(step + 1) % 2], _GRADS)
             ring.wait(pending)
             current = receive[step % 2]
