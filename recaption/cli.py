@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .backends import BACKENDS, create_backend
@@ -46,7 +47,7 @@ def _add_run_parser(sub) -> None:
 
 
 def _run(args) -> int:
-    from .runner import run_job
+    from .runner import local_gpu, run_job
 
     limits = CaptionLimits(
         max_description_chars=args.max_description_chars, max_tags=args.max_tags, max_tag_chars=args.max_tag_chars
@@ -61,6 +62,9 @@ def _run(args) -> int:
         max_pixels=args.max_pixels,
         seed=args.seed,
     )
+    gpu = local_gpu()
+    if gpu is not None and (args.backend == "vllm" or args.device.startswith("cuda")):
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # one GPU per data-parallel process
     if args.backend == "transformers":
         backend = create_backend("transformers", device=args.device, dtype=args.dtype, **common)
     else:

@@ -31,21 +31,45 @@ log = logging.getLogger(__name__)
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None, env=None) -> tuple[int, int]:
-    """Rank and world size: explicit values, else torchrun's RANK/WORLD_SIZE, else SLURM's
+    """Rank and world size: explicit values (both or neither), else torchrun's RANK/WORLD_SIZE, else SLURM's
     SLURM_PROCID/SLURM_NTASKS, else a single process."""
     env = os.environ if env is None else env
-    if rank is None and world_size is None:
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"give both rank and world_size or neither, got rank={rank}, world_size={world_size}")
+    if rank is None:
+        rank, world_size = 0, 1
         for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
             if rank_var in env and size_var in env:
                 rank, world_size = int(env[rank_var]), int(env[size_var])
                 break
-    rank = 0 if rank is None else rank
-    world_size = 1 if world_size is None else world_size
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     return rank, world_size
+
+
+def local_gpu(env=None) -> str | None:
+    """The CUDA_VISIBLE_DEVICES value that gives this process its own GPU, or None to leave it as it is.
+
+    torchrun (LOCAL_RANK) and srun without per-task GPU binding (SLURM_LOCALID) start one process per GPU
+    that all see every GPU; each must take the one of its local rank. A launcher that already left a
+    single visible GPU (srun --gpus-per-task=1) is respected. Must be applied before CUDA is initialised.
+    """
+    env = os.environ if env is None else env
+    local = env.get("LOCAL_RANK", env.get("SLURM_LOCALID"))
+    if local is None:
+        return None
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    devices = [d for d in visible.split(",") if d.strip()] if visible is not None else None
+    if devices is not None and len(devices) <= 1:
+        return None
+    index = int(local)
+    if devices is None:
+        return str(index)
+    if index >= len(devices):
+        raise ValueError(f"local rank {index} has no GPU: CUDA_VISIBLE_DEVICES={visible!r}")
+    return devices[index]
 
 
 def assign_shards(shards: list[str], rank: int, world_size: int) -> list[str]:

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 from hqclip_recaption.backends import vllm_backend
 from hqclip_recaption.prompts import DEFAULT_PROMPT_VERSION, PROMPTS, get_prompt
-from hqclip_recaption.runner import assign_shards, resolve_rank
+from hqclip_recaption.runner import assign_shards, local_gpu, resolve_rank
 from hqclip_recaption.schema import (
     CAPTION_FIELDS,
     CaptionError,
@@ -179,6 +179,18 @@ def test_resolve_rank_from_options_torchrun_and_slurm():
         resolve_rank(2, 2, env={})
     with pytest.raises(ValueError, match="world_size"):
         resolve_rank(0, 0, env={})
+    with pytest.raises(ValueError, match="both"):
+        resolve_rank(None, 4, env={"RANK": "3", "WORLD_SIZE": "8"})
+
+
+def test_local_gpu_pins_one_device_per_process():
+    assert local_gpu({}) is None
+    assert local_gpu({"LOCAL_RANK": "3"}) == "3"
+    assert local_gpu({"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5,6"}) == "5"
+    assert local_gpu({"SLURM_LOCALID": "2"}) == "2"
+    assert local_gpu({"SLURM_LOCALID": "2", "CUDA_VISIBLE_DEVICES": "7"}) is None  # launcher bound one GPU
+    with pytest.raises(ValueError, match="no GPU"):
+        local_gpu({"LOCAL_RANK": "3", "CUDA_VISIBLE_DEVICES": "0,1"})
 
 
 def test_vllm_engine_kwargs():
