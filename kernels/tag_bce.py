@@ -17,7 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, Tiles, autotune_configs, default_tiles, dot_precision, interpreting, tile_dot
+from ._common import (
+    LOG2E,
+    Tiles,
+    autotune_configs,
+    default_tiles,
+    dot_precision,
+    interpreting,
+    matmul_fp32,
+    tile_dot,
+)
 
 __all__ = ["tag_bce_sum", "tag_bce_forward", "tag_bce_backward"]
 
@@ -142,7 +151,7 @@ def tag_bce_backward(features, weight, bias, targets, grad_out, *, panel_rows: i
         if single:
             dweight = dz.T @ fp
         else:
-            dweight += (dz.T @ fp).float()
+            matmul_fp32(dz.T, fp, dweight)
         if has_bias:
             dbias += dz.sum(dim=0, dtype=torch.float32)
     return dfeat, dweight.to(weight.dtype), (dbias.to(bias.dtype) if has_bias else None)

@@ -93,9 +93,11 @@ class _Ring:
         self.prev = dist.get_global_rank(group, (rank - 1) % world_size)
 
     def shift(self, send: torch.Tensor, recv: torch.Tensor, tag: int):
-        """Start sending `send` to the next rank and receiving into `recv` from the previous one."""
-        return [self.dist.isend(send, self.next, group=self.group, tag=tag),
-                self.dist.irecv(recv, self.prev, group=self.group, tag=tag)]
+        """Start sending `send` to the next rank and receiving into `recv` from the previous one (one batched
+        pair, so NCCL runs it as one group call on its own stream, overlapping the caller's kernels)."""
+        dist = self.dist
+        return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, self.next, self.group, tag),
+                                       dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)])
 
     @staticmethod
     def wait(requests) -> None:
