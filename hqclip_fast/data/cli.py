@@ -68,6 +68,8 @@ def _index(args) -> int:
     except ImportError:
         print("hqclip-data index: DALI's wds2idx is not installed (pip install nvidia-dali-cuda130)", file=sys.stderr)
         return 2
+    from .dali import dali_index_path
+
     written = 0
     for url in (u for source in expand_sources(args.pattern) for u in source):
         out = dali_index_path(url, args.out_dir)
@@ -80,12 +82,6 @@ def _index(args) -> int:
             print(f"hqclip-data index: skipping {url}: {e}", file=sys.stderr)
     print(json.dumps({"index_files": written}))
     return 0
-
-
-def dali_index_path(shard: str, index_dir: str | None) -> str:
-    """shard-000001.tar -> <index_dir or the shard's folder>/shard-000001.idx"""
-    stem = os.path.splitext(os.path.basename(shard))[0] + ".idx"
-    return os.path.join(index_dir or os.path.dirname(shard), stem)
 
 
 def build_parser() -> argparse.ArgumentParser:

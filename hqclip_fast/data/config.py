@@ -24,6 +24,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     pin_memory: bool = False
     decoder: str = "cpu"  # "cpu" (PIL in DataLoader workers) | "dali" (GPU decode; nvidia-dali needed)
+    dali_device: str = "gpu"  # "gpu" (device="mixed" decode) | "cpu" (DALI's CPU-only mode, for tests)
     dali_index_dir: Optional[str] = None  # noqa: UP045  (index files from `hqclip-data index`; None: beside shards)
     # Text sampling (HQ-CLIP): positive = positive_description with probability p_description, else alt_text;
     # negative = ", ".join(negative_tags) with probability p_neg_tags, else negative_description.
@@ -41,6 +42,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.decoder not in ("cpu", "dali"):
             raise ValueError(f"decoder must be 'cpu' or 'dali', got {self.decoder!r}")
+        if self.dali_device not in ("gpu", "cpu"):
+            raise ValueError(f"dali_device must be 'gpu' or 'cpu', got {self.dali_device!r}")
         for name in ("p_description", "p_neg_tags"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

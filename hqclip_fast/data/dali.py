@@ -1,0 +1,207 @@
+"""DALI training loader: `fn.readers.webdataset` (with index files) -> decode + random-resized crop + normalize
+on the GPU (`device="mixed"`), sharded by rank. The same pipeline definition runs on the CPU
+(`dali_device="cpu"`, DALI's `device_id=None`), which is how the tests exercise it without a GPU.
+
+Texts, tags and tokens are produced on the host from the `.json` member with the same rules as the CPU path.
+A sample whose record is unusable is dropped and counted; its batch is refilled from the next pipeline run so
+that every batch has exactly `batch_size` rows. DALI's decoders cannot skip a corrupt image (the pipeline
+raises): run `hqclip-data validate` on new shards first.
+
+Resume: DALI's own checkpointing (reader position and RNG states) plus the position inside a pipeline run;
+the per-sample text choices are seeded by (seed, rank, run, row), so resumed batches equal uninterrupted ones.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections import Counter
+
+import numpy as np
+import torch
+
+from .config import OPENAI_MEAN, OPENAI_STD, DataConfig
+from .loader import summarize
+from .samples import SkipSample, choose, read_record
+from .shards import expand_sources
+from .tags import TagVocab
+from .tokenizer import ClipTokenizer
+
+STATE_VERSION = 1
+
+
+def require_dali():
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as e:
+        raise ImportError("decoder='dali' needs NVIDIA DALI (pip install nvidia-dali-cuda130); "
+                          "use decoder='cpu' on machines without it") from e
+
+
+def dali_index_path(shard: str, index_dir: str | None) -> str:
+    """shard-000001.tar -> <index_dir or the shard's folder>/shard-000001.idx (what `hqclip-data index` writes)."""
+    stem = os.path.splitext(os.path.basename(shard))[0] + ".idx"
+    return os.path.join(index_dir or os.path.dirname(shard), stem)
+
+
+def build_dali_pipeline(files: list[str], index_files: list[str], *, batch_size: int, image_size: int,
+                        scale: tuple[float, float], shard_id: int, num_shards: int, seed: int, shuffle_buffer: int,
+                        device_id: int | None, num_threads: int = 2, checkpoint: str | None = None):
+    """Outputs (images float CHW normalized, json bytes, source info); device_id=None runs it all on the CPU."""
+    require_dali()
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                  enable_checkpointing=True)
+    def clip_pipeline():
+        jpegs, records = fn.readers.webdataset(
+            paths=files, index_paths=index_files, ext=["jpg;jpeg;png", "json"], missing_component_behavior="skip",
+            random_shuffle=shuffle_buffer > 1, initial_fill=max(1, shuffle_buffer), shard_id=shard_id,
+            num_shards=num_shards, seed=seed, name="reader")
+        source = fn.get_property(jpegs, key="source_info")
+        images = fn.decoders.image_random_crop(
+            jpegs, device="cpu" if device_id is None else "mixed", output_type=types.RGB,
+            random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10)
+        images = fn.resize(images, size=[image_size, image_size], interp_type=types.INTERP_CUBIC, antialias=True)
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                          mean=[m * 255 for m in OPENAI_MEAN], std=[s * 255 for s in OPENAI_STD])
+        return images, records, source
+
+    pipe = clip_pipeline(checkpoint=checkpoint) if checkpoint else clip_pipeline()
+    pipe.build()
+    return pipe
+
+
+class DaliTrainLoader:
+    """Same contract as TrainLoader (batch dict, state_dict/load_state_dict, stats); images live on the GPU."""
+
+    def __init__(self, cfg: DataConfig, *, batch_size: int, rank: int, world_size: int, seed: int,
+                 tokenizer: ClipTokenizer, tag_vocab: TagVocab | None):
+        require_dali()
+        sources = expand_sources(cfg.train_data)
+        if len(sources) != 1 or cfg.resampled:
+            raise ValueError("train_data: the DALI path reads one source without resampling; "
+                             "use decoder='cpu' for weighted sources or resampled=true")
+        self.files = sources[0]
+        if any("://" in f for f in self.files):
+            raise ValueError("train_data: DALI's webdataset reader needs local files, not URLs")
+        self.index_files = [dali_index_path(f, cfg.dali_index_dir) for f in self.files]
+        missing = [p for p in self.index_files if not os.path.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"DALI index files missing (run `hqclip-data index PATTERN`): {missing[:3]}")
+        if cfg.dali_device not in ("gpu", "cpu"):
+            raise ValueError(f"dali_device must be 'gpu' or 'cpu', got {cfg.dali_device!r}")
+        if cfg.dali_device == "gpu" and not torch.cuda.is_available():
+            raise RuntimeError("decoder='dali' with dali_device='gpu' needs a CUDA device; none is visible")
+        self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
+        self.tokenizer, self.tag_vocab = tokenizer, tag_vocab
+        self.device_id = torch.cuda.current_device() if cfg.dali_device == "gpu" else None
+        self.batches = 0
+        self.epoch = 0
+        self._reasons: Counter = Counter()
+        self._ok = 0
+        # Resume point: (pipeline run number, DALI checkpoint taken before that run, rows of it already used).
+        self._resume: tuple[int, bytes | str | None, int] = (0, None, 0)
+
+    @property
+    def samples(self) -> int:
+        return self.batches * self.batch_size
+
+    def _pipeline(self, checkpoint: str | None):
+        return build_dali_pipeline(
+            self.files, self.index_files, batch_size=self.batch_size, image_size=self.cfg.image_size,
+            scale=tuple(self.cfg.rrc_scale), shard_id=self.rank, num_shards=self.world_size, seed=self.seed,
+            shuffle_buffer=self.cfg.shuffle_buffer, device_id=self.device_id, num_threads=max(1, self.cfg.workers),
+            checkpoint=checkpoint)
+
+    def _to_torch(self, images) -> torch.Tensor:
+        tensor = images.as_tensor()
+        if self.device_id is None:
+            return torch.from_numpy(np.array(tensor))
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        out = torch.empty(tensor.shape(), dtype=torch.float32, device=f"cuda:{self.device_id}")
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device_id))
+        return out
+
+    def _rows(self, run: int, outputs) -> list[dict | None]:
+        """Per row of a pipeline run: texts and tags, or None (dropped and counted) for an unusable record."""
+        rows: list[dict | None] = []
+        for i in range(len(outputs[1])):
+            raw = {"json": np.array(outputs[1][i]).tobytes()}
+            rng = np.random.default_rng([self.seed, self.rank, run, i])
+            try:
+                record = read_record(raw, tuple(self.cfg.required_fields))
+                pos = choose(record, "positive_description", "alt_text", self.cfg.p_description, rng.random())
+                neg = choose(record, "negative_tags", "negative_description", self.cfg.p_neg_tags, rng.random())
+                if not pos or (self.cfg.use_negatives and not neg):
+                    raise SkipSample("empty_text")
+            except SkipSample as e:
+                rows.append({"skip": e.reason})
+                continue
+            source = np.array(outputs[2][i]).tobytes().decode("utf-8", errors="replace")
+            tags = self.tag_vocab.encode(record.get("positive_tags") or [])[: self.cfg.max_tags] \
+                if self.tag_vocab is not None and self.cfg.use_tags else []
+            rows.append({"key": str(record.get("key") or source), "pos": pos, "neg": neg, "tags": tags})
+        return rows
+
+    def __iter__(self):
+        pipe = self._pipeline(self._resume[1])
+        run, _, skip_rows = self._resume
+        checkpoint = pipe.checkpoint()
+        pending: list[tuple] = []  # (run, checkpoint before that run, row index, row, image)
+        while True:
+            outputs = pipe.run()
+            next_checkpoint = pipe.checkpoint()
+            rows, images = self._rows(run, outputs), self._to_torch(outputs[0])
+            for i in range(skip_rows, len(rows)):
+                if "skip" in rows[i]:
+                    self._reasons[rows[i]["skip"]] += 1
+                else:
+                    pending.append((run, checkpoint, i, rows[i], images[i]))
+            skip_rows = 0
+            run, checkpoint = run + 1, next_checkpoint
+            self.epoch = run * self.batch_size * self.world_size // max(1, pipe.epoch_size("reader"))
+            while len(pending) >= self.batch_size:
+                batch, pending = pending[: self.batch_size], pending[self.batch_size:]
+                # resume point: the oldest row not yet emitted (or the next run when none is left over)
+                self._resume = pending[0][:3] if pending else (run, checkpoint, 0)
+                self._ok += self.batch_size
+                self.batches += 1
+                yield self._collate(torch.stack([p[4] for p in batch]), [p[3] for p in batch])
+
+    def _collate(self, images: torch.Tensor, rows: list[dict]) -> dict:
+        batch = {"images": images, "pos_tokens": self.tokenizer([r["pos"] for r in rows]),
+                 "keys": [r["key"] for r in rows]}
+        if self.cfg.use_negatives:
+            batch["neg_tokens"] = self.tokenizer([r["neg"] for r in rows])
+        if self.tag_vocab is not None and self.cfg.use_tags:
+            tag_ids = torch.full((len(rows), max(1, max(len(r["tags"]) for r in rows))), -1, dtype=torch.long)
+            for i, r in enumerate(rows):
+                tag_ids[i, : len(r["tags"])] = torch.tensor(r["tags"], dtype=torch.long)
+            batch["tag_ids"] = tag_ids
+        return batch
+
+    def stats(self) -> dict:
+        return summarize(self._reasons, self._ok)
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "decoder": "dali", "seed": self.seed, "world_size": self.world_size,
+                "batch_size": self.batch_size, "batches": self.batches, "epoch": self.epoch,
+                "resume_run": self._resume[0], "rows_used": self._resume[2],
+                # DALI's serialized checkpoint is bytes: base64 keeps the state JSON-friendly
+                "resume_checkpoint": None if self._resume[1] is None else base64.b64encode(
+                    self._resume[1] if isinstance(self._resume[1], bytes) else self._resume[1].encode()).decode(),
+                "samples_ok": self._ok, "reasons": dict(self._reasons)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION or state.get("decoder") != "dali":
+            raise ValueError("state: not a DALI loader state of this version")
+        for name in ("seed", "world_size", "batch_size"):
+            if state[name] != getattr(self, name):
+                raise ValueError(f"state: saved {name}={state[name]} but this loader has {getattr(self, name)}")
+        self.batches, self.epoch, self._ok = state["batches"], state["epoch"], state["samples_ok"]
+        checkpoint = state["resume_checkpoint"]
+        self._resume = (state["resume_run"], None if checkpoint is None else base64.b64decode(checkpoint),
+                        state["rows_used"])
+        self._reasons = Counter(state["reasons"])

@@ -1,0 +1,150 @@
+"""The DALI pipeline, run in DALI's CPU-only mode (device_id=None): contract, rank sharding, resume, dirt."""
+
+import itertools
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from data_helpers import IMAGE_SIZE, good_members, small_synthetic, write_tar
+
+from hqclip_fast.data import ClipTokenizer, DataConfig, TagVocab, build_eval_dataset, build_train_loader
+from hqclip_fast.data.cli import main as data_cli
+
+
+def _dali_cpu_unavailable_reason():
+    try:
+        import nvidia.dali  # noqa: F401
+        from nvidia.dali import fn, pipeline_def
+    except ImportError:
+        return "NVIDIA DALI (nvidia-dali-cuda130) is not installed"
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def probe():
+        return fn.random.uniform(range=[0, 1])
+
+    try:
+        pipe = probe()
+        pipe.build()
+        pipe.run()
+    except Exception as e:  # DALI raises RuntimeError with backend messages
+        return f"DALI cannot run CPU-only on this machine: {e}"
+    return None
+
+
+_REASON = _dali_cpu_unavailable_reason()
+needs_dali = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("dali"))
+    manifest = small_synthetic(root)
+    if _REASON is None:
+        assert data_cli(["index", manifest["train"]]) == 0
+    return manifest
+
+
+def _cfg(manifest, **kw):
+    base = dict(train_data=manifest["train"], image_size=IMAGE_SIZE, context_length=16, decoder="dali",
+                dali_device="cpu", workers=1, shuffle_buffer=32)
+    return DataConfig(**{**base, **kw})
+
+
+def _take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+@needs_dali
+def test_index_files_written(indexed):
+    first = indexed["train"].replace("{000000..000005}", "000000").replace(".tar", ".idx")
+    with open(first) as f:
+        header = f.readline().split()
+    assert header == ["v1.2", "40"]
+
+
+@needs_dali
+def test_batch_contract_and_images_match_cpu_decode(indexed):
+    tok = ClipTokenizer(16)
+    vocab = TagVocab.load(indexed["tags"])
+    loader = build_train_loader(_cfg(indexed, rrc_scale=[1.0, 1.0], shuffle_buffer=0), batch_size=8,
+                                tokenizer=tok, tag_vocab=vocab)
+    batch = _take(loader, 1)[0]
+    assert batch["images"].shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE) and batch["images"].dtype == torch.float32
+    assert batch["pos_tokens"].shape == batch["neg_tokens"].shape == (8, 16)
+    assert batch["tag_ids"].dtype == torch.long and batch["keys"] == [f"train{i:08d}" for i in range(8)]
+    # scale (1, 1) and a same-size resize: DALI's decode must agree with the PIL eval decode
+    reference = [img for _, img, _ in itertools.islice(iter(build_eval_dataset(indexed["train"],
+                                                                                image_size=IMAGE_SIZE)), 8)]
+    diff = (batch["images"] - torch.stack(reference)).abs()
+    assert diff.mean() < 0.05 and diff.max() < 0.6
+
+
+@needs_dali
+def test_ranks_disjoint(indexed):
+    keys = []
+    for rank in range(2):
+        loader = build_train_loader(_cfg(indexed), batch_size=8, rank=rank, world_size=2,
+                                    tokenizer=ClipTokenizer(16))
+        keys += [k for b in _take(loader, 15) for k in b["keys"]]  # 120 samples per rank = one epoch
+    assert len(keys) == len(set(keys)) == 240
+
+
+@needs_dali
+def test_exact_resume(indexed):
+    make = lambda: build_train_loader(_cfg(indexed), batch_size=8, seed=4, tokenizer=ClipTokenizer(16))  # noqa: E731
+    full = _take(make(), 9)
+    first = make()
+    it = iter(first)
+    head = [next(it) for _ in range(5)]
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = make()
+    resumed.load_state_dict(state)
+    for a, b in zip(head + _take(resumed, 4), full, strict=True):
+        assert a["keys"] == b["keys"]
+        for name in ("images", "pos_tokens", "neg_tokens"):
+            assert torch.equal(a[name], b[name]), name
+
+
+@needs_dali
+def test_bad_records_are_dropped_and_batches_stay_full(tmp_path):
+    # good images, every third record broken (DALI's decoder itself cannot skip corrupt images)
+    members = []
+    for i in range(6):
+        jpg, rec = good_members(i)
+        members += [jpg, (rec[0], b"{broken" if i % 3 == 0 else rec[1])]
+    shard = write_tar(str(tmp_path / "records.tar"), members)
+    assert data_cli(["index", shard]) == 0
+    cfg = DataConfig(train_data=shard, image_size=IMAGE_SIZE, context_length=16, decoder="dali", dali_device="cpu",
+                     shuffle_buffer=0)
+    loader = build_train_loader(cfg, batch_size=3, tokenizer=ClipTokenizer(16))
+    batches = _take(loader, 2)
+    assert all(len(b["keys"]) == 3 and b["images"].shape[0] == 3 for b in batches)
+    assert {k for b in batches for k in b["keys"]} == {f"train{i:08d}" for i in (1, 2, 4, 5)}
+    assert loader.stats()["reasons"]["invalid_json"] >= 2
+
+
+@needs_dali
+def test_missing_index_is_a_clear_error(tmp_path, indexed):
+    shard = os.path.join(str(tmp_path), "x.tar")
+    shutil.copy(indexed["train"].replace("{000000..000005}", "000000"), shard)
+    with pytest.raises(FileNotFoundError, match="hqclip-data index"):
+        build_train_loader(_cfg(indexed, train_data=shard), batch_size=2, tokenizer=ClipTokenizer(16))
+
+
+def test_dali_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` raise ImportError
+    cfg = DataConfig(train_data=str(tmp_path / "a.tar"), decoder="dali")
+    with pytest.raises(ImportError, match="decoder='dali' needs NVIDIA DALI"):
+        build_train_loader(cfg, batch_size=2, tokenizer=ClipTokenizer(16))
+
+
+def test_dali_gpu_without_cuda_is_a_clear_error(indexed):
+    if _REASON is not None:
+        pytest.skip(_REASON)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the error case cannot happen")
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        build_train_loader(_cfg(indexed, dali_device="gpu"), batch_size=2, tokenizer=ClipTokenizer(16))
