@@ -122,3 +122,8 @@ def test_realistic_shape_on_gpu(dtype):
     inputs = _inputs(4099, 512, dtype, negatives=True, tags=True, bias=True, seed=7)
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     assert_matches(inputs, dtype, hni_weight=0.5, stc_weight=1.0)
+    first, first_grads = _run("triton", inputs, hni_weight=0.5, stc_weight=1.0)
+    second, second_grads = _run("triton", inputs, hni_weight=0.5, stc_weight=1.0)
+    assert torch.equal(first.total, second.total)
+    for name in first_grads:
+        assert torch.equal(first_grads[name], second_grads[name]), f"{name} differs between two runs"

@@ -195,6 +195,9 @@ class _RingContrastive(torch.autograd.Function):
         return grad_image.to(image.dtype), grad_keys.to(keys.dtype), grad_scale, None, None
 
 
+# Point-to-point communication inside an autograd Function does not trace; under torch.compile the ring is
+# one explicit graph break (inside it the same Triton kernels run eagerly).
+@torch.compiler.disable
 def contrastive_sums_ring(image, text, logit_scale, *, group, negatives=None, negatives_in_softmax=True,
                           pair_negatives=False):
     """(i2t_sum, t2i_sum, hni_sum) of this rank from its LOCAL (b, D) features, with the same values and
