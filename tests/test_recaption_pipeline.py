@@ -195,7 +195,7 @@ def test_killed_subprocess_run_completes_on_rerun(tiny_model, raw_shards, tmp_pa
     finally:
         proc.wait()
     killed_state = _snapshot(out)
-    assert killed_state, "the killed run finished no shard within the deadline"
+    assert 1 <= len(killed_state) < 3, "the run was not killed between its first and its last shard"
 
     assert cli_main(argv[3:]) == 0
     final = _snapshot(out)

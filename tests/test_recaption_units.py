@@ -302,3 +302,46 @@ def test_vllm_benchmark_refuses_clearly_without_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(SystemExit, match="needs vLLM"):
         bench.main(["--mode", "vllm"])
+
+
+class _ScriptedBackend:
+    """Returns prepared answers in order: the runner's handling of whatever a model writes."""
+
+    model_name = "scripted"
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+
+    def generate(self, requests):
+
+        return [self.answers.pop(0) for _ in requests]
+
+
+def test_runner_keeps_bad_model_answers_as_counted_error_records(tmp_path):
+    from hqclip_recaption.backends import Generation
+    from hqclip_recaption.runner import Recaptioner
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(buf, format="PNG")
+    png = buf.getvalue()
+    _tar(tmp_path / "s-0.tar", [m for i in range(5) for m in ((f"{i}.png", png), (f"{i}.txt", b"alt"))])
+    bad_field = dict(GOOD, positive_tags=["x" * 11])
+    answers = [
+        Generation(json.dumps(GOOD), 40, True),
+        Generation("not json", 3, True),
+        Generation(json.dumps(GOOD)[:20], 500, False),
+        Generation(json.dumps(bad_field), 40, True),
+        Generation(json.dumps(GOOD), 41, True),
+    ]
+    summary = Recaptioner(_ScriptedBackend(answers), prompt_version="v1", schema=SCHEMA, batch_size=2).run(
+        [str(tmp_path / "s-0.tar")], str(tmp_path / "out")
+    )
+    records = [json.loads(line) for line in (tmp_path / "out" / "s-0.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in records] == ["0", "1", "2", "3", "4"]
+    assert [r.get("error") for r in records] == [None, "invalid_json", "truncated", "schema", None]
+    assert records[1]["raw_output"] == "not json" and records[1]["positive_description"] is None
+    assert "positive_tags" in records[3]["error_detail"]
+    assert {k: records[0][k] for k in CAPTION_FIELDS} == GOOD
+    assert summary["errors"] == {"invalid_json": 1, "schema": 1, "truncated": 1}
+    assert (summary["captioned"], summary["samples"], summary["generated_tokens"]) == (2, 5, 624)
