@@ -60,9 +60,9 @@ def autotune_configs() -> list[triton.Config]:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use exact fp32 products (the loss must match the reference, so no tf32); bf16 and fp16
-    use tensor cores whatever this says."""
-    return "ieee"
+    """fp32 inputs use exact fp32 products ("ieee": the loss must match the reference, so no tf32), as do
+    the interpreter's upcast bf16 dots; bf16/fp16 on a GPU take the default tensor-core path."""
+    return "ieee" if dtype == torch.float32 or interpreting() else "tf32"
 
 
 @triton.jit
