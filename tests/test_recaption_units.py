@@ -313,7 +313,6 @@ class _ScriptedBackend:
         self.answers = list(answers)
 
     def generate(self, requests):
-
         return [self.answers.pop(0) for _ in requests]
 
 
