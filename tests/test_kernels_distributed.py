@@ -16,7 +16,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-WORLD = 2
 BATCH, DIM = 7, 40  # local batch; global 14: tiles of 16 straddle the rank boundary
 CASES = [  # (dtype, negatives, negatives_in_softmax, hni_weight)
     (torch.float32, False, True, 0.0),
@@ -27,9 +26,9 @@ CASES = [  # (dtype, negatives, negatives_in_softmax, hni_weight)
 ]
 
 
-def _global_inputs(dtype, seed):
+def _global_inputs(world, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    feats = [F.normalize(torch.randn(WORLD * BATCH, DIM, generator=g), dim=1).to(dtype) for _ in range(3)]
+    feats = [F.normalize(torch.randn(world * BATCH, DIM, generator=g), dim=1).to(dtype) for _ in range(3)]
     return feats, torch.tensor(23.7)
 
 
@@ -45,16 +44,16 @@ def _check(name, got, want, dtype):
     torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m: f"{name}: {m}")
 
 
-def _worker(rank, init_file):
+def _worker(rank, world, init_file, cases):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from hqclip_fast.loss import hqclip_loss
         from hqclip_fast.loss.fused import contrastive_sums
         from hqclip_fast.loss.gather import all_gather_with_grad
 
-        for seed, (dtype, negatives, in_softmax, hni_weight) in enumerate(CASES):
-            (image, text, neg), scale = _global_inputs(dtype, seed)
+        for seed, (dtype, negatives, in_softmax, hni_weight) in enumerate(cases):
+            (image, text, neg), scale = _global_inputs(world, dtype, seed)
             rows = slice(rank * BATCH, rank * BATCH + BATCH)
             local = [image[rows], text[rows], neg[rows]]
 
@@ -94,8 +93,18 @@ def _worker(rank, init_file):
         dist.destroy_process_group()
 
 
-@pytest.mark.distributed
-def test_two_ranks_match_reference_per_rank():
+def _spawn(world, cases):
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_worker, args=(init_file,), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(world, init_file, cases), nprocs=world, join=True)
+
+
+@pytest.mark.distributed
+def test_two_ranks_match_reference_per_rank():
+    _spawn(2, CASES)
+
+
+@pytest.mark.distributed
+def test_three_ranks_match_reference_per_rank():
+    """Odd ring: gradient accumulators pass through a rank that owns neither end of the chunk."""
+    _spawn(3, [(torch.float32, True, True, 0.5)])
