@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hqclip_fast.model import attention, create_model, varlen_attention
-from hqclip_fast.model.attention import block_diagonal_attention, check_backend
+from hqclip_fast.model.attention import check_backend, varlen_attention_by_padding
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_FLASH = importlib.util.find_spec("flash_attn") is not None
@@ -111,15 +111,17 @@ def test_gpu_backends_match_reference(backend, causal):
                            qkv((sum(lengths), 4, 64), dtype, "cuda"), dtype)
 
 
-def test_block_diagonal_isolates_sequences():
-    # Changing one sequence must not change another's output (the mask really is block diagonal).
-    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
-    q, k, v = (t.detach() for t in qkv((9, 2, 8), torch.float32))
-    base = block_diagonal_attention(q, k, v, cu, causal=False)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_isolates_sequences(causal):
+    # Changing one sequence must not change another's output (attention is block diagonal).
+    cu = torch.tensor([0, 4, 9, 12], dtype=torch.int32)
+    q, k, v = (t.detach() for t in qkv((12, 2, 8), torch.float32))
+    base = varlen_attention_by_padding(q, k, v, cu, 5, causal=causal)
     v2 = v.clone()
-    v2[4:] += 1.0
-    moved = block_diagonal_attention(q, k, v2, cu, causal=False)
-    assert torch.equal(base[:4], moved[:4]) and not torch.allclose(base[4:], moved[4:])
+    v2[4:9] += 1.0
+    moved = varlen_attention_by_padding(q, k, v2, cu, 5, causal=causal)
+    assert torch.equal(base[:4], moved[:4]) and torch.equal(base[9:], moved[9:])
+    assert not torch.allclose(base[4:9], moved[4:9])
 
 
 @pytest.mark.parametrize("quick_gelu", [False, True])

@@ -6,7 +6,7 @@ flash-attention. Backends:
 
 - ``"sdpa"`` (default): ``F.scaled_dot_product_attention`` without float masks, so the flash kernel is eligible
   on the GPU; packed input uses ``torch.nn.attention.varlen.varlen_attn`` on CUDA in fp16/bf16 and an exact
-  block-diagonal mask otherwise (CPU, fp32).
+  pad-to-longest dense path otherwise (CPU, fp32).
 - ``"flash_attn"``: ``flash_attn_func`` / ``flash_attn_varlen_func`` (package ``flash-attn``).
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` with (block-diagonal) causal biases.
 
@@ -71,7 +71,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _torch_varlen() is not None:
             window = (-1, 0) if causal else (-1, -1)
             return _torch_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=window)
-        return block_diagonal_attention(q, k, v, cu_seqlens, causal=causal)
+        return varlen_attention_by_padding(q, k, v, cu_seqlens, max_seqlen, causal=causal)
     if backend == "flash_attn":
         _check_half(q, backend)
         fa = _require("flash_attn", "flash-attn")
@@ -86,20 +86,24 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {backend!r}")
 
 
-def block_diagonal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                             *, causal: bool) -> torch.Tensor:
-    """Exact packed attention with a boolean (T, T) block-diagonal mask: the portable path (CPU, fp32).
-    Memory is quadratic in the packed length, which is fine for the sizes this path serves."""
-    total = q.shape[0]
-    seq_id = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=q.device),
-                                     cu_seqlens.diff().long(), output_size=total)
-    allowed = seq_id[:, None] == seq_id[None, :]
-    if causal:
-        pos = torch.arange(total, device=q.device)
-        allowed &= pos[:, None] >= pos[None, :]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=allowed)
-    return out.transpose(0, 1)
+def varlen_attention_by_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                                max_seqlen: int, *, causal: bool) -> torch.Tensor:
+    """Exact packed attention through dense SDPA: the portable path (CPU, fp32).
+
+    The packed rows are scattered into a (N, max_seqlen) batch; keys past each sequence's end are masked
+    (for causal attention the causal mask already hides them from every real query). Work is that of the
+    longest sequence, not of the padded context, and memory stays linear in the number of tokens."""
+    lengths = cu_seqlens.diff()
+    valid = torch.arange(max_seqlen, device=q.device) < lengths[:, None]  # (N, max_seqlen), row-major = packed order
+
+    def pad(t):
+        out = t.new_zeros(lengths.numel(), max_seqlen, *t.shape[1:])
+        out[valid] = t
+        return out.transpose(1, 2)  # (N, H, L, D)
+
+    mask = None if causal else valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal)
+    return out.transpose(1, 2)[valid]
 
 
 def _torch_varlen():
