@@ -28,6 +28,7 @@ _NUM_MERGES = 49152 - 256 - 2
 _WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _OPEN_CLIP_PATTERN = regex.compile(f"{SOT}|{EOT}|{_WORD_PATTERN}", regex.IGNORECASE)
 # Printable ASCII without '&': ftfy.fix_text and html.unescape leave such text unchanged, so we skip them.
+_WORD_CACHE_SIZE = 500_000
 _SAFE_ASCII = frozenset(chr(c) for c in range(0x20, 0x7F)) - {"&"} | {"\t", "\n"}
 
 
@@ -92,31 +93,29 @@ class ClipTokenizer:
         self.bpe_path = bpe_path or default_bpe_path()
         self._backend, self.sot_token_id, self.eot_token_id = _build_backend(self.bpe_path)
         self.vocab_size = self._backend.get_vocab_size()
+        self._word_cache: dict[str, list[int]] = {}
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text, without sot/eot, padding or truncation."""
-        cleaned = [clean_text(t) for t in texts]
-        ids: list[list[int] | None] = [None] * len(cleaned)
-        plain = [i for i, t in enumerate(cleaned) if "<start_of_text>" not in t and "<end_of_text>" not in t]
-        for i, enc in zip(plain, self._backend.encode_batch([cleaned[i] for i in plain], add_special_tokens=False)):
-            ids[i] = enc.ids
-        for i, t in enumerate(cleaned):
-            if ids[i] is None:
-                ids[i] = self._encode_with_specials(t)
-        return ids
+        return [self._encode_one(clean_text(t)) for t in texts]
 
-    def _encode_with_specials(self, text: str) -> list[int]:
-        # A literal "<start_of_text>" in the text is the special token for open_clip (its regex tries the
-        # special tokens first at every position); reproduce that chunking, then BPE each ordinary chunk.
-        out: list[int] = []
+    def _encode_one(self, text: str) -> list[int]:
+        # open_clip's algorithm: split the cleaned text with its regex (special tokens first), BPE each chunk.
+        # Chunks repeat a lot across captions, so their ids are cached; the BPE itself runs in Rust.
+        ids: list[int] = []
+        cache = self._word_cache
         for chunk in _OPEN_CLIP_PATTERN.findall(text):
-            if chunk == SOT:
-                out.append(self.sot_token_id)
-            elif chunk == EOT:
-                out.append(self.eot_token_id)
-            else:
-                out.extend(self._backend.encode(chunk, add_special_tokens=False).ids)
-        return out
+            word_ids = cache.get(chunk)
+            if word_ids is None:
+                if chunk == SOT or chunk == EOT:
+                    word_ids = [self.sot_token_id if chunk == SOT else self.eot_token_id]
+                else:
+                    word_ids = self._backend.encode(chunk, add_special_tokens=False).ids
+                if len(cache) >= _WORD_CACHE_SIZE:
+                    cache.clear()
+                cache[chunk] = word_ids
+            ids.extend(word_ids)
+        return ids
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
         if isinstance(texts, str):
