@@ -107,8 +107,12 @@ def _config_error(err: OmegaConfBaseException, source: str, key: str = "?") -> V
     return ValueError(f"config key '{key}' ({source}): {message}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Defaults <- YAML preset at `path` <- `key=value` overrides (dotted keys, YAML values)."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check: bool = True) -> TrainConfig:
+    """Defaults <- YAML preset at `path` <- `key=value` overrides (dotted keys, YAML values).
+
+    Keys and types are always checked; check=False skips the checks across fields (`validate`), for a preset
+    that a caller completes afterwards."""
     merged = OmegaConf.structured(TrainConfig)
     if path is not None:
         path = Path(path)
@@ -126,7 +130,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except OmegaConfBaseException as err:
             raise _config_error(err, f"override {override!r}", override.split("=", 1)[0]) from None
     cfg: TrainConfig = OmegaConf.to_object(merged)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 

@@ -1,0 +1,227 @@
+"""`hqclip-train`: train CLIP with the HQ-CLIP loss. One process, or one per GPU / CPU rank under torchrun.
+
+    hqclip-train --config configs/demo.yaml steps=200 optim.lr=1e-3
+    torchrun --nproc_per_node=8 -m hqclip_fast.train --config configs/vitb16-large.yaml
+
+The trainer wires the parts together and holds no math: model (hqclip_fast.model) -> parallelize (FSDP2, bf16,
+activation checkpointing, compile) -> loss (hqclip_fast.loss) -> AdamW + warmup-cosine; data from
+hqclip_fast.data; checkpoints (DCP, atomic, auto-resume), metrics (jsonl, TensorBoard) and evaluation beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from hqclip_fast.checkpoint import Checkpointer, latest_checkpoint
+from hqclip_fast.config import TrainConfig, load_config, model_kwargs, num_tags, save_run_config
+from hqclip_fast.data import ClipTokenizer, TagVocab, build_train_loader
+from hqclip_fast.eval import EvalSuite
+from hqclip_fast.loss import HQCLIPLoss
+from hqclip_fast.metrics import MetricsLogger
+from hqclip_fast.model import create_model, load_open_clip_state_dict
+from hqclip_fast.optim import build_optimizer
+from hqclip_fast.parallelize import parallelize_model
+from hqclip_fast.runtime import Runtime, init_runtime, seed_everything, shutdown_runtime
+from hqclip_fast.schedule import build_lr_scheduler
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: the temperature never goes below 1/100
+
+
+def build_model(cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
+    model = create_model(cfg.model.name, num_tags=num_tags(cfg), **model_kwargs(cfg))
+    if cfg.model.pretrained:
+        load_open_clip_state_dict(model, torch.load(cfg.model.pretrained, map_location="cpu", weights_only=True))
+    model.to(runtime.device)
+    param_dtype = torch.bfloat16 if cfg.parallel.param_dtype == "bf16" else None
+    return parallelize_model(model, param_dtype=param_dtype, reduce_dtype=torch.float32,
+                             activation_checkpointing=cfg.parallel.activation_checkpointing,
+                             compile=cfg.parallel.compile)
+
+
+def infinite(loader):
+    """Batches forever: a new pass over the data whenever one ends (the loader counts its epochs)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ValueError("data.train_data: the loader produced no batches (no valid samples?)")
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    if dist.is_initialized():
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked /= dist.get_world_size()
+    return dict(zip(values, stacked.tolist()))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 parameter or norm) as a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.runtime = init_runtime(cfg.device, cfg.cpu_threads)
+        self.device = self.runtime.device
+        self.run_dir = Path(cfg.run_dir)
+        seed_everything(cfg.seed)
+        if self.runtime.is_main:
+            save_run_config(cfg, self.run_dir)
+
+        self.tokenizer = ClipTokenizer(context_length=cfg.data.context_length)
+        self.tag_vocab = TagVocab.load(cfg.model.tag_vocab) if cfg.data.use_tags and cfg.model.tag_vocab else None
+        self.model = build_model(cfg, self.runtime)
+        self.optimizer = build_optimizer(self.model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                         betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.device)
+        self.scheduler = build_lr_scheduler(self.optimizer, warmup_steps=cfg.optim.warmup_steps,
+                                            total_steps=cfg.steps, min_lr_ratio=cfg.optim.min_lr_ratio)
+        self.loss_fn = HQCLIPLoss(hni_weight=cfg.loss.hni_weight, stc_weight=cfg.loss.stc_weight,
+                                  negatives_in_softmax=cfg.loss.negatives_in_softmax, impl=cfg.loss.impl)
+        # bf16: FSDP2's mixed-precision policy when there is a process group, else autocast on this process.
+        single_process_bf16 = cfg.parallel.param_dtype == "bf16" and not dist.is_initialized()
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if single_process_bf16 \
+            else contextlib.nullcontext
+        self.uses_negatives = cfg.data.use_negatives and (cfg.loss.hni_weight > 0 or cfg.loss.negatives_in_softmax)
+        self.loader = build_train_loader(cfg.data, batch_size=cfg.batch_size, rank=self.runtime.rank,
+                                         world_size=self.runtime.world_size, seed=cfg.seed,
+                                         tokenizer=self.tokenizer, tag_vocab=self.tag_vocab)
+        self.eval_suite = EvalSuite.from_config(cfg.eval, image_size=cfg.data.image_size)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        self.step = 0
+        if cfg.checkpoint.resume:
+            self._resume()
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.runtime.is_main, resume_step=self.step,
+                                     tensorboard=cfg.log.tensorboard)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.checkpointer.directory)
+        if path is None:
+            return
+        state = self.checkpointer.load(path, self.model, self.optimizer)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        self.step = state["step"]
+        if self.runtime.is_main:
+            tqdm.write(f"resumed from {path} at step {self.step}")
+
+    def _save(self) -> None:
+        self.checkpointer.save(self.step, self.model, self.optimizer,
+                               {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()})
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        device = self.device
+        images = batch["images"].to(device, non_blocking=True)
+        texts = batch["pos_tokens"].to(device, non_blocking=True)
+        neg_texts = batch["neg_tokens"].to(device, non_blocking=True) if self.uses_negatives else None
+        tag_ids = batch["tag_ids"].to(device, non_blocking=True) if self.cfg.loss.stc_weight > 0 else None
+
+        with self.autocast():
+            out = self.model(images, texts, neg_texts=neg_texts)
+            loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
+                                neg_text_features=out["neg_text_features"], tag_features=out.get("tag_features"),
+                                tag_weight=out.get("tag_weight"), tag_bias=out.get("tag_bias"),
+                                tag_targets=tag_ids)
+        loss.total.backward()
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return {"loss": loss.total, "clip": loss.clip, "hni": loss.hni, "stc": loss.stc, "grad_norm": grad_norm,
+                "logit_scale": _full(out["logit_scale"]).detach()}
+
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        try:
+            with self.autocast():
+                results = self.eval_suite.run(self.model, self.tokenizer, self.device)
+        finally:
+            self.model.train()
+        self.metrics.log(self.step, "eval", results)
+        return results
+
+    def fit(self) -> dict:
+        cfg, runtime = self.cfg, self.runtime
+        global_batch = cfg.batch_size * runtime.world_size
+        batches = infinite(self.loader)
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not (runtime.is_main and cfg.log.progress_bar))
+        start_step, start_time = self.step, time.perf_counter()
+        window_start, window_steps = start_time, 0
+        last_eval: dict[str, float] = {}
+        self.model.train()
+        while self.step < cfg.steps:
+            lr = self.optimizer.param_groups[0]["lr"]
+            stats = self.train_step(next(batches))
+            self.step += 1
+            window_steps += 1
+            bar.update(1)
+            last = self.step == cfg.steps
+            if self.step % cfg.log.every_steps == 0 or last:
+                values = mean_over_ranks(stats)
+                now = time.perf_counter()
+                samples_per_s = window_steps * global_batch / (now - window_start)
+                window_start, window_steps = now, 0
+                data = self.loader.stats()
+                self.metrics.log(self.step, "train", {
+                    **values, "lr": lr, "samples_per_s": samples_per_s,
+                    "samples_skipped": data["samples_skipped"], "samples_ok": data["samples_ok"]})
+                bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{samples_per_s:.0f}", refresh=False)
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not last:
+                self.evaluate()
+            if last or (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0):
+                self._save()
+        bar.close()
+        train_seconds = time.perf_counter() - start_time
+        if self.eval_suite.enabled:
+            last_eval = self.evaluate()
+        steps_run = self.step - start_step
+        summary = {
+            "steps": self.step,
+            "steps_this_run": steps_run,
+            "global_batch_size": global_batch,
+            "train_s": train_seconds,
+            "samples_per_s": steps_run * global_batch / train_seconds if steps_run else 0.0,
+            "data": self.loader.stats(),
+            **last_eval,
+        }
+        self.metrics.close()
+        return summary
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) the training described by `cfg`; returns a summary with the final evaluation."""
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        shutdown_runtime()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hqclip-train", description="Train CLIP with the HQ-CLIP loss.")
+    parser.add_argument("--config", default=None, help="YAML preset (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ValueError as err:
+        parser.error(str(err))
+    train(cfg)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,207 @@
+"""Evaluation: metric definitions, parity with open_clip's zero-shot code, data sources, the hqclip-eval CLI."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from hqclip_fast.config import EvalConfig
+from hqclip_fast.data import ClipTokenizer
+from hqclip_fast.data.synthetic import write_synthetic
+from hqclip_fast.eval import (
+    EvalSuite,
+    ZeroShotSet,
+    hard_negative_accuracy,
+    retrieval_recall,
+    zero_shot_accuracy,
+    zero_shot_classifier,
+)
+from hqclip_fast.eval import cli as eval_cli
+from hqclip_fast.export import export_open_clip
+from hqclip_fast.model import create_model
+
+MODEL, SIZE, CONTEXT = "hqclip-micro", 32, 77
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    return write_synthetic(str(out), num_samples=8, shard_size=30, seed=1, image_size=SIZE, num_zeroshot=60,
+                           num_hardneg=40)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model(MODEL, image_size=SIZE, context_length=CONTEXT).eval()
+
+
+# ---------------------------------------------------------------- metric definitions
+
+
+def _recall_by_sorting(sims: torch.Tensor, k: int) -> float:
+    """Reference: sort every row, find the partner's position."""
+    order = sims.argsort(dim=1, descending=True)
+    position = (order == torch.arange(len(sims)).view(-1, 1)).float().argmax(dim=1)
+    return float((position < k).float().mean())
+
+
+def test_retrieval_recall_matches_a_sorting_reference():
+    torch.manual_seed(0)
+    images = F.normalize(torch.randn(37, 16), dim=1)
+    texts = F.normalize(images + 0.9 * torch.randn(37, 16), dim=1)  # noisy partners: recalls strictly in (0, 1)
+    result = retrieval_recall(images, texts)
+    sims = images @ texts.T
+    for k in (1, 5, 10):
+        assert result[f"image_to_text_R@{k}"] == pytest.approx(_recall_by_sorting(sims, k))
+        assert result[f"text_to_image_R@{k}"] == pytest.approx(_recall_by_sorting(sims.T, k))
+    assert 0 < result["image_to_text_R@1"] < result["image_to_text_R@10"] < 1
+
+
+def test_retrieval_recall_of_perfect_and_shifted_pairs():
+    eye = torch.eye(12)
+    assert set(retrieval_recall(eye, eye).values()) == {1.0}
+    shifted = retrieval_recall(eye, eye.roll(1, dims=0))  # every partner is beaten by exactly one other text
+    assert shifted["image_to_text_R@1"] == 0.0 and shifted["image_to_text_R@5"] == 1.0
+    assert shifted["text_to_image_R@1"] == 0.0
+
+
+def test_hard_negative_accuracy_counts_positive_above_negative():
+    images = torch.eye(4)
+    positives = torch.eye(4) * torch.tensor([[1.0], [0.2], [1.0], [0.1]])
+    negatives = torch.eye(4) * 0.5
+    assert hard_negative_accuracy(images, positives, negatives) == 0.5
+
+
+def test_zero_shot_classifier_rejects_bad_prompts(model):
+    tok = ClipTokenizer(CONTEXT)
+    with pytest.raises(ValueError, match="templates"):
+        zero_shot_classifier(model, tok, ["cat"], ["a photo"], "cpu")
+    with pytest.raises(ValueError, match="classnames"):
+        zero_shot_classifier(model, tok, [], ["a {}"], "cpu")
+
+
+# ---------------------------------------------------------------- parity with open_clip
+
+
+def _open_clip_zero_shot_images(pattern_dir: Path, preprocess):
+    """Zero-shot shards read with tarfile + PIL and preprocessed by open_clip's own transform."""
+    images, labels = [], []
+    for shard in sorted(pattern_dir.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name in sorted(n for n in members if n.endswith(".jpg")):
+            key = name[: -len(".jpg")]
+            images.append(preprocess(Image.open(io.BytesIO(members[name])).convert("RGB")))
+            labels.append(int(members[key + ".cls"]))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def _open_clip_train_accuracy(model, classifier, loader):
+    """open_clip_train.zero_shot.run's computation (its `accuracy` helper calls float() on a 1-element numpy
+    array, which numpy 2 rejects, so the same steps are spelled out here)."""
+    top1 = top5 = n = 0.0
+    with torch.inference_mode():
+        for images, target in loader:
+            output = model(image=images)
+            image_features = output["image_features"] if isinstance(output, dict) else output[0]
+            logits = 100.0 * image_features @ classifier
+            pred = logits.topk(5, 1, True, True)[1].t()
+            correct = pred.eq(target.view(1, -1).expand_as(pred))
+            top1 += float(correct[:1].reshape(-1).float().sum())
+            top5 += float(correct[:5].reshape(-1).float().sum())
+            n += images.size(0)
+    return top1 / n, top5 / n
+
+
+def test_zero_shot_equals_open_clip_zero_shot(synthetic, model, tmp_path):
+    """Same weights, same images: our zero-shot top-1/top-5 equal open_clip's (its build_zero_shot_classifier,
+    its preprocessing, open_clip_train's scoring) on the model that hqclip-export writes."""
+    export_open_clip(model, MODEL, tmp_path)
+    open_clip.add_model_config(tmp_path / f"{MODEL}.json")
+    oc_model, _, preprocess = open_clip.create_model_and_transforms(
+        MODEL, pretrained=str(tmp_path / "open_clip_pytorch_model.bin"))
+    oc_model.eval()
+    classnames, templates = synthetic["classnames"], synthetic["templates"]
+
+    oc_classifier = open_clip.build_zero_shot_classifier(
+        oc_model, open_clip.get_tokenizer(MODEL), classnames, templates, num_classes_per_batch=5, device="cpu")
+    images, labels = _open_clip_zero_shot_images(Path(synthetic["zeroshot"]).parent, preprocess)
+    loader = [(images[i:i + 16], labels[i:i + 16]) for i in range(0, len(labels), 16)]
+    oc_top1, oc_top5 = _open_clip_train_accuracy(oc_model, oc_classifier, loader)
+
+    suite = ZeroShotSet(synthetic["zeroshot"], classnames, templates, SIZE)
+    ours_classifier = zero_shot_classifier(model, ClipTokenizer(CONTEXT), classnames, templates, "cpu")
+    torch.testing.assert_close(ours_classifier, oc_classifier, rtol=1e-4, atol=1e-5)
+    ours = zero_shot_accuracy(model, ours_classifier, suite.batches(16), "cpu")
+    assert ours["zeroshot_samples"] == len(labels) == 60
+    assert ours["zeroshot_top1"] == oc_top1
+    assert ours["zeroshot_top5"] == oc_top5
+    assert ours["chance_top1"] == pytest.approx(1 / 12)
+
+
+# ---------------------------------------------------------------- data sources and CLI
+
+
+def test_image_folder_gives_the_same_accuracy_as_the_shards(synthetic, model, tmp_path):
+    classnames = synthetic["classnames"]
+    suite = EvalSuite.from_config(EvalConfig(synthetic_manifest=str(Path(synthetic["tags"]).parent / "manifest.json"),
+                                             batch_size=16), SIZE)
+    from_shards = suite.run(model, ClipTokenizer(CONTEXT), "cpu")
+
+    # The same images as an ImageFolder: one sub-folder per class, named so that sorted order = class order.
+    for shard in sorted(Path(synthetic["zeroshot"]).parent.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in members.items():
+            if name.endswith(".jpg"):
+                label = int(members[name[:-4] + ".cls"])
+                folder = tmp_path / f"{label:02d}_{classnames[label].replace(' ', '_')}"
+                folder.mkdir(exist_ok=True)
+                Image.open(io.BytesIO(data)).save(folder / (name[:-4] + ".png"))  # lossless: same pixels
+    names_file = tmp_path.parent / "classnames.txt"
+    names_file.write_text("\n".join(classnames) + "\n")
+    templates_file = tmp_path.parent / "templates.txt"
+    templates_file.write_text("\n".join(synthetic["templates"]) + "\n")
+    folder_suite = EvalSuite.from_config(EvalConfig(zeroshot=str(tmp_path), classnames=str(names_file),
+                                                    templates=str(templates_file), batch_size=16), SIZE)
+    from_folder = folder_suite.run(model, ClipTokenizer(CONTEXT), "cpu")
+    assert from_folder["zeroshot_samples"] == from_shards["zeroshot_samples"] == 60
+    assert from_folder["zeroshot_top1"] == from_shards["zeroshot_top1"]
+    assert from_folder["zeroshot_top5"] == from_shards["zeroshot_top5"]
+    # The synthetic suite also scores retrieval and hard negatives on its hard-negative set.
+    assert from_shards["retrieval_samples"] == from_shards["hard_negative_samples"] == 40
+    assert 0.0 <= from_shards["hard_negative_acc"] <= 1.0
+
+
+def test_eval_config_errors(synthetic, tmp_path):
+    with pytest.raises(ValueError, match="classnames"):
+        EvalSuite.from_config(EvalConfig(zeroshot=synthetic["zeroshot"]), SIZE)
+    with pytest.raises(ValueError, match="synthetic_manifest"):
+        EvalSuite.from_config(EvalConfig(synthetic_manifest=str(tmp_path / "missing.json")), SIZE)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        EvalSuite.from_config(EvalConfig(zeroshot=synthetic["zeroshot"], classnames=str(empty)), SIZE)
+
+
+def test_eval_cli_on_exported_weights(synthetic, model, tmp_path, capsys):
+    export_open_clip(model, MODEL, tmp_path)
+    manifest = str(Path(synthetic["tags"]).parent / "manifest.json")
+    out = tmp_path / "results.json"
+    eval_cli(["--model", MODEL, "--image-size", str(SIZE), "--pretrained",
+              str(tmp_path / "open_clip_pytorch_model.bin"), "--synthetic-manifest", manifest,
+              "--out", str(out), "--batch-size", "16"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    direct = EvalSuite.from_config(EvalConfig(synthetic_manifest=manifest, batch_size=16), SIZE).run(
+        model, ClipTokenizer(CONTEXT), "cpu")
+    assert printed == pytest.approx(direct)
+    with pytest.raises(SystemExit):
+        eval_cli(["--model", MODEL])  # nothing to evaluate
