@@ -2,25 +2,28 @@
 
 The logits are never materialized: the kernels keep O(b + B) log-sum-exp statistics and recompute tiles in
 backward. On a single process one B x B sweep yields both the image->text row statistics and the
-text->image column statistics. With several ranks api.py hands in gathered features: this rank's images
-sweep all texts (and negatives), this rank's texts sweep all images.
+text->image column statistics. With several ranks api.py calls `contrastive_sums_ring` on local features:
+the other ranks' texts arrive around a ring while earlier chunks compute (see below). `contrastive_sums` on
+gathered features (this rank's images sweep all texts and negatives, its texts sweep all images) is the
+contract's plain path, kept for callers that gather themselves.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .gather import _all_gather_single, group_rank_and_size
 
 try:
     from hqclip_kernels._common import interpreting
-    from hqclip_kernels.contrastive import contrastive_lse
+    from hqclip_kernels.contrastive import contrastive_lse, lse_backward, lse_forward
     from hqclip_kernels.tag_bce import tag_bce_sum as _fused_tag_bce_sum
 except ImportError as err:  # triton missing: api.py reports impl="triton" as unavailable
     raise ImportError(f"impl='triton' needs the triton package ({err})") from err
 
-__all__ = ["is_available", "contrastive_sums", "tag_bce_sum"]
+__all__ = ["is_available", "contrastive_sums", "contrastive_sums_ring", "tag_bce_sum"]
 
 
 def is_available() -> bool:
@@ -86,16 +89,13 @@ class _Ring:
     """Point-to-point ring neighbours of this rank in `group` (global ranks, as isend/irecv want them)."""
 
     def __init__(self, group, rank: int, world_size: int):
-        import torch.distributed as dist
-
-        self.dist, self.group, self.rank, self.size = dist, group, rank, world_size
+        self.group, self.rank, self.size = group, rank, world_size
         self.next = dist.get_global_rank(group, (rank + 1) % world_size)
         self.prev = dist.get_global_rank(group, (rank - 1) % world_size)
 
     def shift(self, send: torch.Tensor, recv: torch.Tensor, tag: int):
         """Start sending `send` to the next rank and receiving into `recv` from the previous one (one batched
         pair, so NCCL runs it as one group call on its own stream, overlapping the caller's kernels)."""
-        dist = self.dist
         return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, self.next, self.group, tag),
                                        dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)])
 
@@ -117,8 +117,6 @@ class _RingContrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, keys, scale, ring: _Ring, num_texts: int):
         b, n, r = image.shape[0], ring.size, ring.rank
-        from hqclip_kernels.contrastive import lse_forward
-
         keys = keys.contiguous()
         receive = [torch.empty_like(keys), torch.empty_like(keys)]  # never into `keys`: it may be the caller's
         col_parts = image.new_empty(n, b, dtype=torch.float32)
@@ -137,7 +135,7 @@ class _RingContrastive(torch.autograd.Function):
             current = receive[step % 2]
         # Owner c receives every rank's partial lse of its columns, sums them, and shares the result.
         received = torch.empty_like(col_parts)
-        ring.dist.all_to_all_single(received, col_parts, group=ring.group)
+        dist.all_to_all_single(received, col_parts, group=ring.group)
         col_lse = torch.logsumexp(received, dim=0)
         all_col_lse = image.new_empty(n * b, dtype=torch.float32)
         _all_gather_single(all_col_lse, col_lse, group=ring.group)
@@ -149,8 +147,6 @@ class _RingContrastive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_row, grad_col, grad_positive):
-        from hqclip_kernels.contrastive import lse_backward
-
         image, keys, scale, row_lse, all_col_lse = ctx.saved_tensors
         ring, num_texts = ctx.ring, ctx.num_texts
         b, n, r = image.shape[0], ring.size, ring.rank
@@ -190,7 +186,7 @@ class _RingContrastive(torch.autograd.Function):
             current = receive[step % 2]
         ring.wait(grads_in_flight)
         grad_keys = accumulators[n % 2]  # after n hops every chunk's accumulator is back with its owner
-        ring.dist.all_reduce(ds_cols, group=ring.group)
+        dist.all_reduce(ds_cols, group=ring.group)
         grad_scale = (ds_rows + ds_cols[r]).to(scale.dtype).reshape(scale.shape)
         return grad_image.to(image.dtype), grad_keys.to(keys.dtype), grad_scale, None, None
 
