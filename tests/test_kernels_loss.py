@@ -127,3 +127,9 @@ def test_realistic_shape_on_gpu(dtype):
     assert torch.equal(first.total, second.total)
     for name in first_grads:
         assert torch.equal(first_grads[name], second_grads[name]), f"{name} differs between two runs"
+
+
+def test_float64_is_refused_with_a_clear_error():
+    inputs = _inputs(7, 16, torch.float64, negatives=False, tags=False, bias=False)
+    with pytest.raises(ValueError, match="float64"):
+        hqclip_loss(**inputs, impl="triton")

@@ -39,6 +39,9 @@ def _check_device(x: torch.Tensor, name: str) -> None:
     if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"impl='triton': {name} is on {x.device}; the kernels need CUDA tensors "
                          "(or TRITON_INTERPRET=1 to run them through Triton's CPU interpreter)")
+    if x.dtype == torch.float64:
+        raise ValueError(f"impl='triton': {name} is float64, but the kernels accumulate in fp32; use "
+                         "impl='reference' or 'chunked' for float64 (e.g. gradcheck)")
 
 
 def contrastive_sums(image, text, logit_scale, *, rows, softmax_negatives=None, pair_negatives=None):
