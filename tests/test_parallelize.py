@@ -92,7 +92,9 @@ def _fsdp_worker(rank, world_size, init_file):
     torch.set_num_threads(1)
     batch = make_batch(8, seed=3)
     local = tuple(t[rank * 4 : rank * 4 + 4] for t in batch)
-    cases = [dict(activation_checkpointing=True), dict(param_dtype=torch.bfloat16)]
+    # The whole fixed order (AC, per-block compile, FSDP2) in fp32, then bf16 mixed precision.
+    cases = [dict(activation_checkpointing=True, compile=True, compile_backend="aot_eager"),
+             dict(param_dtype=torch.bfloat16)]
 
     # References first, on this one process with no group: the full batch, one SGD step.
     references = []
@@ -138,6 +140,9 @@ def _fsdp_worker(rank, world_size, init_file):
                     torch.testing.assert_close(model.encode_text(local[1]), ref_model.encode_text(local[1]),
                                                **tol)
             full_open_clip_state_dict(model)  # collective: must not hang or fail on any rank
+            with torch.no_grad():  # the trainer's clamp on the sharded 1-D parameter
+                model.logit_scale.clamp_(0, 1.0)
+                assert model(*local[:2])["logit_scale"].item() == pytest.approx(torch.e, rel=1e-2)
     finally:
         dist.destroy_process_group()
 

@@ -93,17 +93,17 @@ def varlen_attention_by_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     The packed rows are scattered into a (N, max_seqlen) batch; keys past each sequence's end are masked
     (for causal attention the causal mask already hides them from every real query). Work is that of the
     longest sequence, not of the padded context, and memory stays linear in the number of tokens."""
-    lengths = cu_seqlens.diff()
-    valid = torch.arange(max_seqlen, device=q.device) < lengths[:, None]  # (N, max_seqlen), row-major = packed order
+    n, width = cu_seqlens.numel() - 1, max_seqlen
+    valid = torch.arange(width, device=q.device) < cu_seqlens.diff()[:, None]  # (N, width)
+    rows = valid.flatten().nonzero().squeeze(1)  # packed row r sits at padded row rows[r] (row-major order)
 
     def pad(t):
-        out = t.new_zeros(lengths.numel(), max_seqlen, *t.shape[1:])
-        out[valid] = t
-        return out.transpose(1, 2)  # (N, H, L, D)
+        padded = t.new_zeros(n * width, *t.shape[1:]).index_copy(0, rows, t)
+        return padded.unflatten(0, (n, width)).transpose(1, 2)  # (N, H, L, D)
 
     mask = None if causal else valid[:, None, None, :]
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, is_causal=causal)
-    return out.transpose(1, 2)[valid]
+    return out.transpose(1, 2).flatten(0, 1).index_select(0, rows)
 
 
 def _torch_varlen():
