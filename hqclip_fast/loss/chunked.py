@@ -79,11 +79,10 @@ class _ContrastiveLogSumExp(torch.autograd.Function):
         img, txt = _upcast(image), _upcast(text)
         neg = _upcast(negatives) if negatives is not None else None
         s = _upcast(scale)
-        scaled_img = img * s
         row_lse = img.new_full((stop - start,), float("-inf"))
         col_lse = img.new_full((stop - start,), float("-inf"))
         for (r0, r1), (c0, c1), on_neg, rows_local, cols_local in _tiles(len(img), start, stop, neg is not None):
-            logits = scaled_img[r0:r1] @ (neg if on_neg else txt)[c0:c1].T
+            logits = (img[r0:r1] * s) @ (neg if on_neg else txt)[c0:c1].T
             tile_row_lse, tile_col_lse = _tile_log_sum_exps(logits, rows_local, cols_local)
             if rows_local:
                 rl = row_lse[r0 - start:r1 - start]
@@ -102,7 +101,6 @@ class _ContrastiveLogSumExp(torch.autograd.Function):
         img, txt = _upcast(image), _upcast(text)
         neg = _upcast(negatives) if negatives is not None else None
         s = _upcast(scale)
-        scaled_img = img * s
         # exp(x - lse) * g == sign(g) * exp(x - (lse - log|g|)): the upstream gradient folds into the shift.
         row_shift = row_lse - _upcast(grad_rows).abs().log()
         col_shift = col_lse - _upcast(grad_cols).abs().log()
@@ -112,7 +110,7 @@ class _ContrastiveLogSumExp(torch.autograd.Function):
         d_neg = torch.zeros_like(neg) if neg is not None else None
         for (r0, r1), (c0, c1), on_neg, rows_local, cols_local in _tiles(len(img), start, stop, neg is not None):
             cols_src, cols_grad = (neg, d_neg) if on_neg else (txt, d_txt)
-            logits = scaled_img[r0:r1] @ cols_src[c0:c1].T
+            logits = (img[r0:r1] * s) @ cols_src[c0:c1].T
             # Gradient tile: g_rows * row softmax (local rows) + g_cols * column softmax (local columns).
             probs = None
             if rows_local:
