@@ -3,18 +3,32 @@
     python benchmarks/bench_loss.py                                  # CPU, B = 1024..8192, D = 512
     python benchmarks/bench_loss.py --device cuda --dtype bfloat16   # GPU session
 
+GPU sizes of the kernels issue (one result file per D; add --negatives for hard-negative columns + HNI):
+    for D in 512 768 1024; do python benchmarks/bench_loss.py --device cuda --dtype bfloat16 --dim $D \
+        --batch-sizes gpu --impls triton,chunked,reference,open_clip,inf_cl,gemm_floor; done
+Peers: open_clip ClipLoss (local_loss=True, gather_with_grad=True: one process here), Inf-CL (`pip install
+inf-cl==1.2.1`, both directions, GPU only) and gemm_floor: the cuBLAS time of the matrix products that a
+loss which never stores the logits must do at the same shapes (logits, their recomputation in backward,
+dI = G @ K, dK = G.T @ I; K = [T; N] with negatives). open_clip and Inf-CL have no negative columns and are
+skipped with --negatives.
+
 Every (impl, B) case runs in a fresh subprocess, so one case's allocations cannot hide another's peak.
 Time: median wall-clock of --repeats fwd+bwd steps after --warmup steps (CUDA: synchronized); on CPU the
 median process CPU time is recorded too (the CPU may be shared).
-Peak extra memory: what one fwd+bwd step needs beyond the inputs already allocated.
+Peak extra memory: what one fwd+bwd step (after warm-up) needs beyond the inputs already allocated.
   cuda: torch.cuda.max_memory_allocated() - memory_allocated() before the step (PyTorch's allocator).
   cpu:  peak resident set size of the process during the step minus its resident size before it: the
         kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, freed heap is returned
         with malloc_trim first. This counts everything the step touches, not just tensors.
+        `peak_extra_mib` is measured in a separate process with glibc's mmap threshold fixed at 128 KiB
+        (MALLOC_MMAP_THRESHOLD_), so every large buffer goes back to the OS when freed and the number is
+        the memory the algorithm holds at once; `peak_extra_mib_default_malloc` is the same measurement in
+        the timing process with glibc's defaults (it adds the allocator's retained free memory).
 Results: JSON (device, versions, git commit, date, load, cases) and a Markdown table under --out.
 
-To add an implementation, add a builder to IMPLS: name -> builder(device, dtype) returning a function
-loss(image_features, text_features, logit_scale) -> scalar tensor. A builder raises Unavailable to skip.
+To add an implementation, add a builder to IMPLS: name -> builder(device, dtype, negatives) returning a
+function loss(image_features, text_features, logit_scale, neg_text_features or None) -> scalar tensor.
+A builder raises Unavailable to skip.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+GPU_BATCH_SIZES = "4096,16384,32768,65536"  # --batch-sizes gpu
 
 
 class Unavailable(Exception):
@@ -42,25 +57,81 @@ class Unavailable(Exception):
 
 
 def _hqclip(impl: str):
-    def build(device, dtype):
+    def build(device, dtype, negatives):
         from hqclip_fast.loss import hqclip_loss
+        from hqclip_fast.loss.api import get_impl
 
-        return lambda image, text, scale: hqclip_loss(image, text, scale, impl=impl).total
+        try:
+            get_impl(impl, device)
+        except ValueError as err:
+            raise Unavailable(str(err)) from err
+
+        def loss(image, text, scale, neg):
+            return hqclip_loss(image, text, scale, neg_text_features=neg, hni_weight=1.0 if negatives else 0.0,
+                               impl=impl).total
+        return loss
     return build
 
 
-def _open_clip(device, dtype):
+def _open_clip(device, dtype, negatives):
+    if negatives:
+        raise Unavailable("open_clip ClipLoss has no hard-negative columns")
     try:
         from open_clip.loss import ClipLoss
     except ImportError as err:
         raise Unavailable(f"open_clip_torch is not installed: {err}") from err
-    return ClipLoss()
+    clip_loss = ClipLoss(local_loss=True, gather_with_grad=True)
+    return lambda image, text, scale, neg: clip_loss(image, text, scale)
+
+
+def _inf_cl(device, dtype, negatives):
+    if negatives:
+        raise Unavailable("Inf-CL has no hard-negative columns")
+    if device.type != "cuda":
+        raise Unavailable("Inf-CL's kernels need a CUDA device")
+    try:
+        from inf_cl import cal_inf_loss
+    except ImportError as err:
+        raise Unavailable(f"the inf-cl package is not installed (pip install inf-cl==1.2.1): {err}") from err
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # Inf-CL asks the default process group for its rank and size
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    return lambda image, text, scale, neg: (cal_inf_loss(image, text, scale=scale)
+                                            + cal_inf_loss(text, image, scale=scale)) / 2
+
+
+class _GemmFloor(torch.autograd.Function):
+    """Only the matrix products of a loss that never stores its logits: S = I @ K.T forward; backward
+    recomputes S and does dI = S @ K, dK = S.T @ I (S standing in for the logit gradient)."""
+
+    @staticmethod
+    def forward(ctx, image, keys):
+        ctx.save_for_backward(image, keys)
+        logits = image @ keys.T
+        return logits[0, 0].clone().float()  # a copy: the B x B logits are freed here
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, keys = ctx.saved_tensors
+        logits = image @ keys.T
+        return logits @ keys, logits.T @ image
+
+
+def _gemm_floor(device, dtype, negatives):
+    def loss(image, text, scale, neg):
+        keys = torch.cat([text, neg]) if neg is not None else text
+        return _GemmFloor.apply(image, keys) * scale
+    return loss
 
 
 IMPLS = {
+    "triton": _hqclip("triton"),
     "chunked": _hqclip("chunked"),
     "reference": _hqclip("reference"),
     "open_clip": _open_clip,
+    "inf_cl": _inf_cl,
+    "gemm_floor": _gemm_floor,
 }
 
 
@@ -110,30 +181,35 @@ class PeakMemory:
 
 
 # ------------------------------------------------------------------------------------------ one case
-def _make_inputs(batch: int, dim: int, device, dtype, seed: int = 0):
+def _make_inputs(batch: int, dim: int, device, dtype, negatives: bool, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     image = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1)
     text = torch.nn.functional.normalize(image + 0.5 * torch.randn(batch, dim, generator=gen), dim=1)
     image = image.to(device=device, dtype=dtype).requires_grad_()
     text = text.to(device=device, dtype=dtype).requires_grad_()
     scale = torch.tensor(50.0, device=device, requires_grad=True)
-    return image, text, scale
+    neg = None
+    if negatives:
+        neg = torch.nn.functional.normalize(text.detach().float() + 0.3 * torch.randn(batch, dim, generator=gen)
+                                            .to(device), dim=1).to(dtype).requires_grad_()
+    return image, text, scale, neg
 
 
-def run_case(impl: str, batch: int, dim: int, device: str, dtype: str, warmup: int, repeats: int) -> dict:
+def run_case(impl: str, batch: int, dim: int, device: str, dtype: str, warmup: int, repeats: int,
+             negatives: bool = False) -> dict:
     device, dtype = torch.device(device), getattr(torch, dtype)
-    case = {"impl": impl, "batch_size": batch, "dim": dim}
+    case = {"impl": impl, "batch_size": batch, "dim": dim, "negatives": negatives}
     try:
-        loss_fn = IMPLS[impl](device, dtype)
+        loss_fn = IMPLS[impl](device, dtype, negatives)
     except Unavailable as err:
         return {**case, "skipped": str(err)}
-    image, text, scale = _make_inputs(batch, dim, device, dtype)
-    inputs = (image, text, scale)
+    image, text, scale, neg = _make_inputs(batch, dim, device, dtype, negatives)
+    inputs = tuple(x for x in (image, text, scale, neg) if x is not None)
 
     def step():
         for x in inputs:
             x.grad = None
-        loss = loss_fn(image, text, scale)
+        loss = loss_fn(image, text, scale, neg)
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -145,7 +221,7 @@ def run_case(impl: str, batch: int, dim: int, device: str, dtype: str, warmup: i
         x.grad = None
     with PeakMemory(device) as memory:
         loss = step()
-    wall, cpu = [], []
+    wall, cpu = ([], []) if repeats else ([float("nan")], [float("nan")])
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
         step()
@@ -162,6 +238,15 @@ def run_case(impl: str, batch: int, dim: int, device: str, dtype: str, warmup: i
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def _run_subprocess(cmd: list[str], args, env=None) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        impl, batch = cmd[cmd.index("--case") + 1].split(":")
+        return {"impl": impl, "batch_size": int(batch), "dim": args.dim, "negatives": args.negatives,
+                "skipped": f"failed: {proc.stderr.strip()[-500:]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _git_commit() -> tuple[str | None, bool | None]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -194,22 +279,30 @@ def _versions() -> dict:
 
 
 def markdown_table(result: dict) -> str:
+    negatives = ", with hard negatives" if result.get("negatives") else ""
     lines = [f"# Loss fwd+bwd, {result['device']} ({result['device_name']}), D={result['dim']}, "
-             f"{result['dtype']}, {result['threads']} threads",
+             f"{result['dtype']}, {result['threads']} threads{negatives}",
              "",
              f"torch {result['versions']['torch']}, commit {result['git_commit']}, {result['date']}, "
              f"load average at start {result['load_average']}.",
              f"Memory: {result['memory_method']}",
              "",
-             "| impl | B | time ms (median wall) | CPU time ms | peak extra MiB | loss |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| impl | B | time ms (median wall) | x GEMM floor | CPU time ms | peak extra MiB "
+             "| (default malloc) | loss |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    floor = {c["batch_size"]: c["time_ms_median"] for c in result["cases"]
+             if c["impl"] == "gemm_floor" and "skipped" not in c}
     for c in result["cases"]:
         if "skipped" in c:
-            lines.append(f"| {c['impl']} | {c['batch_size']} | skipped: {c['skipped']} | | | |")
+            lines.append(f"| {c['impl']} | {c['batch_size']} | skipped: {c['skipped']} | | | | | |")
             continue
         cpu = f"{c['cpu_time_ms_median']:.0f}" if c.get("cpu_time_ms_median") is not None else "-"
-        lines.append(f"| {c['impl']} | {c['batch_size']} | {c['time_ms_median']:.1f} | {cpu} | "
-                     f"{c['peak_extra_mib']:.1f} | {c['loss']:.5f} |")
+        vs_floor = f"{c['time_ms_median'] / floor[c['batch_size']]:.2f}" if c["batch_size"] in floor else "-"
+        loss = "-" if c["impl"] == "gemm_floor" else f"{c['loss']:.5f}"
+        default_malloc = c.get("peak_extra_mib_default_malloc")
+        default_malloc = f"{default_malloc:.1f}" if default_malloc is not None else "-"
+        lines.append(f"| {c['impl']} | {c['batch_size']} | {c['time_ms_median']:.1f} | {vs_floor} | {cpu} | "
+                     f"{c['peak_extra_mib']:.1f} | {default_malloc} | {loss} |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,7 +311,10 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--impls", default="chunked,reference,open_clip",
                         help=f"comma-separated, from {sorted(IMPLS)}")
-    parser.add_argument("--batch-sizes", default="1024,2048,4096,8192")
+    parser.add_argument("--batch-sizes", default="1024,2048,4096,8192",
+                        help=f"comma-separated, or 'gpu' for the kernels issue's sizes {GPU_BATCH_SIZES}")
+    parser.add_argument("--negatives", action="store_true",
+                        help="hard negatives as extra image->text columns plus the pairwise HNI term")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--warmup", type=int, default=1)
@@ -233,7 +329,7 @@ def main(argv=None) -> None:
     if args.case:
         impl, batch = args.case.split(":")
         print(json.dumps(run_case(impl, int(batch), args.dim, args.device, args.dtype, args.warmup,
-                                  args.repeats)))
+                                  args.repeats, args.negatives)))
         return
 
     impls = args.impls.split(",")
@@ -247,6 +343,7 @@ def main(argv=None) -> None:
     result = {
         "benchmark": "loss fwd+bwd (CLIP part: image/text features + logit_scale)",
         "device": args.device, "device_name": _device_name(args.device), "dim": args.dim, "dtype": args.dtype,
+        "negatives": args.negatives,
         "threads": args.threads or torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats,
         "versions": _versions(), "git_commit": commit, "git_dirty": dirty,
         "date": now.isoformat(timespec="seconds"), "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -260,14 +357,18 @@ def main(argv=None) -> None:
                 "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     if args.threads:
         base_cmd += ["--threads", str(args.threads)]
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+    if args.negatives:
+        base_cmd += ["--negatives"]
+    batch_sizes = GPU_BATCH_SIZES if args.batch_sizes == "gpu" else args.batch_sizes
+    for batch in [int(b) for b in batch_sizes.split(",")]:
         for impl in impls:
-            proc = subprocess.run(base_cmd + ["--case", f"{impl}:{batch}"], capture_output=True, text=True)
-            if proc.returncode != 0:
-                case = {"impl": impl, "batch_size": batch, "dim": args.dim,
-                        "skipped": f"failed: {proc.stderr.strip().splitlines()[-1:]}"}
-            else:
-                case = json.loads(proc.stdout.strip().splitlines()[-1])
+            case = _run_subprocess(base_cmd + ["--case", f"{impl}:{batch}"], args)
+            if args.device == "cpu" and "skipped" not in case:
+                memory_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+                memory_case = _run_subprocess(base_cmd + ["--case", f"{impl}:{batch}", "--repeats", "0"], args,
+                                              env=memory_env)
+                case["peak_extra_mib_default_malloc"] = case["peak_extra_mib"]
+                case["peak_extra_mib"] = memory_case.get("peak_extra_mib", float("nan"))
             result["cases"].append(case)
             print(json.dumps(case), flush=True)
 
