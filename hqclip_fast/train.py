@@ -110,7 +110,12 @@ class Trainer:
         if path is None:
             return
         state = self.checkpointer.load(path, self.model, self.optimizer)
-        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule's shape (warmup, total steps) comes from this run's config, so a run can be extended
+        # with a larger `steps`; only the position is restored. Same config: the very same learning rates.
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.scheduler.lr_lambdas)})
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         self.loader.load_state_dict(state["loader"])
         self.step = state["step"]
         if self.runtime.is_main:

@@ -1,0 +1,84 @@
+"""A training run killed with SIGKILL resumes from its last complete checkpoint and follows the same trajectory:
+the per-step losses of killed-and-resumed equal those of an uninterrupted run, exactly (CPU, fixed threads)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hqclip_fast.checkpoint import checkpoint_step, list_checkpoints
+from hqclip_fast.data.synthetic import write_synthetic
+from hqclip_fast.metrics import read_metrics
+
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    return write_synthetic(str(out), num_samples=96, shard_size=32, seed=2, image_size=32, num_zeroshot=12,
+                           num_hardneg=8)
+
+
+def _overrides(synthetic: dict, run_dir: Path) -> list[str]:
+    return [
+        f"run_dir={run_dir}", f"steps={STEPS}", "batch_size=8", "device=cpu", "cpu_threads=1", "seed=5",
+        "model.name=hqclip-micro", f"model.tag_vocab={synthetic['tags']}",
+        f"data.train_data={synthetic['train']}", "data.image_size=32", "data.context_length=36",
+        "data.workers=0", "data.shuffle_buffer=16",
+        "loss.hni_weight=1.0", "loss.stc_weight=0.5", "loss.impl=reference",
+        "optim.lr=3e-3", "optim.warmup_steps=3",
+        "checkpoint.every_steps=3", "checkpoint.keep_last=2",
+        "log.every_steps=1", "log.progress_bar=false", "log.tensorboard=false",
+    ]
+
+
+def _command(synthetic: dict, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "hqclip_fast.train", *_overrides(synthetic, run_dir)]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+
+
+@pytest.mark.distributed
+def test_sigkill_then_resume_follows_the_uninterrupted_trajectory(synthetic, tmp_path):
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_command(synthetic, reference), env=_env(), check=True, timeout=300, capture_output=True)
+    expected = _losses(reference)
+    assert [step for step, _ in expected] == list(range(1, STEPS + 1))
+
+    # Kill the second run as soon as it has a complete checkpoint and has logged a step past it.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_command(synthetic, killed), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            saved = list_checkpoints(killed / "checkpoints")
+            logged = _losses(killed)
+            if saved and logged and logged[-1][0] > checkpoint_step(saved[-1]):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed_from = checkpoint_step(list_checkpoints(killed / "checkpoints")[-1])
+    logged_before_kill = _losses(killed)[-1][0]
+    assert 0 < resumed_from < logged_before_kill < STEPS
+
+    result = subprocess.run(_command(synthetic, killed), env=_env(), check=True, timeout=300, capture_output=True,
+                            text=True)
+    assert f"resumed from {killed / 'checkpoints'}" in result.stdout
+    # The resumed run dropped the killed run's records after its checkpoint and rewrote them: same losses.
+    assert _losses(killed) == expected
