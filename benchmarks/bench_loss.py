@@ -350,7 +350,9 @@ def main(argv=None) -> None:
         "memory_method": (
             "torch.cuda.max_memory_allocated() minus memory_allocated() before the step, fresh process"
             if args.device == "cuda" else
-            "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the step, fresh process"),
+            "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the step, fresh process "
+            "with MALLOC_MMAP_THRESHOLD_=131072; '(default malloc)': the same in the timing process with "
+            "glibc's default (adaptive) thresholds"),
         "cases": [],
     }
     base_cmd = [sys.executable, __file__, "--device", args.device, "--dim", str(args.dim), "--dtype", args.dtype,
