@@ -3,7 +3,8 @@ packing, and the whole model against open_clip's at the same batch and precision
 
 Text batches imitate HQ-CLIP training: per image one positive text (a long description, 30-77 tokens) and one
 negative (half long descriptions, half short tag lists of 4-12 tokens), so padding is a large share of the
-77-token context and packing removes it.
+77-token context and packing removes it. Parts: "image" and "text" are the towers alone; "model" is both
+towers on the training batch (images, positives + negatives in one text pass, normalized), as forward runs them.
 
   python benchmarks/bench_towers.py --device cpu --model hqclip-tiny --batch 32 --dtype fp32
   python benchmarks/bench_towers.py --device cuda --model ViT-B-16 --batch 256 --dtype bf16 [--compile]
@@ -23,11 +24,13 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from hqclip_fast.model import create_model, get_config
 from hqclip_fast.parallelize import parallelize_model
@@ -55,6 +58,7 @@ def environment(device: torch.device) -> dict:
         "device_type": device.type,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 2),  # other processes share a CPU machine
         "torch": torch.__version__,
         "triton": version("triton"),
         "open_clip": version("open_clip"),
@@ -89,17 +93,27 @@ def open_clip_model(name: str):
                                 text_cfg=dataclasses.asdict(cfg.text_cfg))
 
 
-def seconds_per_step(step, device: torch.device, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
+def time_cases(cases: list[dict], device: torch.device, steps: int, warmup: int, rounds: int) -> None:
+    """Median seconds per step of every case, measured in interleaved rounds so that load changes on a shared
+    machine hit all cases alike. Sets case["seconds"]."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for case in cases:
+        for _ in range(warmup):
+            case["step"]()
+    times = {id(case): [] for case in cases}
+    for _ in range(rounds):
+        for case in cases:
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                case["step"]()
+            sync()
+            times[id(case)].append((time.perf_counter() - start) / steps)
+    for case in cases:
+        case["seconds"] = statistics.median(times[id(case)])
 
 
 def fwd_bwd(model, fn, autocast):
@@ -130,14 +144,11 @@ def run(args) -> dict:
     images = torch.randn(args.batch, 3, size, size, generator=g).to(device, input_dtype)
     texts = training_texts(args.batch, cfg.text_cfg.context_length, g).to(device)
     real_tokens = int((texts.argmax(-1) + 1).sum())
-    rows = []
+    rows, cases = [], []
 
-    def record(impl, part, backend, packing, step, samples):
-        sec = seconds_per_step(step, device, args.steps, args.warmup)
-        rows.append({"impl": impl, "part": part, "backend": backend, "packing": packing,
-                     "ms_per_step": round(sec * 1e3, 3), "samples_per_s": round(samples / sec, 2)})
-        print(f"{impl:9s} {part:6s} {backend:10s} {packing:7s} {sec * 1e3:9.2f} ms  {samples / sec:10.1f} samples/s",
-              flush=True)
+    def add(impl, part, backend, packing, step, samples):
+        cases.append({"impl": impl, "part": part, "backend": backend, "packing": packing, "step": step,
+                      "samples": samples})
 
     for backend in args.backends:
         if backend != "sdpa" and importlib.util.find_spec(OPTIONAL_BACKENDS[backend]) is None:
@@ -148,35 +159,41 @@ def run(args) -> dict:
         model = prepare(create_model(args.model, attn_backend=backend), args, device, dtype)
         if args.compile:
             model = parallelize_model(model, compile=True)
-        record("hqclip", "image", backend, "-", fwd_bwd(model, lambda m=model: m.encode_image(images), autocast),
-               args.batch)
+        add("hqclip", "image", backend, "-", fwd_bwd(model, lambda m=model: m.encode_image(images), autocast),
+            args.batch)
         for packed in (False, True):
-            record("hqclip", "text", backend, "packed" if packed else "padded",
-                   fwd_bwd(model, lambda m=model, p=packed: m.encode_text(texts, packed=p), autocast),
-                   texts.shape[0])
+            add("hqclip", "text", backend, "packed" if packed else "padded",
+                fwd_bwd(model, lambda m=model, p=packed: m.encode_text(texts, packed=p), autocast), texts.shape[0])
         for packed in (False, True):
             def whole(m=model, p=packed):
-                m.config.pack_text = p
-                out = m(images, texts[: args.batch], neg_texts=texts[args.batch:])
-                return (out["image_features"] * out["text_features"]).sum() + out["neg_text_features"].sum()
-            record("hqclip", "model", backend, "packed" if packed else "padded", fwd_bwd(model, whole, autocast),
-                   args.batch)
-        del model
+                image_features = F.normalize(m.encode_image(images), dim=-1)
+                text_features = F.normalize(m.encode_text(texts, packed=p), dim=-1)  # positives + negatives
+                return (image_features * text_features[: args.batch]).sum() + text_features[args.batch:].sum()
+            add("hqclip", "model", backend, "packed" if packed else "padded", fwd_bwd(model, whole, autocast),
+                args.batch)
 
     if args.open_clip:
         theirs = prepare(open_clip_model(args.model), args, device, dtype)
-        if args.compile:
-            theirs = torch.compile(theirs)
-        record("open_clip", "image", "native", "-", fwd_bwd(theirs, lambda: theirs.encode_image(images), autocast),
-               args.batch)
-        record("open_clip", "text", "native", "padded", fwd_bwd(theirs, lambda: theirs.encode_text(texts), autocast),
-               texts.shape[0])
+        # open_clip's own --torchcompile compiles the whole model; its encoders are compiled the same way here.
+        maybe_compile = torch.compile if args.compile else (lambda fn: fn)
+        encode_image, encode_text = (maybe_compile(f) for f in (theirs.encode_image, theirs.encode_text))
+        add("open_clip", "image", "native", "-", fwd_bwd(theirs, lambda: encode_image(images), autocast), args.batch)
+        add("open_clip", "text", "native", "padded", fwd_bwd(theirs, lambda: encode_text(texts), autocast),
+            texts.shape[0])
 
         def whole_open_clip():
-            image_features, text_features, _ = theirs(images, texts[: args.batch])
-            neg = theirs.encode_text(texts[args.batch:], normalize=True)
-            return (image_features * text_features).sum() + neg.sum()
-        record("open_clip", "model", "native", "padded", fwd_bwd(theirs, whole_open_clip, autocast), args.batch)
+            image_features = encode_image(images, normalize=True)
+            text_features = encode_text(texts, normalize=True)
+            return (image_features * text_features[: args.batch]).sum() + text_features[args.batch:].sum()
+        add("open_clip", "model", "native", "padded", fwd_bwd(theirs, whole_open_clip, autocast), args.batch)
+
+    time_cases(cases, device, args.steps, args.warmup, args.rounds)
+    for c in cases:
+        sec = c["seconds"]
+        rows.append({"impl": c["impl"], "part": c["part"], "backend": c["backend"], "packing": c["packing"],
+                     "ms_per_step": round(sec * 1e3, 3), "samples_per_s": round(c["samples"] / sec, 2)})
+        print(f"{c['impl']:9s} {c['part']:6s} {c['backend']:10s} {c['packing']:7s} {sec * 1e3:9.2f} ms "
+              f"{c['samples'] / sec:10.1f} samples/s", flush=True)
 
     return {"env": environment(device), "args": vars(args), "text_tokens": {
         "rows": texts.shape[0], "context_length": texts.shape[1], "real_tokens": real_tokens,
@@ -201,11 +218,12 @@ def markdown(result: dict) -> str:
         f"# Tower throughput: {args['model']}, batch {args['batch']}, {args['dtype']}, "
         f"{'compiled' if args['compile'] else 'eager'}",
         "",
-        f"Device: {env['device']} ({env['device_type']}, {env['torch_threads']} threads); torch {env['torch']}, "
+        f"Device: {env['device']} ({env['device_type']}, {env['torch_threads']} threads, load average "
+        f"{env['load_average_1m_at_start']} at start: CPU timings on a shared machine are rough); torch {env['torch']}, "
         f"triton {env['triton']}, open_clip {env['open_clip']}; commit {env['git_commit']}.",
         f"Text rows per step: {result['text_tokens']['rows']} x {result['text_tokens']['context_length']} tokens, "
-        f"{result['text_tokens']['padding_share']:.0%} padding. Forward+backward, mean of {args['steps']} steps "
-        f"after {args['warmup']} warm-up.",
+        f"{result['text_tokens']['padding_share']:.0%} padding. Forward+backward; per case the median over "
+        f"{args['rounds']} interleaved rounds of {args['steps']} steps, after {args['warmup']} warm-up steps.",
         "",
         "| impl | part | attention | text | ms/step | samples/s |",
         "|---|---|---|---|---:|---:|",
@@ -233,6 +251,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--backends", default="sdpa,flash_attn,xformers")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median is reported)")
     parser.add_argument("--compile", action="store_true", help="torch.compile (ours per block, open_clip whole)")
     parser.add_argument("--no-open-clip", dest="open_clip", action="store_false")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

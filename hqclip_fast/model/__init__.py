@@ -1,4 +1,13 @@
-"""Open_clip-compatible CLIP towers (plain nn.Modules; parallelism is applied from outside)."""
+"""Open_clip-compatible CLIP towers (plain nn.Modules; parallelism is applied from outside).
+
+    model = create_model("ViT-B-16", num_tags=0, **overrides)   # list_models() for the names
+    model.encode_image(images), model.encode_text(tokens)      # unnormalized, like open_clip
+    out = model(images, texts, neg_texts=None)                 # normalized features, logit_scale, tag head
+    load_open_clip_state_dict(model, open_clip_sd)             # strict; names missing/unexpected keys
+    model.open_clip_state_dict()                               # loads into open_clip.create_model(name)
+
+Attention goes through ``attention.attention`` / ``attention.varlen_attention`` (sdpa, flash_attn, xformers).
+"""
 
 from .attention import attention, varlen_attention
 from .clip import CLIP, create_model

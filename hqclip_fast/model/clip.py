@@ -11,6 +11,7 @@ from torch import nn
 
 from .attention import check_backend
 from .configs import CLIPConfig, get_config
+from .openclip_compat import to_open_clip_state_dict
 from .text import TextTransformer
 from .vision import VisionTransformer
 
@@ -69,8 +70,6 @@ class CLIP(nn.Module):
         """This model's weights under open_clip's key names (tag head dropped, 0-d logit_scale).
 
         On a model sharded by FSDP2, gather a full state dict first (see hqclip_fast.parallelize)."""
-        from .openclip_compat import to_open_clip_state_dict
-
         return to_open_clip_state_dict(self.state_dict())
 
 

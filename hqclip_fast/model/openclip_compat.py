@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-
-from .clip import CLIP
+from torch import nn
 
 _TEXT_PREFIXES = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 _DERIVED_BUFFERS = ("attn_mask",)  # open_clip's causal-mask buffer (in older checkpoints)
@@ -47,7 +46,7 @@ def unwrap_checkpoint(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def load_open_clip_state_dict(model: CLIP, state_dict: Mapping) -> CLIP:
+def load_open_clip_state_dict(model: nn.Module, state_dict: Mapping) -> nn.Module:
     """Load open_clip weights into ``model`` strictly: any missing or unexpected key, or a shape mismatch, is a
     ValueError that names them. The tag head (absent from open_clip checkpoints) keeps its values unless the
     state dict carries ``tag_head.*``. Returns the model."""
