@@ -146,3 +146,19 @@ def test_packed_text_equals_padded_text(quick_gelu):
     packed_model = create_model("hqclip-tiny", quick_gelu=quick_gelu, pack_text=True)
     packed_model.load_state_dict(model.state_dict())
     torch.testing.assert_close(packed_model.encode_text(tokens), padded, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_bf16_packed_text_equals_padded_text():
+    # On CUDA in bf16 the packed path runs torch's varlen flash attention.
+    torch.manual_seed(0)
+    model = create_model("ViT-B-16").text.cuda().to(torch.bfloat16)
+    lengths = [3, 77, 12, 2, 40, 5, 77, 9]
+    tokens = torch.zeros(len(lengths), 77, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        tokens[i, : n - 1] = torch.randint(1, 49406, (n - 1,))
+        tokens[i, n - 1] = 49407
+    tokens = tokens.cuda()
+    padded, packed = model(tokens).float(), model(tokens, packed=True).float()
+    assert (packed - padded).abs().max() <= 3e-2 * padded.abs().max()
