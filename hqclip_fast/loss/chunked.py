@@ -70,9 +70,11 @@ def _tile_log_sum_exps(logits, rows_local: bool, cols_local: bool):
     return row_lse, col_lse
 
 
-class _ContrastiveLogSumExp(torch.autograd.Function):
-    """(sum over local rows of the image->text log-sum-exp, sum over local columns of the text->image one)
-    of the logits s * image @ [text; negatives].T, tile by tile."""
+class _ContrastiveSums(torch.autograd.Function):
+    """(i2t_sum, t2i_sum) of api.py's contract: the log-sum-exps of the local rows and local columns of
+    s * image @ [text; negatives].T, tile by tile, minus the positive logits s<I_i,T_i> of the local rows.
+    The positives are handled here rather than by autograd on row slices, which would allocate a full-size
+    gradient per slice."""
 
     @staticmethod
     def forward(ctx, image, text, negatives, scale, start: int, stop: int):
@@ -90,9 +92,10 @@ class _ContrastiveLogSumExp(torch.autograd.Function):
             if cols_local:
                 cl = col_lse[c0 - start:c1 - start]
                 torch.logaddexp(cl, tile_col_lse, out=cl)
+        positive_sum = s * (img[start:stop] * txt[start:stop]).sum()
         ctx.save_for_backward(image, text, negatives, scale, row_lse, col_lse)
         ctx.start, ctx.stop = start, stop
-        return row_lse.sum(), col_lse.sum()
+        return row_lse.sum() - positive_sum, col_lse.sum() - positive_sum
 
     @staticmethod
     def backward(ctx, grad_rows, grad_cols):
@@ -124,6 +127,10 @@ class _ContrastiveLogSumExp(torch.autograd.Function):
                 probs = col_probs if probs is None else probs.add_(col_probs)
             d_img[r0:r1].addmm_(probs, cols_src[c0:c1])
             cols_grad[c0:c1].addmm_(probs.T, img[r0:r1])
+        # The positives: -(g_rows + g_cols) * s<I_i,T_i> for the local rows.
+        grad_positive = _upcast(grad_rows + grad_cols)
+        d_img[start:stop].sub_(grad_positive * txt[start:stop])
+        d_txt[start:stop].sub_(grad_positive * img[start:stop])
         # sum_ij P_ij <image_i, y_j> = sum_i <image_i, d_img_i>: the gradient w.r.t. the scale.
         d_scale = (d_img * img).sum().to(scale.dtype) if ctx.needs_input_grad[3] else None
         d_img = d_img.mul_(s).to(image.dtype)
@@ -135,17 +142,13 @@ class _ContrastiveLogSumExp(torch.autograd.Function):
 
 def contrastive_sums(image, text, logit_scale, *, rows, softmax_negatives=None, pair_negatives=None):
     start, stop = rows
-    row_lse_sum, col_lse_sum = _ContrastiveLogSumExp.apply(
-        image, text, softmax_negatives, logit_scale, start, stop)
-    s = _upcast(logit_scale)
-    local_image, local_text = _upcast(image[start:stop]), _upcast(text[start:stop])
-    positive = s * (local_image * local_text).sum(dim=1)
-    i2t_sum = row_lse_sum - positive.sum()
-    t2i_sum = col_lse_sum - positive.sum()
+    i2t_sum, t2i_sum = _ContrastiveSums.apply(image, text, softmax_negatives, logit_scale, start, stop)
     hni_sum = i2t_sum.new_zeros(())
     if pair_negatives is not None:
-        negative = s * (local_image * _upcast(pair_negatives)).sum(dim=1)
-        hni_sum = F.softplus(negative - positive).sum()
+        s = _upcast(logit_scale)
+        local_image = _upcast(image[start:stop])
+        margin = (local_image * (_upcast(pair_negatives) - _upcast(text[start:stop]))).sum(dim=1)
+        hni_sum = F.softplus(s * margin).sum()
     return i2t_sum, t2i_sum, hni_sum
 
 
