@@ -29,13 +29,16 @@ COLOURS = {
     "yellow": (240, 215, 25), "purple": (135, 45, 175), "orange": (245, 135, 20),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-SIZES = {"small": 0.22, "medium": 0.3, "large": 0.4}  # object side as a fraction of the image side
+# Object side as a fraction of the image side: large enough that a shape spans several ViT patches at 32 px.
+SIZES = {"small": 0.3, "medium": 0.42, "large": 0.55}
 # 3x3 grid of positions; objects of one scene occupy distinct cells.
 POSITIONS = {
     "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
     "left": (0, 1), "center": (1, 1), "right": (2, 1),
     "bottom left": (0, 2), "bottom": (1, 2), "bottom right": (2, 2),
 }
+# Scenes hold 1 to 3 objects; single objects are the most common so that attribute binding can be learned.
+OBJECT_COUNT_PROBS = (0.5, 0.3, 0.2)
 BACKGROUNDS = {"light gray": (200, 200, 200), "dark gray": (70, 70, 70), "beige": (225, 210, 180)}
 # The zero-shot classes: 4 colours x 3 shapes = 12 classes (chance 1/12).
 ZEROSHOT_COLOURS = ("red", "green", "blue", "yellow")
@@ -82,7 +85,8 @@ def render(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Ima
     img = Image.new("RGB", (scale, scale), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(img)
     cell = scale / 3
-    for obj in scene.objects:
+    # Largest first, so that a small object is never hidden behind a large one.
+    for obj in sorted(scene.objects, key=lambda o: -SIZES[o.size]):
         gx, gy = POSITIONS[obj.position]
         side = SIZES[obj.size] * scale
         jitter = (cell - side * 0.6) * 0.25
@@ -171,7 +175,7 @@ def _tags(scene: Scene, rng: np.random.Generator) -> tuple[list[str], list[str]]
 
 def make_train_record(index: int, seed: int, image_size: int) -> tuple[bytes, dict]:
     rng = np.random.default_rng([seed, _SPLIT_IDS["train"], index])
-    scene = _sample_scene(rng, int(rng.integers(1, 4)))
+    scene = _sample_scene(rng, int(rng.choice([1, 2, 3], p=OBJECT_COUNT_PROBS)))
     negative = counterfactual(scene, rng, num_edits=int(rng.integers(1, 3)))
     positive_tags, negative_tags = _tags(scene, rng)
     key = f"train{index:08d}"
