@@ -9,10 +9,11 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+# Globals used inside kernels must be tl.constexpr instances (an annotation is not enough when compiling).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # Masked logits: finite so that max/exp never produce inf - inf = nan; far below any |s * <a, b>| <= 100.
-NEG: tl.constexpr = -1.0e30
+NEG = tl.constexpr(-1.0e30)
 
 
 def interpreting() -> bool:
@@ -22,7 +23,7 @@ def interpreting() -> bool:
 
 # Triton's interpreter gets bf16 x bf16 dots wrong (numpy has no bf16 matmul); upcasting there is exact,
 # since a product of two bf16 values is exact in fp32, so results equal the GPU's fp32-accumulating dot.
-UPCAST_DOT: tl.constexpr = tl.constexpr(interpreting())
+UPCAST_DOT = tl.constexpr(interpreting())
 
 
 @dataclass(frozen=True)

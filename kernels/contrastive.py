@@ -64,16 +64,14 @@ def _lse_fwd_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_part_ptr, col_part_ptr
     t_start = pid_g * TILES_PER_GROUP
     t_stop = tl.minimum(t_start + TILES_PER_GROUP, TOTAL_TILES)
     for t in range(t_start, t_stop):
-        if t < TILES1:
-            cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_ok = cols < N1
-            acc = tile_dot(q_ptr, k1_ptr, rows, cols, row_ok, col_ok, D, stride_q, stride_k1,
-                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        else:
-            cols = (t - TILES1) * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_ok = cols < N2
-            acc = tile_dot(q_ptr, k2_ptr, rows, cols, row_ok, col_ok, D, stride_q, stride_k2,
-                           BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+        # Pick the key block by select, not by branch: the feature loop inside tile_dot then stays a
+        # top-level loop that Triton software-pipelines.
+        first = t < TILES1
+        k_ptr = tl.where(first, k1_ptr, k2_ptr)
+        cols = tl.where(first, t, t - TILES1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < tl.where(first, N1, N2)
+        acc = tile_dot(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_q, tl.where(first, stride_k1, stride_k2),
+                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         x = acc * scale2
         x_row = tl.where(col_ok[None, :], x, NEG)
         m_new = tl.maximum(m_i, tl.max(x_row, axis=1))
@@ -105,18 +103,13 @@ def _grad_logits_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_lse_ptr, row_g_ptr
     scale = tl.load(scale_ptr).to(tl.float32)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    if pid_t < TILES1:
-        cols = pid_t * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N1
-        g_cols = cols
-        acc = tile_dot(q_ptr, k1_ptr, rows, cols, row_ok, col_ok, D, stride_q, stride_k1,
-                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-    else:
-        cols = (pid_t - TILES1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < N2
-        g_cols = N1 + cols
-        acc = tile_dot(q_ptr, k2_ptr, rows, cols, row_ok, col_ok, D, stride_q, stride_k2,
-                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    first = pid_t < TILES1
+    k_ptr = tl.where(first, k1_ptr, k2_ptr)
+    cols = tl.where(first, pid_t, pid_t - TILES1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < tl.where(first, N1, N2)
+    g_cols = tl.where(first, cols, N1 + cols)
+    acc = tile_dot(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_q, tl.where(first, stride_k1, stride_k2),
+                   BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     x = acc * (scale * LOG2E)
     lse_r = tl.load(row_lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
     g_r = tl.load(row_g_ptr + rows, mask=row_ok, other=0.0)
