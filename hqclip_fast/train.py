@@ -70,6 +70,41 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+class TrainStep:
+    """One optimizer step: forward, HQ-CLIP loss, backward, clipping, AdamW, schedule, logit-scale clamp."""
+
+    def __init__(self, model, loss_fn: HQCLIPLoss, optimizer, scheduler, *, device: torch.device,
+                 grad_clip: float, bf16_autocast: bool, use_negatives: bool, use_tags: bool):
+        self.model, self.loss_fn, self.optimizer, self.scheduler = model, loss_fn, optimizer, scheduler
+        self.device, self.use_negatives, self.use_tags = device, use_negatives, use_tags
+        self.max_norm = grad_clip if grad_clip > 0 else math.inf
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16_autocast \
+            else contextlib.nullcontext
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        device = self.device
+        images = batch["images"].to(device, non_blocking=True)
+        texts = batch["pos_tokens"].to(device, non_blocking=True)
+        neg_texts = batch["neg_tokens"].to(device, non_blocking=True) if self.use_negatives else None
+        tag_ids = batch["tag_ids"].to(device, non_blocking=True) if self.use_tags else None
+
+        with self.autocast():
+            out = self.model(images, texts, neg_texts=neg_texts)
+            loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
+                                neg_text_features=out["neg_text_features"], tag_features=out.get("tag_features"),
+                                tag_weight=out.get("tag_weight"), tag_bias=out.get("tag_bias"),
+                                tag_targets=tag_ids)
+        loss.total.backward()
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return {"loss": loss.total, "clip": loss.clip, "hni": loss.hni, "stc": loss.stc, "grad_norm": grad_norm,
+                "logit_scale": _full(out["logit_scale"]).detach()}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -91,9 +126,11 @@ class Trainer:
                                   negatives_in_softmax=cfg.loss.negatives_in_softmax, impl=cfg.loss.impl)
         # bf16: FSDP2's mixed-precision policy when there is a process group, else autocast on this process.
         single_process_bf16 = cfg.parallel.param_dtype == "bf16" and not dist.is_initialized()
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if single_process_bf16 \
-            else contextlib.nullcontext
-        self.uses_negatives = cfg.data.use_negatives and (cfg.loss.hni_weight > 0 or cfg.loss.negatives_in_softmax)
+        self.train_step = TrainStep(
+            self.model, self.loss_fn, self.optimizer, self.scheduler, device=self.device,
+            grad_clip=cfg.optim.grad_clip, bf16_autocast=single_process_bf16,
+            use_negatives=cfg.data.use_negatives and (cfg.loss.hni_weight > 0 or cfg.loss.negatives_in_softmax),
+            use_tags=cfg.loss.stc_weight > 0)
         self.loader = build_train_loader(cfg.data, batch_size=cfg.batch_size, rank=self.runtime.rank,
                                          world_size=self.runtime.world_size, seed=cfg.seed,
                                          tokenizer=self.tokenizer, tag_vocab=self.tag_vocab)
@@ -125,34 +162,10 @@ class Trainer:
         self.checkpointer.save(self.step, self.model, self.optimizer,
                                {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()})
 
-    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        device = self.device
-        images = batch["images"].to(device, non_blocking=True)
-        texts = batch["pos_tokens"].to(device, non_blocking=True)
-        neg_texts = batch["neg_tokens"].to(device, non_blocking=True) if self.uses_negatives else None
-        tag_ids = batch["tag_ids"].to(device, non_blocking=True) if self.cfg.loss.stc_weight > 0 else None
-
-        with self.autocast():
-            out = self.model(images, texts, neg_texts=neg_texts)
-            loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                                neg_text_features=out["neg_text_features"], tag_features=out.get("tag_features"),
-                                tag_weight=out.get("tag_weight"), tag_bias=out.get("tag_bias"),
-                                tag_targets=tag_ids)
-        loss.total.backward()
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-        return {"loss": loss.total, "clip": loss.clip, "hni": loss.hni, "stc": loss.stc, "grad_norm": grad_norm,
-                "logit_scale": _full(out["logit_scale"]).detach()}
-
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         try:
-            with self.autocast():
+            with self.train_step.autocast():
                 results = self.eval_suite.run(self.model, self.tokenizer, self.device)
         finally:
             self.model.train()
@@ -166,21 +179,23 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (runtime.is_main and cfg.log.progress_bar))
         start_step, start_time = self.step, time.perf_counter()
-        window_start, window_steps = start_time, 0
+        window_start, window_steps, window_sums = start_time, 0, {}
         last_eval: dict[str, float] = {}
         self.model.train()
         while self.step < cfg.steps:
             lr = self.optimizer.param_groups[0]["lr"]
             stats = self.train_step(next(batches))
+            for name, value in stats.items():  # logged as means over the logging window
+                window_sums[name] = window_sums.get(name, 0.0) + value.detach().float()
             self.step += 1
             window_steps += 1
             bar.update(1)
             last = self.step == cfg.steps
             if self.step % cfg.log.every_steps == 0 or last:
-                values = mean_over_ranks(stats)
+                values = mean_over_ranks({name: total / window_steps for name, total in window_sums.items()})
                 now = time.perf_counter()
                 samples_per_s = window_steps * global_batch / (now - window_start)
-                window_start, window_steps = now, 0
+                window_start, window_steps, window_sums = now, 0, {}
                 data = self.loader.stats()
                 self.metrics.log(self.step, "train", {
                     **values, "lr": lr, "samples_per_s": samples_per_s,

@@ -1,0 +1,243 @@
+"""Full training-step throughput and MFU: hqclip-fast's trainer step against open_clip's own training step.
+
+Both sides train the same architecture on the same random batch on the same device, data loading excluded:
+- ours: `hqclip_fast.train.TrainStep` (the trainer's step: model, HQ-CLIP loss, backward, clipping, fused AdamW,
+  schedule, logit-scale clamp), plain CLIP loss (`--loss clip`, the like-for-like row) and the full HQ-CLIP
+  loss (`--loss hqclip`: negatives in the softmax + HNI + STC; more text to encode per image);
+- open_clip: `open_clip_train.train.train_one_epoch` (the loop `python -m open_clip_train.main` runs) with
+  open_clip's model and ClipLoss, AdamW, grad clipping, the same precision.
+MFU = (FLOPs of one step, counted per model with torch.utils.flop_counter on the actual shapes) x steps/s /
+peak FLOP/s of the device (`--peak-tflops`; H100 SXM bf16 dense = 989 by default on CUDA; none on the CPU).
+
+    python benchmarks/bench_train.py --device cuda --model ViT-B-16 --batch-size 256 --precision bf16 --compile
+    python benchmarks/bench_train.py --device cpu --model hqclip-micro --image-size 32 --batch-size 32  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hqclip_fast.loss import HQCLIPLoss
+from hqclip_fast.model import create_model
+from hqclip_fast.optim import build_optimizer
+from hqclip_fast.parallelize import parallelize_model
+from hqclip_fast.schedule import build_lr_scheduler
+from hqclip_fast.train import TrainStep
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NUM_TAGS = 1000  # STC vocabulary size for the HQ-CLIP row
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_batch(args, device, context_length: int, *, negatives: bool, tags: bool, batch_size: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "images": torch.randn(batch_size, 3, args.image_size, args.image_size, generator=g),
+        "pos_tokens": torch.randint(1, 49406, (batch_size, context_length), generator=g),
+    }
+    batch["pos_tokens"][:, -1] = 49407  # end of text (open_clip pools at the argmax id)
+    if negatives:
+        batch["neg_tokens"] = batch["pos_tokens"].roll(1, dims=0)
+    if tags:
+        batch["tag_ids"] = torch.randint(0, NUM_TAGS, (batch_size, 8), generator=g)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def build_ours(args, device, loss_kind: str) -> tuple[TrainStep, int]:
+    torch.manual_seed(0)
+    hq = loss_kind == "hqclip"
+    model = create_model(args.model, num_tags=NUM_TAGS if hq else 0, image_size=args.image_size).to(device)
+    model = parallelize_model(model, compile=args.compile)
+    optimizer = build_optimizer(model, lr=5e-4, weight_decay=0.2, device=device)
+    scheduler = build_lr_scheduler(optimizer, warmup_steps=0, total_steps=10**6)
+    loss_fn = HQCLIPLoss(hni_weight=1.0 if hq else 0.0, stc_weight=1.0 if hq else 0.0,
+                         negatives_in_softmax=hq, impl=args.loss_impl)
+    step = TrainStep(model, loss_fn, optimizer, scheduler, device=device, grad_clip=1.0,
+                     bf16_autocast=args.precision == "bf16", use_negatives=hq, use_tags=hq)
+    return step, model.config.text_cfg.context_length
+
+
+def count_step_flops(args, device, loss_kind: str) -> float:
+    """FLOPs of one training step (forward + backward) at args.batch_size, counted on the real model.
+
+    Counted at a small batch and scaled linearly (every model FLOP is per sample), plus the loss counted at the
+    full batch (its logits grow with the square of the batch)."""
+    small = 2
+    train_step, context = build_ours(SimpleNamespace(**{**vars(args), "compile": False}), device, loss_kind)
+    hq = loss_kind == "hqclip"
+    batch = random_batch(args, device, context, negatives=hq, tags=hq, batch_size=small)
+    model = train_step.model
+    with FlopCounterMode(display=False) as counter:
+        out = model(batch["images"], batch["pos_tokens"], neg_texts=batch.get("neg_tokens"))
+        sum(v.float().sum() for k, v in out.items() if k.endswith("features") and v is not None).backward()
+    model_flops = counter.get_total_flops() * args.batch_size / small
+    dim = model.config.embed_dim
+    feats = {k: torch.randn(args.batch_size, dim, device=device, requires_grad=True) for k in ("i", "t", "n")}
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
+    kwargs = {}
+    if hq:
+        kwargs = dict(neg_text_features=feats["n"], tag_features=feats["i"],
+                      tag_weight=torch.randn(NUM_TAGS, dim, device=device, requires_grad=True),
+                      tag_targets=torch.randint(0, NUM_TAGS, (args.batch_size, 8), device=device))
+    with FlopCounterMode(display=False) as counter:
+        train_step.loss_fn(feats["i"], feats["t"], scale, **kwargs).total.backward()
+    return model_flops + counter.get_total_flops()
+
+
+def time_ours(args, device, loss_kind: str) -> float:
+    train_step, context = build_ours(args, device, loss_kind)
+    hq = loss_kind == "hqclip"
+    batch = random_batch(args, device, context, negatives=hq, tags=hq, batch_size=args.batch_size)
+    for _ in range(args.warmup):
+        train_step(batch)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(batch)
+    _sync(device)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+def time_open_clip(args, device) -> float:
+    """open_clip_train.train.train_one_epoch over `steps` identical batches (after a warm-up epoch)."""
+    import open_clip
+    from open_clip_train.train import train_one_epoch
+
+    from hqclip_fast.export import open_clip_model_config
+
+    if args.model not in open_clip.list_models():  # our CPU configs: register the same architecture
+        config = open_clip_model_config(create_model(args.model, image_size=args.image_size))
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / f"{args.model}.json"
+            path.write_text(json.dumps(config))
+            open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    model = open_clip.create_model(args.model, device=device, force_image_size=args.image_size,
+                                   output_dict=True)
+    if args.compile:
+        model = torch.compile(model)
+    context = model.context_length if hasattr(model, "context_length") else 77
+    batch = random_batch(args, device, context, negatives=False, tags=False, batch_size=args.batch_size)
+    loss = open_clip.ClipLoss(cache_labels=True)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "logit" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n and "logit" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.2}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    oc_args = SimpleNamespace(
+        device=str(device), precision="amp_bf16" if args.precision == "bf16" else "fp32", distill=False,
+        accum_freq=1, skip_scheduler=True, horovod=False, grad_clip_norm=1.0, batch_size=args.batch_size,
+        world_size=1, rank=0, local_rank=0, log_every_n_steps=10**9, wandb=False)
+
+    def epoch(n: int) -> None:
+        loader = _Loader([(batch["images"], batch["pos_tokens"])] * n, args.batch_size)
+        data = {"train": SimpleNamespace(dataloader=loader, set_epoch=lambda e: None)}
+        train_one_epoch(model, data, loss, 0, optimizer, None, None, None, oc_args)
+
+    epoch(args.warmup)
+    _sync(device)
+    start = time.perf_counter()
+    epoch(args.steps)
+    _sync(device)
+    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+class _Loader:
+    """What train_one_epoch reads from a dataloader: iteration, num_batches, num_samples."""
+
+    def __init__(self, batches: list, batch_size: int):
+        self.batches, self.num_batches, self.num_samples = batches, len(batches), len(batches) * batch_size
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    parser.add_argument("--loss-impl", default="auto")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="device peak for MFU (default: 989 = H100 SXM bf16 dense on CUDA; none on CPU)")
+    parser.add_argument("--out", default=None, help="result JSON (default: results/bench_train_<device>.json)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    peak = args.peak_tflops if args.peak_tflops is not None else (989.0 if device.type == "cuda" else None)
+
+    rows = []
+    for name, timer, loss_kind in (("hqclip-fast, CLIP loss", lambda: time_ours(args, device, "clip"), "clip"),
+                                   ("open_clip_train", lambda: time_open_clip(args, device), "clip"),
+                                   ("hqclip-fast, HQ-CLIP loss", lambda: time_ours(args, device, "hqclip"),
+                                    "hqclip")):
+        flops = count_step_flops(args, device, loss_kind) / args.batch_size  # per sample
+        samples_per_s = timer()
+        mfu = flops * samples_per_s / (peak * 1e12) if peak else None
+        rows.append({"name": name, "samples_per_s": samples_per_s, "flops_per_sample": flops, "mfu": mfu})
+        print(f"{name:28s} {samples_per_s:10.1f} samples/s  {flops / 1e9:8.2f} GFLOP/sample  "
+              f"MFU {'n/a' if mfu is None else f'{mfu:.1%}'}", flush=True)
+    speedup = rows[0]["samples_per_s"] / rows[1]["samples_per_s"]
+    print(f"speed-up over open_clip_train (same loss): {speedup:.2f}x")
+
+    result = {
+        "benchmark": "bench_train",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "open_clip": _version("open_clip"),
+        "git_commit": _git_commit(),
+        "load_average_1min": os.getloadavg()[0],
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "peak_tflops": peak,
+        "rows": rows,
+        "speedup_vs_open_clip": speedup,
+        "targets": "H100, ViT-B-16 224px bf16: >= 1.3x open_clip's samples/s and MFU >= 50% (GPU only)",
+    }
+    out = Path(args.out) if args.out else RESULTS / f"bench_train_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
