@@ -92,6 +92,20 @@ def bench_cpu_loader(manifest: dict, image_size: int, batch_size: int, workers: 
             "samples_per_s": round(batches * batch_size / elapsed, 1)}
 
 
+def bench_dali_cpu(manifest: dict, image_size: int, batch_size: int, batches: int, threads: int) -> dict:
+    """The DALI pipeline in DALI's CPU-only mode (the same definition as the GPU path, decode on the CPU)."""
+    subprocess.run([sys.executable, "-m", "hqclip_fast.data.cli", "index", manifest["train"]], check=True,
+                   capture_output=True)
+    cfg = DataConfig(train_data=manifest["train"], image_size=image_size, decoder="dali", dali_device="cpu",
+                     workers=threads, shuffle_buffer=256)
+    it = iter(build_train_loader(cfg, batch_size=batch_size, seed=0))
+    next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return {"threads": threads, "samples_per_s": round(batches * batch_size / (time.perf_counter() - start), 1)}
+
+
 def bench_gpu_decode(manifest: dict, image_size: int, batch_size: int, batches: int) -> dict:
     """DALI mixed decode when installed; else torchvision.io.decode_jpeg(device='cuda') as a comparison point."""
     if _dali_version() is not None:
@@ -180,6 +194,9 @@ def main() -> int:
         result["synthetic_write_s"] = round(time.perf_counter() - start, 2)
         result["cpu_loader"] = [bench_cpu_loader(manifest, args.image_size, args.batch_size, w, args.batches)
                                 for w in args.workers]
+        if _dali_version() is not None:
+            result["dali_cpu_mode"] = bench_dali_cpu(manifest, args.image_size, args.batch_size, args.batches,
+                                                     threads=max(args.workers))
         if args.device == "cuda":
             result["gpu_decode"] = bench_gpu_decode(manifest, args.image_size, args.batch_size, args.batches * 4)
             if args.vit_step:
@@ -210,6 +227,9 @@ def markdown(result: dict) -> str:
         f"Tokenizer: {result['tokenizer']['hqclip_captions_per_s']} captions/s (hqclip ClipTokenizer) vs "
         f"{result['tokenizer']['open_clip_captions_per_s']} captions/s (open_clip.tokenize), one process.", "",
     ]
+    if "dali_cpu_mode" in result:
+        lines += [f"DALI pipeline in CPU-only mode ({result['dali_cpu_mode']['threads']} threads): "
+                  f"{result['dali_cpu_mode']['samples_per_s']} samples/s.", ""]
     if "gpu_decode" in result:
         lines += [f"GPU decode: {result['gpu_decode']['samples_per_s']} samples/s via {result['gpu_decode']['path']}.", ""]
     if "vit_b16_step" in result:
