@@ -13,7 +13,7 @@ no process groups, no weights, no normalization; api.py gathers, validates, norm
         softmax_negatives  (B, D) gathered negative texts, extra image->text columns; or None.
         pair_negatives     (b, D) this rank's negative texts for the pairwise HNI term; or None.
                            When both are given, pair_negatives is softmax_negatives[start:stop].
-        Returns fp32 0-d tensors, sums (not means) over this rank's rows / columns:
+        Returns fp32 0-d tensors (fp64 for fp64 inputs), sums (not means) over this rank's rows / columns:
           i2t_sum = sum_{i in rows} [ -s<I_i,T_i> + log( sum_j e^{s<I_i,T_j>} + sum_k e^{s<I_i,N_k>} ) ]
                     (the N_k sum only when softmax_negatives is given, k over all B of them)
           t2i_sum = sum_{j in rows} [ -s<T_j,I_j> + log sum_i e^{s<T_j,I_i>} ]      (i over all B)
@@ -22,7 +22,7 @@ no process groups, no weights, no normalization; api.py gathers, validates, norm
     tag_bce_sum(tag_features, tag_weight, tag_bias, tag_targets) -> stc_sum
         tag_features (b, D), tag_weight (V, D), tag_bias (V,) or None,
         tag_targets (b, T) int64 ids in [0, V), -1 is padding, a repeated id in a row counts once.
-        Returns the fp32 0-d sum over the b x V entries of BCE-with-logits(tag_features @ tag_weight.T
+        Returns the fp32 (fp64 for fp64 inputs) 0-d sum over the b x V entries of BCE-with-logits(tag_features @ tag_weight.T
         + tag_bias, multi-hot(tag_targets)).
 
 Both must accept fp32 and bf16 features (fp32 accumulation) and give gradients to every tensor input,
@@ -41,6 +41,7 @@ CUDA tensors).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -86,6 +87,11 @@ def _load_triton() -> tuple[ModuleType | None, str]:
     return module, ""
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
 def get_impl(impl: str, device: torch.device) -> ModuleType:
     """The implementation module for `impl` on `device` (imported lazily)."""
     if impl not in IMPLS:
@@ -100,7 +106,7 @@ def get_impl(impl: str, device: torch.device) -> ModuleType:
             module, why = _load_triton()
             if module is not None:
                 return module
-            log.warning("hqclip_loss(impl='auto') on %s uses 'chunked': %s", device, why)
+            _warn_once(f"hqclip_loss(impl='auto') on {device} uses 'chunked': {why}")
         impl = "chunked"
     return importlib.import_module(_IMPLS[impl])
 
@@ -207,7 +213,12 @@ def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
                 tag_features: torch.Tensor | None = None, tag_weight: torch.Tensor | None = None,
                 tag_bias: torch.Tensor | None = None, tag_targets: torch.Tensor | None = None,
                 stc_weight: float = 0.0, group=None, impl: str = "auto") -> LossOutput:
-    """HQ-CLIP loss of this rank (see issue 2 / ARCHITECTURE.md for the definitions).
+    """HQ-CLIP loss of this rank: total = clip + hni_weight * hni + stc_weight * stc.
+
+    clip: symmetric InfoNCE over the gathered batch (negative texts as extra image->text columns when
+    given and `negatives_in_softmax`); hni: -log(e^{s<I,T>} / (e^{s<I,T>} + e^{s<I,N>})) per sample;
+    stc: mean multi-label BCE of tag_features @ tag_weight.T + tag_bias against multi-hot(tag_targets).
+    A term whose weight is 0 is a zero tensor and its inputs are not needed.
 
     Each rank returns its own rows (image->text, hni, stc) and columns (text->image), normalized by the
     local batch b: the mean of `total` over ranks is the global loss, and DDP/FSDP gradient averaging gives
