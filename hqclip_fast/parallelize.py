@@ -44,6 +44,8 @@ def parallelize_model(model: nn.Module, *, mesh=None, param_dtype: torch.dtype |
 
     param_dtype: dtype of the gathered parameters in forward/backward (e.g. torch.bfloat16); None keeps the
     parameters' dtype. reduce_dtype: dtype of the gradient reduce-scatter. Both need FSDP (a process group).
+    Build the optimizer after this call: the logit scale is a new parameter, and FSDP2 makes every parameter
+    a DTensor shard. compile_backend: torch.compile backend ("inductor"; tests use "aot_eager").
     """
     one_dim_logit_scale_(model)
     if activation_checkpointing:
