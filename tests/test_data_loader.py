@@ -207,3 +207,15 @@ def test_bad_config_values(manifest, tokenizer):
         build_train_loader(_cfg(manifest), batch_size=0, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="train_data"):
         build_train_loader(_cfg(manifest, train_data=""), batch_size=2, tokenizer=tokenizer)
+
+
+def test_urls_pipe_file_and_fsspec(manifest, tokenizer):
+    fsspec = pytest.importorskip("fsspec", reason="fsspec not installed (remote URLs)")
+    shard = expand_sources(manifest["train"])[0][0]
+    with fsspec.open("memory://bench/shard.tar", "wb") as f, open(shard, "rb") as src:
+        f.write(src.read())
+    for url in (f"pipe:cat {shard}", f"file://{shard}", "memory://bench/shard.tar"):
+        loader = build_train_loader(_cfg(manifest, train_data=url, shuffle_buffer=0), batch_size=40,
+                                    tokenizer=tokenizer)
+        keys = _take(loader, 1)[0]["keys"]
+        assert sorted(keys) == [f"train{i:08d}" for i in range(40)], url

@@ -1,9 +1,10 @@
 """CLIP BPE tokenizer giving exactly open_clip's token ids, backed by the Rust `tokenizers` library.
 
-open_clip's SimpleTokenizer is pure Python (a few thousand captions/s). We build the same byte-level BPE
-(OpenAI's merges file, shipped with open_clip under the MIT license) as a `tokenizers.Tokenizer` and keep
-open_clip's text cleaning (ftfy, html unescape, whitespace collapse, lower case) and its truncation rule
-(sot + tokens + eot, cut to the context length with eot kept as the last token, zero padded).
+open_clip's SimpleTokenizer is pure Python (a few thousand captions/s). We keep its text cleaning (ftfy, html
+unescape, whitespace collapse, lower case; skipped for printable ASCII, which it leaves unchanged), its
+chunking regex and its truncation rule (sot + tokens + eot, cut to the context length with eot kept last,
+zero padded), and run the byte-level BPE of each new chunk in Rust (`tokenizers`, built from OpenAI's merges
+file shipped with open_clip, MIT license); chunk ids are cached, since captions repeat words.
 """
 
 from __future__ import annotations
