@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak for MFU (default: 989 = H100 SXM bf16 dense on CUDA; none on CPU)")
     parser.add_argument("--out", default=None, help="result JSON (default: results/bench_train_<device>.json)")
+    parser.add_argument("--note", default="", help="free text stored in the result (conditions of the run)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,10 +221,11 @@ def main() -> None:
         "open_clip": _version("open_clip"),
         "git_commit": _git_commit(),
         "load_average_1min": os.getloadavg()[0],
-        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "note")},
         "peak_tflops": peak,
         "rows": rows,
         "speedup_vs_open_clip": speedup,
+        "note": args.note,
         "targets": "H100, ViT-B-16 224px bf16: >= 1.3x open_clip's samples/s and MFU >= 50% (GPU only)",
     }
     out = Path(args.out) if args.out else RESULTS / f"bench_train_{device.type}.json"
