@@ -51,6 +51,7 @@ def test_train_loader_survives_dirt_and_keeps_every_good_sample(dirty):
         assert 2 * count <= stats["reasons"][reason] <= 3 * count, reason
 
 
+@pytest.mark.distributed  # spawns worker processes
 def test_train_loader_with_workers_reports_skips(dirty):
     pattern, expected, _ = dirty
     cfg = DataConfig(train_data=pattern, image_size=IMAGE_SIZE, context_length=16, workers=2, shuffle_buffer=4)
@@ -96,6 +97,7 @@ def test_eval_dataset_skips_dirt(dirty):
     assert dataset.stats()["reasons"]["corrupt_image"] == 2
 
 
+@pytest.mark.distributed  # spawns a process
 def test_validate_cli(dirty):
     pattern, expected, num_good = dirty
     proc = subprocess.run([sys.executable, "-m", "hqclip_fast.data.cli", "validate", pattern],

@@ -117,6 +117,7 @@ def test_slots_disjoint_and_complete(manifest, num_shards_used):
     assert len(seen) == len(set(seen)) == num_shards_used * 40
 
 
+@pytest.mark.distributed  # spawns worker processes
 def test_ranks_and_workers_disjoint(manifest, tokenizer):
     """Real DataLoader workers on two ranks: the first epoch's keys never repeat across ranks and workers."""
     keys = []
@@ -138,7 +139,7 @@ def _same_batches(a, b):
                 assert torch.equal(x[name], y[name]), name
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.distributed)])  # 2: worker processes
 def test_exact_resume(manifest, tokenizer, workers):
     vocab = TagVocab.load(manifest["tags"])
     cfg = _cfg(manifest, workers=workers, shuffle_buffer=32)
