@@ -3,7 +3,8 @@
 Mean over ranks of each term == the global term; local input gradients (the gathered ones summed back to
 their owners by the all-gather's backward) == world_size x the global gradient, so DDP averaging gives it;
 replicated leaves' gradients average to the global gradient. Also: open_clip's local_loss + gather_with_grad
-ClipLoss gives the same per-rank CLIP value, and unequal local batches raise ValueError on every rank.
+ClipLoss gives the same per-rank CLIP value, unequal local batches raise ValueError on every rank, and a
+subgroup passed as `group` is used instead of the default group.
 """
 
 import socket
@@ -71,7 +72,13 @@ def _worker(rank, world_size, port, dtype, out_dir):
             uneven_error = ""
         except ValueError as err:
             uneven_error = str(err)
-        torch.save((out, open_clip_value, float(plain.clip), uneven_error), out_dir / f"rank{rank}.pt")
+        subgroup_total = None
+        if world_size == 3:  # `group` is honoured: ranks 0 and 1 alone
+            subgroup = dist.new_group([0, 1])
+            if rank < 2:
+                subgroup_total = run_loss(local, "chunked", **OPTIONS, group=subgroup)[0]["total"]
+        torch.save((out, open_clip_value, float(plain.clip), uneven_error, subgroup_total),
+                   out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -103,7 +110,14 @@ def test_ranks_match_single_process(world_size, dtype, tmp_path):
             got = sum(r[0][key][1][name] for r in results) / world_size
             torch.testing.assert_close(got, expected_grads[name], **tol, msg=f"{key} {name}")
 
-    for _, open_clip_value, plain_clip, uneven_error in results:
+    if world_size == 3:
+        first_two = {k: v if k in REPLICATED else v[:2 * BATCH] for k, v in full.items()}
+        expected_terms, _ = run_loss(first_two, "reference", **OPTIONS)
+        mean = (results[0][4] + results[1][4]) / 2
+        torch.testing.assert_close(mean, expected_terms["total"], **tol)
+        assert results[2][4] is None
+
+    for _, open_clip_value, plain_clip, uneven_error, _ in results:
         if world_size == 2:
             assert plain_clip == pytest.approx(open_clip_value, rel=1e-5)
         assert "image_features" in uneven_error and "every rank" in uneven_error
