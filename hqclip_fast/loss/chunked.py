@@ -3,8 +3,8 @@
 The logit matrices are walked in (CHUNK_ROWS x CHUNK_COLS) tiles. Forward keeps only running log-sum-exps
 (one per local row and one per local column, O(b)); backward recomputes each tile and turns it into its
 softmax-gradient tile at once, so neither the b x B contrastive logits nor the b x V tag logits ever exist
-whole. All arithmetic is fp32 whatever the feature dtype; gradients are returned in the input dtypes.
-The cheap O(b * D) terms (the positive logits, the pairwise HNI term, the tag positives) use plain autograd.
+whole. All arithmetic is fp32 (fp64 for fp64 inputs) whatever the feature dtype; gradients are returned
+in the input dtypes. The cheap O(b * D) terms (the pairwise HNI term, the tag positives) use plain autograd.
 """
 
 from __future__ import annotations
