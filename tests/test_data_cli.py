@@ -82,6 +82,32 @@ def test_join_jsonl(tmp_path, capsys):
     assert samples["a"]["jpg"] == samples["b"]["jpg"]
 
 
+def test_join_recaptioner_folder_counts_error_records(tmp_path, capsys):
+    """The recaptioner writes one jsonl per shard into a folder; its error records are counted, never joined."""
+    shard = _image_shard(tmp_path, ["a", "b", "c"])
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    good = {"positive_description": "desc", "negative_description": "neg", "positive_tags": ["t"],
+            "negative_tags": ["n"]}
+    (folder / "raw-0.jsonl").write_text(json.dumps({"key": "a", **good}) + "\n")
+    failed = {"key": "b", "positive_description": None, "negative_description": None, "positive_tags": None,
+              "negative_tags": None, "error": "unreadable_image"}
+    (folder / "raw-1.jsonl").write_text(json.dumps(failed) + "\n" + json.dumps({"key": "c", **good}) + "\n")
+    out = str(tmp_path / "joined")
+    assert main(["join", shard, str(folder), "--out", out]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["matched"] == 2 and report["unmatched_images"] == 1
+    assert report["problems"] == {"annotation_recaptioner_error": 1}
+    samples = {s["__key__"]: s for s in _samples(os.path.join(out, "images-0.tar"))}
+    assert "json" not in samples["b"] and json.loads(samples["c"]["json"])["positive_description"] == "desc"
+
+
+def test_join_missing_annotations_is_an_error(tmp_path):
+    shard = _image_shard(tmp_path, ["a"])
+    with pytest.raises(ValueError, match="annotations"):
+        main(["join", shard, str(tmp_path / "nothing-*.jsonl"), "--out", str(tmp_path / "out")])
+
+
 def test_join_uid_keyed_json_with_field_map(tmp_path, capsys):
     shard = _image_shard(tmp_path, ["u1", "u2"])
     annotations = {"u1": {"long_caption": "long one", "hard_negative": "wrong one", "tags": ["x"],

@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("join", help="merge annotation records into image shards by key")
     p.add_argument("shards")
-    p.add_argument("annotations", help=".jsonl (one record per line) or .json (list, or object keyed by id)")
+    p.add_argument("annotations", nargs="+",
+                   help=".jsonl (one record per line) or .json (list, or object keyed by id) files, folders of them "
+                        "(e.g. the recaptioner's output folder) or glob patterns")
     p.add_argument("--out", required=True)
     p.add_argument("--key-field", default="key", help="annotation field holding the sample key (e.g. uid)")
     p.add_argument("--map", nargs="*", metavar="OURS=THEIRS",

@@ -1,13 +1,16 @@
 """`hqclip-data join`: merge annotation records into image shards by sample key.
 
-Annotations come as jsonl (the recaptioner's output: one record per line, keyed by `key`) or as one JSON file
+Annotations come as jsonl (the recaptioner's output: one record per line, keyed by `key`) or as JSON files
 (a list of records, or an object mapping id -> record, e.g. VLM-150M style keyed by `uid`), with an optional
-field mapping from their names to ours. Every image sample is written out (an unmatched one keeps what it had);
+field mapping from their names to ours. Several files, folders (every .jsonl/.json inside, e.g. the
+recaptioner's output folder) and glob patterns may be given. Records the recaptioner marked with `error` are
+counted (`annotation_recaptioner_error`), never joined. Every image sample is written out (an unmatched one keeps what it had);
 unmatched keys on both sides are reported and listed in files beside the output shards.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tarfile
@@ -16,6 +19,20 @@ from collections import Counter
 from .records import RECORD_FIELDS, RecordError, check_record, parse_record
 from .shards import expand_sources, iter_tar_samples
 from .synthetic import add_tar_member
+
+
+def annotation_files(paths: list[str] | str) -> list[str]:
+    """Files, folders (their .jsonl/.json files) and glob patterns -> sorted file list; an empty match is an error."""
+    files: list[str] = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        if os.path.isdir(path):
+            found = [f for ext in ("*.jsonl", "*.json") for f in glob.glob(os.path.join(path, ext))]
+        else:
+            found = glob.glob(path) if glob.has_magic(path) else [path]
+        if not found:
+            raise ValueError(f"annotations: nothing matches {path!r}")
+        files.extend(sorted(found))
+    return files
 
 
 def load_annotations(path: str, key_field: str = "key", field_map: dict[str, str] | None = None,
@@ -46,6 +63,9 @@ def load_annotations(path: str, key_field: str = "key", field_map: dict[str, str
         if not isinstance(item, dict) or item.get(key_field) is None:
             stats["annotation_missing_key"] += 1
             continue
+        if item.get("error"):
+            stats["annotation_recaptioner_error"] += 1
+            continue
         record = {ours: item[theirs] for ours, theirs in field_map.items() if theirs in item}
         record.update({k: v for k, v in item.items() if k in RECORD_FIELDS and k not in record})
         try:
@@ -61,11 +81,17 @@ def load_annotations(path: str, key_field: str = "key", field_map: dict[str, str
     return out
 
 
-def join_shards(pattern: str, annotations: str, out_dir: str, *, key_field: str = "key",
+def join_shards(pattern: str, annotations: list[str] | str, out_dir: str, *, key_field: str = "key",
                 field_map: dict[str, str] | None = None) -> dict:
     """Write out_dir/<shard name> for every input shard; return a report (counts and unmatched examples)."""
     stats: Counter = Counter()
-    records = load_annotations(annotations, key_field, field_map, stats)
+    records: dict[str, dict] = {}
+    for path in annotation_files(annotations):
+        loaded = load_annotations(path, key_field, field_map, stats)
+        duplicates = len(records.keys() & loaded.keys())
+        if duplicates:
+            stats["annotation_duplicate_key"] += duplicates
+        records.update(loaded)
     os.makedirs(out_dir, exist_ok=True)
     matched: set[str] = set()
     unmatched_images: list[str] = []
