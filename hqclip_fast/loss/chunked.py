@@ -51,12 +51,28 @@ def _tiles(total: int, start: int, stop: int, has_negatives: bool):
 _LOSSY_COLUMN_SUM = 1e-25
 
 
-def _tile_log_sum_exps(logits, rows_local: bool, cols_local: bool):
+class _TileBuffers:
+    """Reused tile-sized buffers: one allocation per pass instead of one per tile, so the CPU allocator
+    does not keep freed tiles around (with glibc's adaptive thresholds they stay resident)."""
+
+    def __init__(self, like: torch.Tensor, count: int):
+        size = min(CHUNK_ROWS, len(like)) * min(CHUNK_COLS, len(like))  # small batches need small tiles
+        self.flat = [like.new_empty(size) for _ in range(count)]
+
+    def __call__(self, index: int, rows: int, cols: int) -> torch.Tensor:
+        return self.flat[index][: rows * cols].view(rows, cols)
+
+
+def _tile_logits(img_rows, s, cols, buffers: _TileBuffers):
+    return torch.mm(img_rows * s, cols.T, out=buffers(0, len(img_rows), len(cols)))
+
+
+def _tile_log_sum_exps(logits, rows_local: bool, cols_local: bool, buffers: _TileBuffers):
     """(row log-sum-exps, column log-sum-exps) of one tile; None for an axis that is not local."""
     if not rows_local:
         return None, torch.logsumexp(logits, dim=0)
     row_max = logits.amax(dim=1)
-    shifted = torch.sub(logits, row_max[:, None]).exp_()
+    shifted = torch.sub(logits, row_max[:, None], out=buffers(1, *logits.shape)).exp_()
     row_lse = shifted.sum(dim=1).log_().add_(row_max)
     if not cols_local:
         return row_lse, None
@@ -82,10 +98,11 @@ class _ContrastiveSums(torch.autograd.Function):
         neg = _upcast(negatives) if negatives is not None else None
         s = _upcast(scale)
         row_lse = img.new_full((stop - start,), float("-inf"))
+        buffers = _TileBuffers(img, 2)
         col_lse = img.new_full((stop - start,), float("-inf"))
         for (r0, r1), (c0, c1), on_neg, rows_local, cols_local in _tiles(len(img), start, stop, neg is not None):
-            logits = (img[r0:r1] * s) @ (neg if on_neg else txt)[c0:c1].T
-            tile_row_lse, tile_col_lse = _tile_log_sum_exps(logits, rows_local, cols_local)
+            logits = _tile_logits(img[r0:r1], s, (neg if on_neg else txt)[c0:c1], buffers)
+            tile_row_lse, tile_col_lse = _tile_log_sum_exps(logits, rows_local, cols_local, buffers)
             if rows_local:
                 rl = row_lse[r0 - start:r1 - start]
                 torch.logaddexp(rl, tile_row_lse, out=rl)
@@ -111,13 +128,15 @@ class _ContrastiveSums(torch.autograd.Function):
         # Unscaled gradients: d(loss)/d(image_i) = s * sum_j P_ij y_j, so s is applied once at the end.
         d_img, d_txt = torch.zeros_like(img), torch.zeros_like(txt)
         d_neg = torch.zeros_like(neg) if neg is not None else None
+        buffers = _TileBuffers(img, 2)
         for (r0, r1), (c0, c1), on_neg, rows_local, cols_local in _tiles(len(img), start, stop, neg is not None):
             cols_src, cols_grad = (neg, d_neg) if on_neg else (txt, d_txt)
-            logits = (img[r0:r1] * s) @ cols_src[c0:c1].T
+            logits = _tile_logits(img[r0:r1], s, cols_src[c0:c1], buffers)
             # Gradient tile: g_rows * row softmax (local rows) + g_cols * column softmax (local columns).
             probs = None
             if rows_local:
-                probs = torch.sub(logits, row_shift[r0 - start:r1 - start, None]).exp_()
+                probs = torch.sub(logits, row_shift[r0 - start:r1 - start, None],
+                                  out=buffers(1, *logits.shape)).exp_()
                 if rows_negated:
                     probs.neg_()
             if cols_local:
