@@ -32,8 +32,8 @@ def test_overrides_take_yaml_values_and_win_over_the_preset():
                                              "model.overrides.pack_text=true", "loss.hni_weight=0",
                                              "model.tag_vocab=t.json"])
     assert cfg.steps == 70 and cfg.optim.betas == [0.8, 0.9] and cfg.data.p_description == 0.25
-    assert cfg.loss.hni_weight == 0.0 and cfg.loss.stc_weight == 1.0  # untouched preset value
-    assert model_kwargs(cfg) == {"pack_text": True, "image_size": 64, "context_length": 32}
+    assert cfg.loss.hni_weight == 0.0 and cfg.loss.stc_weight == 5.0  # untouched preset value
+    assert model_kwargs(cfg) == {"pack_text": True, "image_size": 64, "context_length": 36}
 
 
 def test_defaults_without_a_preset():
