@@ -1,17 +1,20 @@
 """The DALI pipeline, run in DALI's CPU-only mode (device_id=None): contract, rank sharding, resume, dirt."""
 
+import gzip
 import itertools
 import json
 import os
 import shutil
 import sys
+from collections import Counter
 
 import pytest
 import torch
-from data_helpers import IMAGE_SIZE, good_members, small_synthetic, write_tar
+from data_helpers import IMAGE_SIZE, dirty_shards, good_members, small_synthetic, write_tar
 
 from hqclip_fast.data import ClipTokenizer, DataConfig, TagVocab, build_eval_dataset, build_train_loader
 from hqclip_fast.data.cli import main as data_cli
+from hqclip_fast.data.dali import write_dali_index
 
 
 def _dali_cpu_unavailable_reason():
@@ -110,7 +113,7 @@ def test_exact_resume(indexed):
 
 @needs_dali
 def test_bad_records_are_dropped_and_batches_stay_full(tmp_path):
-    # good images, every third record broken (DALI's decoder itself cannot skip corrupt images)
+    # good images, every third record broken: dropped by the reader-side record check
     members = []
     for i in range(6):
         jpg, rec = good_members(i)
@@ -124,6 +127,52 @@ def test_bad_records_are_dropped_and_batches_stay_full(tmp_path):
     assert all(len(b["keys"]) == 3 and b["images"].shape[0] == 3 for b in batches)
     assert {k for b in batches for k in b["keys"]} == {f"train{i:08d}" for i in (1, 2, 4, 5)}
     assert loader.stats()["reasons"]["invalid_json"] >= 2
+
+
+@needs_dali
+def test_dirty_shards_are_skipped_and_counted(tmp_path):
+    # corrupt and truncated JPEGs, missing image / json members, bad records, empty and truncated tars:
+    # the index leaves out what DALI cannot read, the reader drops bad records, and every reason is counted
+    pattern, expected, num_good = dirty_shards(str(tmp_path))
+    assert data_cli(["index", pattern]) == 0
+    with open(str(tmp_path / "dirty-0.skipped.json")) as f:
+        assert json.load(f)["reasons"] == {"corrupt_image": 2, "missing_image": 1, "missing_json": 1}
+    cfg = DataConfig(train_data=pattern, image_size=IMAGE_SIZE, context_length=16, decoder="dali", dali_device="cpu",
+                     shuffle_buffer=0)
+    loader = build_train_loader(cfg, batch_size=7, tokenizer=ClipTokenizer(16))
+    batches = _take(loader, 2)  # one epoch: every good sample once (dirty-3 and dirty-4 share their two keys)
+    keys = Counter(k for b in batches for k in b["keys"])
+    assert keys == Counter([f"train{i:08d}" for i in range(10)] + ["train00000010", "train00000011"] * 2)
+    assert sum(keys.values()) == num_good and all(b["images"].isfinite().all() for b in batches)
+    stats = loader.stats()
+    assert stats["reasons"] == expected and stats["samples_ok"] == num_good
+    assert stats["samples_skipped"] == sum(expected.values()) - expected["empty_tar"] - expected["truncated_tar"]
+    # other ranks do not repeat the index counts (the sum over ranks is one pass's count)
+    other = build_train_loader(cfg, batch_size=7, rank=1, world_size=2, tokenizer=ClipTokenizer(16))
+    assert "corrupt_image" not in other.stats()["reasons"]
+
+
+def test_index_refuses_compressed_and_counts_unreadable_shards(tmp_path):
+    shard = write_tar(str(tmp_path / "a.tar"), good_members(0))
+    with open(shard, "rb") as f, open(str(tmp_path / "a.tar.gz"), "wb") as g:
+        g.write(gzip.compress(f.read()))
+    with pytest.raises(ValueError, match="uncompressed tar only"):
+        write_dali_index(str(tmp_path / "a.tar.gz"), str(tmp_path / "a.idx"))
+    sidecar = write_dali_index(str(tmp_path / "missing.tar"), str(tmp_path / "missing.idx"))
+    assert sidecar["samples_indexed"] == 0 and sidecar["reasons"] == {"unreadable_shard": 1}
+
+
+@needs_dali
+def test_index_without_skip_counts_is_refused(tmp_path, indexed):
+    # an index from DALI's own wds2idx lists every sample and counts nothing: the loader asks for ours
+    shard = os.path.join(str(tmp_path), "x.tar")
+    shutil.copy(indexed["train"].replace("{000000..000005}", "000000"), shard)
+    from wds2idx import IndexCreator
+
+    with IndexCreator(shard, shard.replace(".tar", ".idx"), verbose=False) as creator:
+        creator.create_index()
+    with pytest.raises(FileNotFoundError, match="hqclip-data index"):
+        build_train_loader(_cfg(indexed, train_data=shard), batch_size=2, tokenizer=ClipTokenizer(16))
 
 
 @needs_dali

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 
 from .config import DataConfig
 from .records import RecordError, parse_record
@@ -42,8 +43,6 @@ def _join(args) -> int:
 
 
 def _tags_build(args) -> int:
-    from collections import Counter
-
     stats: Counter = Counter()
 
     def tag_lists():
@@ -63,24 +62,16 @@ def _tags_build(args) -> int:
 
 
 def _index(args) -> int:
-    try:
-        from wds2idx import IndexCreator  # ships with nvidia-dali
-    except ImportError:
-        print("hqclip-data index: DALI's wds2idx is not installed (pip install nvidia-dali-cuda130)", file=sys.stderr)
-        return 2
-    from .dali import dali_index_path
+    from .dali import dali_index_path, write_dali_index
 
-    written = 0
+    written, reasons = 0, Counter()
     for url in (u for source in expand_sources(args.pattern) for u in source):
         out = dali_index_path(url, args.out_dir)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        try:
-            with IndexCreator(url, out, verbose=False) as creator:
-                creator.create_index()
-            written += 1
-        except ValueError as e:
-            print(f"hqclip-data index: skipping {url}: {e}", file=sys.stderr)
-    print(json.dumps({"index_files": written}))
+        sidecar = write_dali_index(url, out)
+        reasons.update(sidecar["reasons"])
+        written += 1
+    print(json.dumps({"index_files": written, "reasons": dict(sorted(reasons.items()))}))
     return 0
 
 
@@ -125,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--min-count", type=int, default=1)
     b.set_defaults(func=_tags_build)
 
-    p = sub.add_parser("index", help="write DALI webdataset index files (one .idx per shard)")
+    p = sub.add_parser("index", help="write DALI index files (one .idx per shard) listing only readable samples, "
+                                     "and a .skipped.json per shard counting the rest (a full decode pass)")
     p.add_argument("pattern")
     p.add_argument("--out-dir", default=None, help="default: beside each shard")
     p.set_defaults(func=_index)

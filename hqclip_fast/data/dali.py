@@ -4,8 +4,15 @@ on the GPU (`device="mixed"`), sharded by rank. The same pipeline definition run
 
 Texts, tags and tokens are produced on the host from the `.json` member with the same rules as the CPU path.
 A sample whose record is unusable is dropped and counted; its batch is refilled from the next pipeline run so
-that every batch has exactly `batch_size` rows. DALI's decoders cannot skip a corrupt image (the pipeline
-raises): run `hqclip-data validate` on new shards first.
+that every batch has exactly `batch_size` rows.
+
+DALI's decoders cannot skip a corrupt image (the pipeline raises), and its reader drops a sample that lacks a
+member without telling anyone. So the dirt is screened once, when `hqclip-data index` writes the index files
+(`write_dali_index`): every sample's image is fully decoded with PIL, and the index lists only samples with a
+decodable image and a json member. The samples left out, and shard-level problems (a truncated tar still
+indexes every complete sample before the cut), are counted under the CPU path's reason names in a sidecar
+`<shard>.skipped.json`; the loader adds them to stats() once, on rank 0 (they describe the data set, found in one
+pass, not this rank's share of it; the reader-time record skips are counted each time they are read).
 
 Resume: DALI's own checkpointing (reader position and RNG states) plus the position inside a pipeline run;
 the per-sample text choices are seeded by (seed, rank, run, row), so resumed batches equal uninterrupted ones.
@@ -14,20 +21,27 @@ the per-sample text choices are seeded by (seed, rank, run, row), so resumed bat
 from __future__ import annotations
 
 import base64
+import io
+import json
 import os
 from collections import Counter
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .config import OPENAI_MEAN, OPENAI_STD, DataConfig
 from .loader import summarize
-from .samples import SkipSample, choose, read_record
-from .shards import expand_sources
+from .samples import IMAGE_EXTENSIONS, SkipSample, choose, read_record
+from .shards import expand_sources, iter_tar_samples
 from .tags import TagVocab
 from .tokenizer import ClipTokenizer
 
 STATE_VERSION = 1
+INDEX_VERSION = "v1.2"  # DALI's webdataset index format (what its wds2idx writes)
+# Image formats that both PIL and DALI's decoders read.
+DALI_IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "PPM", "JPEG2000"})
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
 
 
 def require_dali():
@@ -44,6 +58,60 @@ def dali_index_path(shard: str, index_dir: str | None) -> str:
     return os.path.join(index_dir or os.path.dirname(shard), stem)
 
 
+def skipped_path(index_path: str) -> str:
+    """shard-000001.idx -> shard-000001.skipped.json (the sidecar counting what the index left out)."""
+    return os.path.splitext(index_path)[0] + ".skipped.json"
+
+
+def _screen(raw: dict) -> tuple[str, str]:
+    """(image ext, "json") of a sample DALI can read; raises SkipSample with the CPU path's reason otherwise."""
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+    if image_ext is None:
+        raise SkipSample("missing_image")
+    if "json" not in raw:
+        raise SkipSample("missing_json")
+    try:
+        with Image.open(io.BytesIO(raw[image_ext])) as img:
+            img.load()  # a full decode: a header check passes truncated JPEGs
+            supported = img.format in DALI_IMAGE_FORMATS
+    except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise SkipSample("corrupt_image") from None
+    if not supported:
+        raise SkipSample("unsupported_image")
+    return image_ext, "json"
+
+
+def write_dali_index(shard: str, index_path: str) -> dict:
+    """Write the DALI index of `shard` listing only its readable samples, and the sidecar counting the rest.
+
+    Returns the sidecar: {"shard", "samples_indexed", "reasons": {reason: count}}.
+    """
+    try:
+        with open(shard, "rb") as f:
+            compressed = f.read(6).startswith(COMPRESSED_MAGIC)
+    except OSError:
+        compressed = False  # iter_tar_samples counts it as 'unreadable_shard'
+    if compressed:  # the index holds offsets into the raw file
+        raise ValueError(f"shard: DALI reads uncompressed tar only, {shard} is compressed")
+    reasons: Counter = Counter()
+    lines = []
+    for raw in iter_tar_samples(shard, reasons, offsets=True):
+        try:
+            exts = _screen(raw)
+        except SkipSample as e:
+            reasons[e.reason] += 1
+            continue
+        # one "ext offset size name" group per member; names go without spaces (the format splits on them)
+        lines.append(" ".join(f"{ext} {raw['__offsets__'][ext][0]} {raw['__offsets__'][ext][1]} "
+                              f"{'_'.join(raw['__offsets__'][ext][2].split())}" for ext in exts))
+    with open(index_path, "w") as f:
+        f.write(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
+    sidecar = {"shard": shard, "samples_indexed": len(lines), "reasons": dict(reasons)}
+    with open(skipped_path(index_path), "w") as f:
+        json.dump(sidecar, f)
+    return sidecar
+
+
 def build_dali_pipeline(files: list[str], index_files: list[str], *, batch_size: int, image_size: int,
                         scale: tuple[float, float], shard_id: int, num_shards: int, seed: int, shuffle_buffer: int,
                         device_id: int | None, num_threads: int = 2, checkpoint: str | None = None):
@@ -55,7 +123,9 @@ def build_dali_pipeline(files: list[str], index_files: list[str], *, batch_size:
                   enable_checkpointing=True)
     def clip_pipeline():
         jpegs, records = fn.readers.webdataset(
-            paths=files, index_paths=index_files, ext=["jpg;jpeg;png", "json"], missing_component_behavior="skip",
+            paths=files, index_paths=index_files, ext=[";".join(IMAGE_EXTENSIONS), "json"],
+            # the index lists only complete samples: a missing member means a stale index, never a silent drop
+            missing_component_behavior="error",
             random_shuffle=shuffle_buffer > 1, initial_fill=max(1, shuffle_buffer), shard_id=shard_id,
             num_shards=num_shards, seed=seed, name="reader")
         source = fn.get_property(jpegs, key="source_info")
@@ -82,13 +152,26 @@ class DaliTrainLoader:
         if len(sources) != 1 or cfg.resampled:
             raise ValueError("train_data: the DALI path reads one source without resampling; "
                              "use decoder='cpu' for weighted sources or resampled=true")
-        self.files = sources[0]
-        if any("://" in f for f in self.files):
+        files = sources[0]
+        if any("://" in f for f in files):
             raise ValueError("train_data: DALI's webdataset reader needs local files, not URLs")
-        self.index_files = [dali_index_path(f, cfg.dali_index_dir) for f in self.files]
-        missing = [p for p in self.index_files if not os.path.exists(p)]
+        index_files = [dali_index_path(f, cfg.dali_index_dir) for f in files]
+        missing = [p for p in index_files + [skipped_path(p) for p in index_files] if not os.path.exists(p)]
         if missing:
             raise FileNotFoundError(f"DALI index files missing (run `hqclip-data index PATTERN`): {missing[:3]}")
+        # what the index left out, counted in stats(); shards with no readable sample are not given to DALI
+        self._index_reasons: Counter = Counter()
+        self.files, self.index_files = [], []
+        for shard, index in zip(files, index_files, strict=True):
+            with open(skipped_path(index)) as f:
+                sidecar = json.load(f)
+            self._index_reasons.update(sidecar["reasons"])
+            if sidecar["samples_indexed"]:
+                self.files.append(shard)
+                self.index_files.append(index)
+        if not self.files:
+            raise ValueError(f"train_data: no readable sample in {cfg.train_data} "
+                             f"(index skips: {dict(self._index_reasons)})")
         if cfg.dali_device not in ("gpu", "cpu"):
             raise ValueError(f"dali_device must be 'gpu' or 'cpu', got {cfg.dali_device!r}")
         if cfg.dali_device == "gpu" and not torch.cuda.is_available():
@@ -183,7 +266,10 @@ class DaliTrainLoader:
         return batch
 
     def stats(self) -> dict:
-        return summarize(self._reasons, self._ok)
+        reasons = Counter(self._reasons)
+        if self.rank == 0:
+            reasons.update(self._index_reasons)
+        return summarize(reasons, self._ok)
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "decoder": "dali", "seed": self.seed, "world_size": self.world_size,

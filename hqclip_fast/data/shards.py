@@ -62,8 +62,11 @@ class _CountingReader:
             pass
 
 
-def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
+def iter_tar_samples(url: str, stats: Counter, offsets: bool = False) -> Iterator[dict]:
     """Yield {'__key__', '__url__', ext: bytes, ...} per sample (consecutive members sharing a key).
+
+    offsets=True adds '__offsets__': {ext: (data offset in the uncompressed tar, size, member name)}, which is
+    what a DALI index file lists.
 
     An unreadable or empty shard is counted and yields nothing; a truncated shard yields every complete sample
     before the cut ('truncated_tar'), and counts a sample that the cut went through as 'truncated_sample'.
@@ -103,9 +106,11 @@ def iter_tar_samples(url: str, stats: Counter) -> Iterator[dict]:
                 yield sample
                 sample = None
             if sample is None:
-                sample = {"__key__": key, "__url__": url}
+                sample = {"__key__": key, "__url__": url} | ({"__offsets__": {}} if offsets else {})
             try:
                 sample[ext] = tar.extractfile(member).read()
+                if offsets:
+                    sample["__offsets__"][ext] = (member.offset_data, member.size, member.name)
             except (tarfile.TarError, EOFError, OSError, ValueError):
                 # Cut inside this member's data: its sample is incomplete and lost.
                 stats["truncated_sample"] += 1
