@@ -17,6 +17,7 @@ import os
 import subprocess
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ def vision_arm(kind: str, image_size: int) -> nn.Module:
 def shape_labels(pattern: str) -> dict[str, list[float]]:
     labels = {}
     for url in (u for source in expand_sources(pattern) for u in source):
-        for sample in iter_tar_samples(url, {}):
+        for sample in iter_tar_samples(url, Counter()):
             record = json.loads(sample["json"])
             labels[record["key"]] = [float(s in record["positive_description"]) for s in SHAPES]
     return labels
