@@ -3,13 +3,20 @@
 Keys are given as two row blocks K = [K1; K2] (K2 optional: negative texts as extra image->text columns), so
 the caller never concatenates feature matrices.
 
-Forward (`_lse_fwd_kernel`): one sweep over BLOCK_M x BLOCK_N logit tiles. Program (m, g) takes row block m
-and a group of consecutive column tiles; it keeps an online (max, sum) per row in registers and writes
-  row_part[g, i] = lse over its column group of row i,
-  col_part[m, j] = lse over row block m of column j (only K1 columns, only when column stats are asked for).
-Both are reduced with torch.logsumexp afterwards (fixed order, deterministic). Rows and columns are
-rescaled by their own running max, so any scale (up to 100 and beyond) is safe however poorly rows align.
-The same sweep stores the positive logits diag[i] = s <q_i, k1_{i + offset}> (the InfoNCE targets).
+Forward (`_lse_fwd_kernel`): one sweep over BLOCK_M x BLOCK_N logit tiles. `sweep_grid` cuts the plane of
+row blocks x column tiles into row groups x column groups, one program each (about four waves of the GPU's
+SMs). Program (r, c) walks its row blocks (outer loop) and, for each, its column tiles (inner loop):
+  row_part[c, i] = lse of row i over column group c: an online (max, sum) per row in registers, stored once
+                   per row block;
+  col_part[r, j] = lse of column j over row group r (only K1 columns, only when column stats are asked for):
+                   merged tile by tile into the buffer (read, merge, write). Program (r, c) is the only
+                   one that touches these entries, so there are no atomics and the result is bit-reproducible.
+Both are reduced with torch.logsumexp afterwards, in a fixed order. The buffers hold col_groups x M and
+row_groups x N1 floats, about sqrt(programs) per axis: O(M + N) whatever the batch (one partial per row block
+and column would be O(M N / BLOCK_M), 32 MiB at B = 32768). Rows and columns are rescaled by their own
+running max in base 2 (partials are log2-sum-exp2), so any scale (up to 100 and beyond) is safe however
+poorly rows align. The same sweep stores the positive logits diag[i] = s <q_i, k1_{i + offset}> (the
+InfoNCE targets).
 
 Backward: for panels of Q rows, `_grad_logits_kernel` recomputes each tile once and writes
   G = s * (g_row_i P_row_ij + g_col_j P_col_ij + [j = i + offset] g_diag_i),
@@ -19,10 +26,13 @@ The positive-logit gradient is added in fp32 inside the tile, so the large, near
 softmax and target terms are rounded to bf16 once, after they cancel.
 Then dQ = G @ K and dK = G.T @ Q are plain GEMMs (cuBLAS on a GPU). No atomics: every sum has a fixed
 order, so two runs are bit-identical. Peak extra memory: one panel (panel_rows x (N1 + N2)) plus O(M + N)
-statistics and O(M N / BLOCK_M) column partials.
+statistics (and fp32 gradient accumulators when there are several panels).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -41,55 +51,67 @@ from ._common import (
     tile_dot,
 )
 
-__all__ = ["contrastive_lse", "lse_forward", "lse_backward"]
+__all__ = ["contrastive_lse", "lse_forward", "lse_backward", "sweep_grid", "SweepGrid"]
 
 # Elements of one backward panel on a GPU (bf16: 128 MiB): fewer panels mean fewer fp32 passes over the
 # accumulated key gradient (B=32768: 2048 rows, 16 panels). The interpreter uses small panels.
 _PANEL_ELEMENTS = 1 << 26
 
 
-@triton.autotune(configs=autotune_configs(), key=["D", "TILES1", "TOTAL_TILES"])
+@triton.autotune(configs=autotune_configs(), key=["D", "ROW_BLOCKS", "TOTAL_TILES", "COL_STATS"])
 @triton.jit
 def _lse_fwd_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_part_ptr, col_part_ptr, diag_ptr,
                     M, N1, N2, D, stride_q, stride_k1, stride_k2,
-                    TILES1, TOTAL_TILES, TILES_PER_GROUP, DIAG_OFFSET,
+                    ROW_BLOCKS, TILES1, TOTAL_TILES, BLOCKS_PER_GROUP, TILES_PER_GROUP, DIAG_OFFSET,
                     COL_STATS: tl.constexpr, HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_g = tl.program_id(1)
+    pid_r = tl.program_id(0)  # row group: writes col_part[pid_r, its columns]
+    pid_c = tl.program_id(1)  # column group: writes row_part[pid_c, its rows]
     scale2 = tl.load(scale_ptr).to(tl.float32) * LOG2E  # base-2 logits: exp2 is the fast path
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    m_i = tl.full([BLOCK_M], NEG, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    t_start = pid_g * TILES_PER_GROUP
+    b_start = pid_r * BLOCKS_PER_GROUP
+    b_stop = tl.minimum(b_start + BLOCKS_PER_GROUP, ROW_BLOCKS)
+    t_start = pid_c * TILES_PER_GROUP
     t_stop = tl.minimum(t_start + TILES_PER_GROUP, TOTAL_TILES)
-    for t in range(t_start, t_stop):
-        # Pick the key block by select, not by branch: the feature loop inside tile_dot then stays a
-        # top-level loop that Triton software-pipelines.
-        first = t < TILES1
-        k_ptr = tl.where(first, k1_ptr, k2_ptr)
-        cols = tl.where(first, t, t - TILES1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = cols < tl.where(first, N1, N2)
-        acc = tile_dot(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_q, tl.where(first, stride_k1, stride_k2),
-                       BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
-        x = acc * scale2
-        x_row = tl.where(col_ok[None, :], x, NEG)
-        m_new = tl.maximum(m_i, tl.max(x_row, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x_row - m_new[:, None]), axis=1)
-        m_i = m_new
-        if HAS_DIAG:
-            if t < TILES1:
-                on_diag = cols[None, :] == rows[:, None] + DIAG_OFFSET
-                in_tile = row_ok & (rows + DIAG_OFFSET >= t * BLOCK_N) & (rows + DIAG_OFFSET < t * BLOCK_N + BLOCK_N)
-                tl.store(diag_ptr + rows, tl.sum(tl.where(on_diag, x, 0.0), axis=1) * LN2, mask=in_tile)
-        if COL_STATS:
-            if t < TILES1:
-                x_col = tl.where(row_ok[:, None], x, NEG)
-                c_m = tl.max(x_col, axis=0)
-                c_l = tl.sum(tl.exp2(x_col - c_m[None, :]), axis=0)
-                tl.store(col_part_ptr + pid_m * N1 + cols, (c_m + tl.log2(c_l)) * LN2, mask=col_ok)
-    tl.store(row_part_ptr + pid_g * M + rows, (m_i + tl.log2(l_i)) * LN2, mask=row_ok)
+    for b in range(b_start, b_stop):
+        rows = b * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        m_i = tl.full([BLOCK_M], NEG, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for t in range(t_start, t_stop):
+            # Pick the key block by select, not by branch: the feature loop inside tile_dot then stays the
+            # innermost loop outside any branch, which Triton software-pipelines.
+            first = t < TILES1
+            k_ptr = tl.where(first, k1_ptr, k2_ptr)
+            cols = tl.where(first, t, t - TILES1) * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < tl.where(first, N1, N2)
+            acc = tile_dot(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_q,
+                           tl.where(first, stride_k1, stride_k2), BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+            x = acc * scale2
+            x_row = tl.where(col_ok[None, :], x, NEG)
+            m_new = tl.maximum(m_i, tl.max(x_row, axis=1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x_row - m_new[:, None]), axis=1)
+            m_i = m_new
+            if HAS_DIAG:
+                if t < TILES1:
+                    on_diag = cols[None, :] == rows[:, None] + DIAG_OFFSET
+                    in_tile = (row_ok & (rows + DIAG_OFFSET >= t * BLOCK_N)
+                               & (rows + DIAG_OFFSET < t * BLOCK_N + BLOCK_N))
+                    tl.store(diag_ptr + rows, tl.sum(tl.where(on_diag, x, 0.0), axis=1) * LN2, mask=in_tile)
+            if COL_STATS:
+                if t < TILES1:
+                    # Merge this block's column lse into the row group's running one (log2 units). Only
+                    # this program touches these entries; the group's first block overwrites them, so a
+                    # relaunch (autotuning) needs no reset.
+                    x_col = tl.where(row_ok[:, None], x, NEG)
+                    c_m = tl.max(x_col, axis=0)
+                    c_lse = c_m + tl.log2(tl.sum(tl.exp2(x_col - c_m[None, :]), axis=0))
+                    part = col_part_ptr + pid_r * N1 + cols
+                    old = tl.load(part, mask=col_ok & (b > b_start), other=NEG)
+                    top = tl.maximum(old, c_lse)
+                    tl.store(part, top + tl.log2(tl.exp2(old - top) + tl.exp2(c_lse - top)), mask=col_ok)
+                    # The next block reads these back, maybe in other threads: make the stores visible.
+                    tl.debug_barrier()
+        tl.store(row_part_ptr + pid_c * M + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.autotune(configs=autotune_configs(), key=["D", "TILES1", "N_TILES"])
@@ -135,13 +157,40 @@ def _grad_logits_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_lse_ptr, row_g_ptr
              (grad * scale).to(g_ptr.dtype.element_ty), mask=ok)
 
 
-def _groups(row_blocks: int, tiles: int, device: torch.device) -> int:
-    """Column-tile groups per row block: enough programs to fill the GPU (about 4 waves), few in the
-    interpreter (each program is a Python loop there)."""
+@dataclass(frozen=True)
+class SweepGrid:
+    """How the forward splits the plane of row blocks x column tiles: program (r, c) sweeps row blocks
+    [r * blocks_per_group, (r + 1) * blocks_per_group) against column tiles [c * tiles_per_group, ...)
+    (the last group of each axis may be shorter; none is empty)."""
+
+    row_groups: int
+    col_groups: int
+    blocks_per_group: int
+    tiles_per_group: int
+
+    def partial_shapes(self, M: int, N1: int, col_stats: bool) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Shapes of the fp32 partial-statistics buffers: row_part (col_groups, M), col_part (row_groups, N1)
+        (no rows without column statistics). O(M + N1) for a fixed number of programs."""
+        return (self.col_groups, M), (self.row_groups if col_stats else 0, N1)
+
+
+def sweep_grid(row_blocks: int, col_tiles: int, col_stats: bool, programs: int) -> SweepGrid:
+    """About `programs` programs in a (row groups x column groups) grid. The buffers hold col_groups x M and
+    row_groups x N1 floats, so with column statistics both axes get about sqrt(programs) groups; without
+    them row groups cost nothing and take all they can."""
+    row_blocks, col_tiles, programs = max(row_blocks, 1), max(col_tiles, 1), max(programs, 1)
+    row_groups = min(row_blocks, math.isqrt(programs) if col_stats else programs)
+    col_groups = min(col_tiles, triton.cdiv(programs, row_groups))
+    blocks, tiles = triton.cdiv(row_blocks, row_groups), triton.cdiv(col_tiles, col_groups)
+    return SweepGrid(triton.cdiv(row_blocks, blocks), triton.cdiv(col_tiles, tiles), blocks, tiles)
+
+
+def _forward_programs(device: torch.device) -> int:
+    """About four waves of programs on a GPU; four in the interpreter (each program is a Python loop
+    there; 2 x 2 groups still exercise the merges across groups)."""
     if device.type == "cuda" and not interpreting():
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return max(1, min(tiles, triton.cdiv(4 * sms, row_blocks)))
-    return min(tiles, 2)
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
 
 
 def _prep(q, k1, k2, tiles):
@@ -152,28 +201,30 @@ def _prep(q, k1, k2, tiles):
 
 
 def lse_forward(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scale: torch.Tensor,
-                col_stats: bool, diag_offset: int, tiles: Tiles | None = None):
-    """(row_lse (M,), col_lse (N1,) or empty, diag (M,) or empty), fp32. See `contrastive_lse`."""
+                col_stats: bool, diag_offset: int, tiles: Tiles | None = None, programs: int = 0):
+    """(row_lse (M,), col_lse (N1,) or empty, diag (M,) or empty), fp32. See `contrastive_lse`.
+    programs: how many programs the sweep aims for (0: fill the device; tests pass small counts)."""
     q, k1, k2, tiles = _prep(q, k1, k2, tiles)
     M, D = q.shape
     N1, N2 = k1.shape[0], k2.shape[0]
     row_blocks = triton.cdiv(M, tiles.block_m)
     tiles1, tiles2 = triton.cdiv(N1, tiles.block_n), triton.cdiv(N2, tiles.block_n)
     total = tiles1 + tiles2
-    groups = _groups(row_blocks, total, q.device)
-    per_group = triton.cdiv(total, groups)
-    groups = triton.cdiv(total, per_group)
+    grid = sweep_grid(row_blocks, total, col_stats, programs or _forward_programs(q.device))
+    row_shape, col_shape = grid.partial_shapes(M, N1, col_stats)
+    row_part = torch.empty(row_shape, device=q.device, dtype=torch.float32)
+    col_part = torch.empty(col_shape, device=q.device, dtype=torch.float32)
     has_diag = diag_offset >= 0
-    row_part = torch.empty(groups, M, device=q.device, dtype=torch.float32)
-    col_part = torch.empty(row_blocks if col_stats else 0, N1, device=q.device, dtype=torch.float32)
     diag = torch.empty(M if has_diag else 0, device=q.device, dtype=torch.float32)
     scale = scale.detach().float().reshape(1)
-    _lse_fwd_kernel[(row_blocks, groups)](
+    _lse_fwd_kernel[(grid.row_groups, grid.col_groups)](
         q, k1, k2, scale, row_part, col_part, diag, M, N1, N2, D, q.stride(0), k1.stride(0), k2.stride(0),
-        tiles1, total, per_group, max(diag_offset, 0), COL_STATS=col_stats, HAS_DIAG=has_diag,
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=dot_precision(q.dtype))
-    row_lse = torch.logsumexp(row_part, dim=0)
-    col_lse = torch.logsumexp(col_part, dim=0) if col_stats else col_part.new_empty(0)
+        row_blocks, tiles1, total, grid.blocks_per_group, grid.tiles_per_group, max(diag_offset, 0),
+        COL_STATS=col_stats, HAS_DIAG=has_diag, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k, PRECISION=dot_precision(q.dtype))
+    # The partials are log2-sum-exp2 values: natural lse = logsumexp(ln 2 * partials), in a fixed order.
+    row_lse = torch.logsumexp(row_part.mul_(math.log(2)), dim=0)
+    col_lse = torch.logsumexp(col_part.mul_(math.log(2)), dim=0) if col_stats else col_part.new_empty(0)
     return row_lse, col_lse, diag
 
 

@@ -51,6 +51,8 @@ def compile_all() -> None:
         ttgir = kernel.asm["ttgir"]
         assert "warp_group_dot" in ttgir, f"{kernel.name}: no Hopper wgmma"
         assert "async_copy_global_to_local" in ttgir, f"{kernel.name}: feature loop not pipelined"
+    # The forward reads back running column partials that other threads of the CTA stored.
+    assert "ttg.barrier" in compiled[0].asm["ttgir"], "_lse_fwd_kernel: no barrier after the column merge"
     print("compiled", [k.name for k in compiled])
 
 

@@ -1,10 +1,15 @@
 """hqclip_kernels ops on their own: statistics and gradients against plain PyTorch on materialized logits,
-multi-panel backward, custom-op registration (opcheck), torch.compile without graph breaks, bad input."""
+multi-panel backward, the forward's multi-group sweep and its O(M + N) statistics buffers, custom-op
+registration (opcheck), torch.compile without graph breaks, bad input."""
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hqclip_kernels import contrastive_lse, tag_bce_sum
+from hqclip_kernels._common import Tiles
+from hqclip_kernels.contrastive import lse_forward, sweep_grid
 
 TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5)}
 
@@ -65,6 +70,68 @@ def test_contrastive_lse_rows_only_with_offset():
     want = _grads([ref_row, ref_diag], [weights[0], weights[2]], [q, k1, scale])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+# (M, N1, N2, col_stats, diag_offset, scale, programs): 16 x 16 tiles, ragged last groups on both axes,
+# K1 and K2 tiles sharing a column group, rows-only sweeps with an offset diagonal.
+SWEEPS = [
+    (75, 75, 35, True, 0, 100.0, 9),   # 5 row blocks in groups 2+2+1; 8 tiles in groups 3+3+2
+    (75, 91, None, True, 9, 31.0, 9),  # 6 tiles in groups 2+2+2 (with a short last tile), offset positives
+    (40, 70, 20, False, 13, 100.0, 6),  # rows only: 3 row groups of 1 block; 7 tiles in groups 4+3
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M, N1, N2, col_stats, offset, scale, programs", SWEEPS)
+def test_forward_sweep_across_groups_matches_materialized(M, N1, N2, col_stats, offset, scale, programs, dtype):
+    """Several row and column groups: column statistics merged across a group's row blocks, partials reduced
+    across groups; bit-identical when run twice."""
+    tiles = Tiles(16, 16, 16)
+    row_blocks, col_tiles = math.ceil(M / 16), math.ceil(N1 / 16) + math.ceil((N2 or 0) / 16)
+    grid = sweep_grid(row_blocks, col_tiles, col_stats, programs)
+    assert grid.row_groups > 1 and grid.col_groups > 1, grid
+    assert grid.blocks_per_group > 1 or grid.tiles_per_group > 1, grid  # the in-program merges run
+
+    g = torch.Generator().manual_seed(6)
+    q, k1 = _unit(M, 24, dtype, g).detach(), _unit(N1, 24, dtype, g).detach()
+    k2 = _unit(N2, 24, dtype, g).detach() if N2 else None
+    scale = torch.tensor(scale)
+    got = lse_forward(q, k1, k2, scale, col_stats, offset, tiles=tiles, programs=programs)
+    ref_row, ref_col, ref_diag = _reference_stats(q, k1, k2, scale, offset)
+    torch.testing.assert_close(got[0], ref_row, **TOL[torch.float32])
+    torch.testing.assert_close(got[2], ref_diag, **TOL[torch.float32])
+    if col_stats:
+        torch.testing.assert_close(got[1], ref_col, **TOL[torch.float32])
+    else:
+        assert got[1].numel() == 0
+    again = lse_forward(q, k1, k2, scale, col_stats, offset, tiles=tiles, programs=programs)
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.parametrize("programs", [4, 528, 1056], ids=["interpreter", "h100", "2xh100"])
+@pytest.mark.parametrize("col_stats", [True, False], ids=["rows+cols", "rows"])
+def test_forward_statistics_buffers_are_linear_in_batch(col_stats, programs):
+    """The forward's partial statistics grow like M + N, not M x N / BLOCK_M (at B = 32768 and 128-row blocks
+    one partial per row block and column would be 256 x 32768 floats). Checked on the grid arithmetic alone,
+    at sizes the interpreter could never run; the grid still fills the device and covers every tile."""
+    block = 128
+    for batch in (4096, 32768, 1 << 20):
+        M = N1 = N2 = batch  # negatives as extra columns: twice the column tiles
+        row_blocks, col_tiles = math.ceil(M / block), math.ceil(N1 / block) + math.ceil(N2 / block)
+        grid = sweep_grid(row_blocks, col_tiles, col_stats, programs)
+        row_shape, col_shape = grid.partial_shapes(M, N1, col_stats)
+        floats = math.prod(row_shape) + math.prod(col_shape)
+        if batch >= 32768:
+            assert floats < row_blocks * N1 / 2  # one partial per row block and column: the O(B^2) design
+        assert (grid.row_groups - 1) * grid.blocks_per_group < row_blocks <= grid.row_groups * grid.blocks_per_group
+        assert (grid.col_groups - 1) * grid.tiles_per_group < col_tiles <= grid.col_groups * grid.tiles_per_group
+        assert programs // 4 <= grid.row_groups * grid.col_groups <= 2 * programs
+        # A bound on floats / (M + N1) that does not depend on the batch.
+        if col_stats:
+            assert floats <= 2 * (math.isqrt(programs) + 2) * (M + N1)
+        else:  # rows only: row groups first, so one partial per row once there are enough row blocks
+            assert col_shape[0] == 0
+            assert floats <= math.ceil(programs / min(row_blocks, programs)) * M
 
 
 def _reference_bce(features, weight, bias, targets):
