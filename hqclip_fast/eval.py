@@ -1,9 +1,11 @@
 """Evaluation: zero-shot classification, image-text retrieval, hard-negative accuracy; and `hqclip-eval`.
 
 The metric functions take a model with open_clip's `encode_image` / `encode_text` and batches of tensors, so
-they run unchanged on our model (plain or FSDP2-sharded: every rank then evaluates the same data) and on an
-open_clip model. Zero-shot follows open_clip's recipe: per class, the mean of the normalized embeddings of the
-prompt templates, renormalized; an image's prediction is the class of highest cosine similarity.
+they run unchanged on our model (plain or FSDP2-sharded) and on an open_clip model. Given `ranks`
+(hqclip_fast.eval_ranks.EvalRanks), the ranks of a process group share the work: each encodes its share of the
+samples and prompts, and every rank gets the metrics one process computes on the whole set. Zero-shot follows
+open_clip's recipe: per class, the mean of the normalized embeddings of the prompt templates, renormalized; an
+image's prediction is the class of highest cosine similarity.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hqclip_fast.eval_ranks import EvalRanks
+
 TopK = (1, 5)
 RecallK = (1, 5, 10)
 
@@ -25,20 +29,35 @@ def _normalized(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
+def _encode_images(model, images: torch.Tensor, device) -> torch.Tensor:
+    return _normalized(model.encode_image(images.to(device))).cpu()
+
+
+def _blank_images(ranks: EvalRanks, image_size: int | None) -> Callable[[], torch.Tensor]:
+    """The input a rank encodes, to keep in step, once its share of the images is used up."""
+    if ranks.distributed and image_size is None:
+        raise ValueError("image_size is needed when several ranks share the evaluation")
+    return lambda: torch.zeros(1, 3, image_size, image_size)
+
+
 @torch.no_grad()
-def encode_texts(model, tokenizer: Callable, texts: Sequence[str], device, batch_size: int = 256) -> torch.Tensor:
-    """Normalized fp32 text embeddings (n, D), on the CPU."""
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
-        out.append(_normalized(model.encode_text(tokens)).cpu())
-    return torch.cat(out)
+def encode_texts(model, tokenizer: Callable, texts: Sequence[str], device, batch_size: int = 256, *,
+                 ranks: EvalRanks | None = None) -> torch.Tensor:
+    """Normalized fp32 text embeddings (n, D), on the CPU. With `ranks`: `texts` is this rank's share, every
+    rank of the group calls this, and each gets its own rows."""
+    ranks = ranks or EvalRanks()
+    chunks = (list(texts[start:start + batch_size]) for start in range(0, len(texts), batch_size))
+    out = list(ranks.lockstep(chunks, lambda chunk: _normalized(model.encode_text(tokenizer(chunk).to(device))).cpu(),
+                              blank=lambda: [""]))
+    return torch.cat(out) if out else torch.empty(0, 0)
 
 
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str],
-                         device) -> torch.Tensor:
-    """(D, K) classifier: column k is the renormalized mean of class k's template embeddings."""
+                         device, *, ranks: EvalRanks | None = None) -> torch.Tensor:
+    """(D, K) classifier: column k is the renormalized mean of class k's template embeddings. With `ranks`,
+    each rank encodes a share of the prompts and all get the whole classifier."""
+    ranks = ranks or EvalRanks()
     if not classnames:
         raise ValueError("classnames is empty")
     if not templates:
@@ -47,26 +66,32 @@ def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], 
         if "{}" not in template:
             raise ValueError(f"templates: each needs a '{{}}' for the class name, got {template!r}")
     prompts = [template.format(name) for name in classnames for template in templates]
-    embeddings = encode_texts(model, tokenizer, prompts, device)
+    embeddings = ranks.gather(encode_texts(model, tokenizer, list(ranks.share(prompts)), device, ranks=ranks))
     per_class = embeddings.reshape(len(classnames), len(templates), -1).mean(dim=1)
     return _normalized(per_class).T
 
 
 @torch.no_grad()
 def zero_shot_accuracy(model, classifier: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                       device) -> dict[str, float]:
-    """Top-1/top-5 accuracy of `classifier` (D, K) over (images, labels) batches."""
+                       device, *, ranks: EvalRanks | None = None, image_size: int | None = None) -> dict[str, float]:
+    """Top-1/top-5 accuracy of `classifier` (D, K) over (images, labels) batches. With `ranks`: the batches
+    are this rank's share, the counts are summed over ranks; `image_size` is then needed (see EvalRanks)."""
+    ranks = ranks or EvalRanks()
+    blank = _blank_images(ranks, image_size)
     num_classes = classifier.shape[1]
     correct = dict.fromkeys(TopK, 0)
     total = 0
-    for images, labels in batches:
-        features = _normalized(model.encode_image(images.to(device))).cpu()
+    encoded = ranks.lockstep(batches, lambda batch: (_encode_images(model, batch[0], device), batch[1]),
+                             blank=lambda: (blank(), None))
+    for features, labels in encoded:
         logits = features @ classifier
         ranked = logits.topk(min(max(TopK), num_classes), dim=1).indices
         hits = ranked == labels.view(-1, 1)
         for k in TopK:
             correct[k] += int(hits[:, :k].any(dim=1).sum())
         total += labels.numel()
+    *summed, total = (int(n) for n in ranks.sum([*correct.values(), total]))
+    correct = dict(zip(correct, summed))
     if total == 0:
         raise ValueError("zero-shot evaluation got no images")
     result = {f"zeroshot_top{k}": correct[k] / total for k in TopK}
@@ -92,37 +117,50 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor) 
     return result
 
 
+def _positive_wins(image_features: torch.Tensor, positive_features: torch.Tensor,
+                   negative_features: torch.Tensor) -> torch.Tensor:
+    positive = (image_features * positive_features).sum(dim=1)
+    negative = (image_features * negative_features).sum(dim=1)
+    return positive > negative
+
+
 def hard_negative_accuracy(image_features: torch.Tensor, positive_features: torch.Tensor,
                            negative_features: torch.Tensor) -> float:
     """Fraction of images that score their positive text above its minimal-edit negative."""
-    positive = (image_features * positive_features).sum(dim=1)
-    negative = (image_features * negative_features).sum(dim=1)
-    return float((positive > negative).float().mean())
+    return float(_positive_wins(image_features, positive_features, negative_features).float().mean())
 
 
 @torch.no_grad()
 def image_text_metrics(model, tokenizer: Callable,
                        batches: Iterable[tuple[torch.Tensor, list[str], list[str | None]]],
-                       device) -> dict[str, float]:
+                       device, *, ranks: EvalRanks | None = None, image_size: int | None = None) -> dict[str, float]:
     """Retrieval recall over all (image, positive text) pairs; hard-negative accuracy over the pairs that
-    come with a negative text (None where a pair has none)."""
+    come with a negative text (None where a pair has none). With `ranks`: the batches are this rank's share;
+    features are gathered for retrieval and hard-negative counts summed; `image_size` is then needed."""
+    ranks = ranks or EvalRanks()
+    blank = _blank_images(ranks, image_size)
     images, positives, negatives = [], [], []
-    for batch_images, batch_pos, batch_neg in batches:
-        images.append(_normalized(model.encode_image(batch_images.to(device))).cpu())
+    encoded = ranks.lockstep(batches, lambda batch: (_encode_images(model, batch[0], device), *batch[1:]),
+                             blank=lambda: (blank(), [], []))
+    for batch_features, batch_pos, batch_neg in encoded:
+        images.append(batch_features)
         positives.extend(batch_pos)
         negatives.extend(batch_neg)
-    if not images:
+    local_images = torch.cat(images) if images else torch.empty(0, 0)
+    image_features = ranks.gather(local_images)
+    if image_features.shape[0] == 0:
         raise ValueError("image-text evaluation got no images")
-    image_features = torch.cat(images)
-    positive_features = encode_texts(model, tokenizer, positives, device)
-    result = retrieval_recall(image_features, positive_features)
-    result["retrieval_samples"] = len(positives)
+    local_positives = encode_texts(model, tokenizer, positives, device, ranks=ranks)
+    result = retrieval_recall(image_features, ranks.gather(local_positives))
+    result["retrieval_samples"] = image_features.shape[0]
     with_negative = [i for i, neg in enumerate(negatives) if neg]
-    if with_negative:
-        negative_features = encode_texts(model, tokenizer, [negatives[i] for i in with_negative], device)
-        result["hard_negative_acc"] = hard_negative_accuracy(
-            image_features[with_negative], positive_features[with_negative], negative_features)
-        result["hard_negative_samples"] = len(with_negative)
+    negative_features = encode_texts(model, tokenizer, [negatives[i] for i in with_negative], device, ranks=ranks)
+    wins = int(_positive_wins(local_images[with_negative], local_positives[with_negative],
+                              negative_features).sum()) if with_negative else 0
+    wins, with_negative_total = (int(n) for n in ranks.sum([wins, len(with_negative)]))
+    if with_negative_total:
+        result["hard_negative_acc"] = wins / with_negative_total
+        result["hard_negative_samples"] = with_negative_total
     return result
 
 
@@ -162,14 +200,16 @@ class ZeroShotSet:
     templates: list[str]
     image_size: int
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, batch_size: int, ranks: EvalRanks | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) batches of this rank's share (all samples without `ranks`)."""
+        ranks = ranks or EvalRanks()
         if Path(self.source).is_dir():
-            samples = self._folder_samples()
+            samples = self._folder_samples(ranks)
         else:
             from hqclip_fast.data import build_eval_dataset
 
-            samples = ((image, target) for _, image, target in
-                       build_eval_dataset(self.source, image_size=self.image_size))
+            samples = ranks.share((image, target) for _, image, target in
+                                  build_eval_dataset(self.source, image_size=self.image_size))
         for batch in _batched(samples, batch_size):
             labels = torch.tensor([label for _, label in batch])
             if int(labels.min()) < 0 or int(labels.max()) >= len(self.classnames):
@@ -177,13 +217,14 @@ class ZeroShotSet:
                                  "the number of class names")
             yield torch.stack([image for image, _ in batch]), labels
 
-    def _folder_samples(self) -> Iterator[tuple[torch.Tensor, int]]:
+    def _folder_samples(self, ranks: EvalRanks) -> Iterator[tuple[torch.Tensor, int]]:
         from torchvision.datasets import ImageFolder
 
         from hqclip_fast.data.samples import eval_transform
 
         folder = ImageFolder(self.source, transform=lambda img: eval_transform(img.convert("RGB"), self.image_size))
-        yield from folder
+        for index in ranks.share(range(len(folder))):  # only this rank's images are decoded
+            yield folder[index]
 
     @staticmethod
     def folder_classnames(path: str) -> list[str]:
@@ -198,8 +239,11 @@ class ImageTextSet:
     source: str
     image_size: int
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, list[str], list[str | None]]]:
-        for batch in _batched(self._triples(), batch_size):
+    def batches(self, batch_size: int,
+                ranks: EvalRanks | None = None) -> Iterator[tuple[torch.Tensor, list[str], list[str | None]]]:
+        """(images, positive texts, negative texts) batches of this rank's share (all without `ranks`)."""
+        ranks = ranks or EvalRanks()
+        for batch in _batched(ranks.share(self._triples()), batch_size):
             images, positives, negatives = zip(*batch)
             yield torch.stack(images), list(positives), list(negatives)
 
@@ -253,14 +297,20 @@ class EvalSuite:
         return cls(zeroshot, image_text, cfg.batch_size)
 
     @torch.no_grad()
-    def run(self, model, tokenizer: Callable, device) -> dict[str, float]:
+    def run(self, model, tokenizer: Callable, device, ranks: EvalRanks | None = None) -> dict[str, float]:
+        """Every metric on every set. With `ranks`, every rank of the group calls this: each encodes its share
+        and all return the metrics of the whole sets."""
+        ranks = ranks or EvalRanks()
         results: dict[str, float] = {}
         if self.zeroshot is not None:
-            classifier = zero_shot_classifier(model, tokenizer, self.zeroshot.classnames, self.zeroshot.templates,
-                                              device)
-            results.update(zero_shot_accuracy(model, classifier, self.zeroshot.batches(self.batch_size), device))
+            zeroshot = self.zeroshot
+            classifier = zero_shot_classifier(model, tokenizer, zeroshot.classnames, zeroshot.templates, device,
+                                              ranks=ranks)
+            results.update(zero_shot_accuracy(model, classifier, zeroshot.batches(self.batch_size, ranks), device,
+                                              ranks=ranks, image_size=zeroshot.image_size))
         if self.image_text is not None:
-            results.update(image_text_metrics(model, tokenizer, self.image_text.batches(self.batch_size), device))
+            results.update(image_text_metrics(model, tokenizer, self.image_text.batches(self.batch_size, ranks),
+                                              device, ranks=ranks, image_size=self.image_text.image_size))
         return results
 
 

@@ -1,0 +1,95 @@
+"""Evaluation shared by 2 gloo CPU ranks equals one process on the whole sets: zero-shot top-1/top-5, retrieval
+R@k and hard-negative accuracy, on an FSDP2-sharded model, with set sizes that 2 does not divide (so one rank
+has an extra batch and the other must keep its encode calls in step with blank inputs)."""
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hqclip_fast.config import EvalConfig
+from hqclip_fast.data import ClipTokenizer
+from hqclip_fast.data.synthetic import write_synthetic
+from hqclip_fast.eval import EvalSuite
+from hqclip_fast.eval_ranks import EvalRanks
+from hqclip_fast.model import create_model
+
+MODEL, SIZE, CONTEXT, BATCH = "hqclip-micro", 32, 36, 3
+NUM_IMAGES = 7  # per set: shares of 4 and 3 images, i.e. 2 and 1 batches of 3
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(str(out), num_samples=4, shard_size=30, seed=6, image_size=SIZE, num_zeroshot=NUM_IMAGES,
+                    num_hardneg=NUM_IMAGES)
+    return str(out / "manifest.json")
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model(MODEL, image_size=SIZE, context_length=CONTEXT).eval()
+
+
+def _suite(manifest: str) -> EvalSuite:
+    return EvalSuite.from_config(EvalConfig(synthetic_manifest=manifest, batch_size=BATCH), SIZE)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_edge_cases(ranks: EvalRanks) -> None:
+    """Shares of 3 and 2 rows gather in the global order; a rank with nothing to share takes part (a set
+    smaller than the world); row counts that are no i % world share are an error on every rank."""
+    rows = torch.arange(ranks.rank, 5, ranks.world_size, dtype=torch.float32).view(-1, 1).repeat(1, 2)
+    assert torch.equal(ranks.gather(rows), torch.arange(5.0).view(-1, 1).repeat(1, 2))
+    tiny = torch.ones(1, 4) if ranks.rank == 0 else torch.empty(0, 0)
+    assert torch.equal(ranks.gather(tiny), torch.ones(1, 4))
+    calls = []
+    encoded = list(ranks.lockstep([10] if ranks.rank == 0 else [], lambda x: calls.append(x) or x, blank=lambda: -1))
+    assert encoded == ([10] if ranks.rank == 0 else []) and calls == ([10] if ranks.rank == 0 else [-1])
+    with pytest.raises(ValueError, match="share"):
+        ranks.gather(torch.zeros(3 if ranks.rank == 0 else 0, 2))
+
+
+def _worker(rank: int, world_size: int, port: int, manifest: str, out_dir: str) -> None:
+    from hqclip_fast.parallelize import parallelize_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        ranks = EvalRanks.current("cpu")
+        assert (ranks.rank, ranks.world_size) == (rank, world_size)
+        _check_edge_cases(ranks)
+
+        model = parallelize_model(_model())  # FSDP2: every encode call is a collective
+        images_seen = []  # (batch size, blank?) per encode_image call
+        model.visual.register_forward_hook(
+            lambda module, args, out: images_seen.append((args[0].shape[0], bool((args[0] == 0).all()))))
+        results = _suite(manifest).run(model, ClipTokenizer(CONTEXT), "cpu", ranks=ranks)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"results": results, "images_seen": images_seen}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_give_the_single_process_metrics(manifest, tmp_path):
+    expected = _suite(manifest).run(_model(), ClipTokenizer(CONTEXT), "cpu")
+    assert expected["zeroshot_samples"] == expected["retrieval_samples"] == expected["hard_negative_samples"] == 7
+    assert {"zeroshot_top1", "zeroshot_top5", "image_to_text_R@1", "text_to_image_R@5", "hard_negative_acc"} \
+        <= set(expected)
+
+    mp.spawn(_worker, args=(2, _free_port(), manifest, str(tmp_path)), nprocs=2, join=True)
+    outputs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for output in outputs:
+        assert output["results"] == expected
+    # Each rank encoded only its share: rank 0 four images per set, rank 1 three plus one blank batch.
+    assert [tuple(call) for call in outputs[0]["images_seen"]] == [(3, False), (1, False)] * 2
+    assert [tuple(call) for call in outputs[1]["images_seen"]] == [(3, False), (1, True)] * 2
