@@ -6,6 +6,8 @@
 The trainer wires the parts together and holds no math: model (hqclip_fast.model) -> parallelize (FSDP2, bf16,
 activation checkpointing, compile) -> loss (hqclip_fast.loss) -> AdamW + warmup-cosine; data from
 hqclip_fast.data; checkpoints (DCP, atomic, auto-resume), metrics (jsonl, TensorBoard) and evaluation beside it.
+SIGTERM / SIGUSR1 (preemption) stop the run after the current step with a checkpoint at that step and
+exit status 128 + signal (see hqclip_fast.preemption); running the same command resumes it.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from hqclip_fast.checkpoint import Checkpointer, latest_checkpoint
 from hqclip_fast.config import TrainConfig, load_config, model_kwargs, num_tags, save_run_config
 from hqclip_fast.data import ClipTokenizer, TagVocab, build_train_loader
 from hqclip_fast.eval import EvalSuite
+from hqclip_fast.eval_ranks import EvalRanks
 from hqclip_fast.loss import HQCLIPLoss
 from hqclip_fast.metrics import MetricsLogger
 from hqclip_fast.model import create_model, load_open_clip_state_dict
 from hqclip_fast.optim import build_optimizer
 from hqclip_fast.parallelize import parallelize_model
+from hqclip_fast.preemption import PreemptionWatcher, TrainingPreempted
 from hqclip_fast.runtime import Runtime, init_runtime, seed_everything, shutdown_runtime
 from hqclip_fast.schedule import build_lr_scheduler
 
@@ -158,21 +162,32 @@ class Trainer:
         if self.runtime.is_main:
             tqdm.write(f"resumed from {path} at step {self.step}")
 
-    def _save(self) -> None:
-        self.checkpointer.save(self.step, self.model, self.optimizer,
-                               {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()})
+    def _save(self) -> Path:
+        return self.checkpointer.save(self.step, self.model, self.optimizer,
+                                      {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()})
+
+    def _stop_for_preemption(self, signum: int, checkpoint: Path) -> None:
+        stopped = TrainingPreempted(signum, self.step, checkpoint)
+        self.metrics.log(self.step, "preempted", {"signal": stopped.signal.name, "checkpoint": str(checkpoint)})
+        self.metrics.close()
+        if self.runtime.is_main:
+            tqdm.write(f"{stopped} (exit status {stopped.exit_status})")
+        raise stopped
 
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         try:
             with self.train_step.autocast():
-                results = self.eval_suite.run(self.model, self.tokenizer, self.device)
+                results = self.eval_suite.run(self.model, self.tokenizer, self.device,
+                                              ranks=EvalRanks.current(self.device))
         finally:
             self.model.train()
         self.metrics.log(self.step, "eval", results)
         return results
 
-    def fit(self) -> dict:
+    def fit(self, preemption: PreemptionWatcher | None = None) -> dict:
+        """Train to `cfg.steps`. With a `preemption` watcher, a signal it records stops the run at the end of
+        the current step, after a checkpoint at that step: TrainingPreempted is raised."""
         cfg, runtime = self.cfg, self.runtime
         global_batch = cfg.batch_size * runtime.world_size
         batches = infinite(self.loader)
@@ -191,7 +206,8 @@ class Trainer:
             window_steps += 1
             bar.update(1)
             last = self.step == cfg.steps
-            if self.step % cfg.log.every_steps == 0 or last:
+            stop_signal = preemption.requested() if preemption is not None else 0  # collective: ranks agree
+            if self.step % cfg.log.every_steps == 0 or last or stop_signal:
                 values = mean_over_ranks({name: total / window_steps for name, total in window_sums.items()})
                 now = time.perf_counter()
                 samples_per_s = window_steps * global_batch / (now - window_start)
@@ -201,10 +217,13 @@ class Trainer:
                     **values, "lr": lr, "samples_per_s": samples_per_s,
                     "samples_skipped": data["samples_skipped"], "samples_ok": data["samples_ok"]})
                 bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{samples_per_s:.0f}", refresh=False)
-            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not last:
+            if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not (last or stop_signal):
                 self.evaluate()
-            if last or (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0):
-                self._save()
+            if last or stop_signal or (cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0):
+                checkpoint = self._save()
+            if stop_signal:
+                bar.close()
+                self._stop_for_preemption(stop_signal, checkpoint)
         bar.close()
         train_seconds = time.perf_counter() - start_time
         if self.eval_suite.enabled:
@@ -224,9 +243,14 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) the training described by `cfg`; returns a summary with the final evaluation."""
+    """Run (or resume) the training described by `cfg`; returns a summary with the final evaluation.
+
+    SIGTERM / SIGUSR1 while it runs: the current step finishes, a checkpoint is written at that step and
+    TrainingPreempted is raised (hqclip-train then exits with 128 + the signal number). The previous signal
+    handlers are restored when train() returns or raises."""
     try:
-        return Trainer(cfg).fit()
+        with PreemptionWatcher() as preemption:
+            return Trainer(cfg).fit(preemption)
     finally:
         shutdown_runtime()
 
@@ -240,7 +264,10 @@ def cli(argv: list[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
     except ValueError as err:
         parser.error(str(err))
-    train(cfg)
+    try:
+        train(cfg)
+    except TrainingPreempted as stopped:  # the trainer has logged it; the status tells the scheduler to requeue
+        raise SystemExit(stopped.exit_status) from None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """A training run killed with SIGKILL resumes from its last complete checkpoint and follows the same trajectory:
-the per-step losses of killed-and-resumed equal those of an uninterrupted run, exactly (CPU, fixed threads)."""
+the per-step losses of killed-and-resumed equal those of an uninterrupted run, exactly (CPU, fixed threads).
+A run stopped with SIGTERM (preemption) writes its checkpoint at the step the signal arrived, exits with
+128 + SIGTERM, and resumes on the same trajectory too."""
 
 import os
 import signal
@@ -49,12 +51,18 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
 
 
-@pytest.mark.distributed
-def test_sigkill_then_resume_follows_the_uninterrupted_trajectory(synthetic, tmp_path):
-    reference = tmp_path / "uninterrupted"
+@pytest.fixture(scope="module")
+def expected(synthetic, tmp_path_factory):
+    """Per-step losses of the uninterrupted run."""
+    reference = tmp_path_factory.mktemp("uninterrupted")
     subprocess.run(_command(synthetic, reference), env=_env(), check=True, timeout=300, capture_output=True)
-    expected = _losses(reference)
-    assert [step for step, _ in expected] == list(range(1, STEPS + 1))
+    losses = _losses(reference)
+    assert [step for step, _ in losses] == list(range(1, STEPS + 1))
+    return losses
+
+
+@pytest.mark.distributed
+def test_sigkill_then_resume_follows_the_uninterrupted_trajectory(synthetic, expected, tmp_path):
 
     # Kill the second run as soon as it has a complete checkpoint and has logged a step past it.
     killed = tmp_path / "killed"
@@ -82,3 +90,36 @@ def test_sigkill_then_resume_follows_the_uninterrupted_trajectory(synthetic, tmp
     assert f"resumed from {killed / 'checkpoints'}" in result.stdout
     # The resumed run dropped the killed run's records after its checkpoint and rewrote them: same losses.
     assert _losses(killed) == expected
+
+
+@pytest.mark.distributed
+def test_sigterm_checkpoints_at_that_step_then_resume_follows_the_uninterrupted_trajectory(synthetic, expected,
+                                                                                            tmp_path):
+    # Periodic checkpoints only at the end: a checkpoint before it can only be the preemption's.
+    run_dir = tmp_path / "preempted"
+    command = [*_command(synthetic, run_dir), "checkpoint.every_steps=0"]
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            logged = _losses(run_dir)
+            if logged and logged[-1][0] >= 3:
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.02)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    saved = list_checkpoints(run_dir / "checkpoints")
+    assert len(saved) == 1
+    stopped_at = checkpoint_step(saved[0])
+    assert 3 <= stopped_at < STEPS and stopped_at == _losses(run_dir)[-1][0]  # the step it was in, finished
+    assert f"preempted by SIGTERM at step {stopped_at}" in stdout
+    events = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "preempted"]
+    assert [(e["step"], e["signal"]) for e in events] == [(stopped_at, "SIGTERM")]
+
+    result = subprocess.run(command, env=_env(), check=True, timeout=300, capture_output=True, text=True)
+    assert f"resumed from {saved[0]} at step {stopped_at}" in result.stdout
+    assert _losses(run_dir) == expected
