@@ -98,20 +98,23 @@ def test_sigterm_checkpoints_at_that_step_then_resume_follows_the_uninterrupted_
     # Periodic checkpoints only at the end: a checkpoint before it can only be the preemption's.
     run_dir = tmp_path / "preempted"
     command = [*_command(synthetic, run_dir), "checkpoint.every_steps=0"]
-    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            logged = _losses(run_dir)
-            if logged and logged[-1][0] >= 3:
-                proc.send_signal(signal.SIGTERM)
-                break
-            time.sleep(0.02)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:] + stderr[-2000:]
+    output = tmp_path / "preempted.log"  # a file, not a pipe that nobody reads while the run goes on
+    with output.open("w") as log:
+        proc = subprocess.Popen(command, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 240
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                logged = _losses(run_dir)
+                if logged and logged[-1][0] >= 3:
+                    proc.send_signal(signal.SIGTERM)
+                    break
+                time.sleep(0.02)
+            proc.wait(timeout=120)
+        finally:
+            proc.kill()
+            proc.wait()
+    stdout = output.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-3000:]
     saved = list_checkpoints(run_dir / "checkpoints")
     assert len(saved) == 1
     stopped_at = checkpoint_step(saved[0])
