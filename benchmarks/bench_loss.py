@@ -90,15 +90,14 @@ def _inf_cl(device, dtype, negatives):
     if device.type != "cuda":
         raise Unavailable("Inf-CL's kernels need a CUDA device")
     try:
-        from inf_cl import cal_inf_loss
+        from inf_cl import cal_flash_loss
     except ImportError as err:
         raise Unavailable(f"the inf-cl package is not installed (pip install inf-cl==1.2.1): {err}") from err
-    import torch.distributed as dist
-
-    if not dist.is_initialized():  # Inf-CL asks the default process group for its rank and size
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
-    return lambda image, text, scale, neg: (cal_inf_loss(image, text, scale=scale)
-                                            + cal_inf_loss(text, image, scale=scale)) / 2
+    # cal_flash_loss is what Inf-CL's cal_inf_loss runs on one process. cal_inf_loss itself would need a process
+    # group (its scale gradient is all-reduced), and with one it takes the ring path, sending to itself.
+    # Inf-CL computes in fp32 whatever the input dtype (it calls .float() on q and k).
+    return lambda image, text, scale, neg: (cal_flash_loss(image, text, scale=scale).mean()
+                                            + cal_flash_loss(text, image, scale=scale).mean()) / 2
 
 
 class _GemmFloor(torch.autograd.Function):
@@ -195,8 +194,28 @@ def _make_inputs(batch: int, dim: int, device, dtype, negatives: bool, seed: int
     return image, text, scale, neg
 
 
+def relative_errors(loss_fn, inputs: tuple, negatives: bool) -> dict:
+    """Error of one fwd+bwd against impl="chunked" in float64 on the same (already rounded) inputs: for the
+    loss and each gradient, max |got - want| / max |want|. Chunked never holds the B x B logits, so this
+    reference fits at every batch size."""
+    from hqclip_fast.loss import hqclip_loss
+
+    image, text, scale, neg = (x.detach().clone().requires_grad_() if x is not None else None for x in inputs)
+    got = loss_fn(image, text, scale, neg)
+    got.backward()
+    want_leaves = [x.detach().double().requires_grad_() if x is not None else None for x in (image, text, scale, neg)]
+    want = hqclip_loss(*want_leaves[:3], neg_text_features=want_leaves[3], hni_weight=1.0 if negatives else 0.0,
+                       impl="chunked").total
+    want.backward()
+    errors = {"loss": abs(got.item() - want.item()) / abs(want.item())}
+    for name, leaf, ref in zip(("image", "text", "scale", "neg"), (image, text, scale, neg), want_leaves):
+        if leaf is not None:
+            errors[f"grad_{name}"] = float((leaf.grad.double() - ref.grad).abs().max() / ref.grad.abs().max())
+    return errors
+
+
 def run_case(impl: str, batch: int, dim: int, device: str, dtype: str, warmup: int, repeats: int,
-             negatives: bool = False) -> dict:
+             negatives: bool = False, check: bool = False) -> dict:
     device, dtype = torch.device(device), getattr(torch, dtype)
     case = {"impl": impl, "batch_size": batch, "dim": dim, "negatives": negatives}
     try:
@@ -227,9 +246,14 @@ def run_case(impl: str, batch: int, dim: int, device: str, dtype: str, warmup: i
         step()
         wall.append(time.perf_counter() - w0)
         cpu.append(time.process_time() - c0)
+    errors = {}
+    if check and impl != "gemm_floor":  # the floor is matrix products only, not a loss
+        errors = relative_errors(loss_fn, (image, text, scale, neg), negatives)
+        errors = {"rel_err_vs_fp64": errors, "max_rel_err": max(errors.values())}
     return {
         **case,
-        "loss": float(loss),
+        **errors,
+        "loss": loss.item(),
         "time_ms_median": 1e3 * statistics.median(wall),
         "time_ms_all": [round(1e3 * t, 2) for t in wall],
         "cpu_time_ms_median": 1e3 * statistics.median(cpu) if device.type == "cpu" else None,
@@ -288,21 +312,22 @@ def markdown_table(result: dict) -> str:
              f"Memory: {result['memory_method']}",
              "",
              "| impl | B | time ms (median wall) | x GEMM floor | CPU time ms | peak extra MiB "
-             "| (default malloc) | loss |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| (default malloc) | loss | max rel err vs fp64 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     floor = {c["batch_size"]: c["time_ms_median"] for c in result["cases"]
              if c["impl"] == "gemm_floor" and "skipped" not in c}
     for c in result["cases"]:
         if "skipped" in c:
-            lines.append(f"| {c['impl']} | {c['batch_size']} | skipped: {c['skipped']} | | | | | |")
+            lines.append(f"| {c['impl']} | {c['batch_size']} | skipped: {c['skipped']} | | | | | | |")
             continue
         cpu = f"{c['cpu_time_ms_median']:.0f}" if c.get("cpu_time_ms_median") is not None else "-"
         vs_floor = f"{c['time_ms_median'] / floor[c['batch_size']]:.2f}" if c["batch_size"] in floor else "-"
         loss = "-" if c["impl"] == "gemm_floor" else f"{c['loss']:.5f}"
         default_malloc = c.get("peak_extra_mib_default_malloc")
         default_malloc = f"{default_malloc:.1f}" if default_malloc is not None else "-"
+        error = f"{c['max_rel_err']:.1e}" if "max_rel_err" in c else "-"
         lines.append(f"| {c['impl']} | {c['batch_size']} | {c['time_ms_median']:.1f} | {vs_floor} | {cpu} | "
-                     f"{c['peak_extra_mib']:.1f} | {default_malloc} | {loss} |")
+                     f"{c['peak_extra_mib']:.1f} | {default_malloc} | {loss} | {error} |")
     return "\n".join(lines) + "\n"
 
 
@@ -319,6 +344,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--check", action="store_true",
+                        help="also record each impl's relative error (loss and gradients) against impl=chunked "
+                             "in float64 on the same inputs (after timing; not counted in time or memory)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/loss-DEVICE-DATE.json)")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
@@ -329,7 +357,7 @@ def main(argv=None) -> None:
     if args.case:
         impl, batch = args.case.split(":")
         print(json.dumps(run_case(impl, int(batch), args.dim, args.device, args.dtype, args.warmup,
-                                  args.repeats, args.negatives)))
+                                  args.repeats, args.negatives, args.check)))
         return
 
     impls = args.impls.split(",")
@@ -361,14 +389,16 @@ def main(argv=None) -> None:
         base_cmd += ["--threads", str(args.threads)]
     if args.negatives:
         base_cmd += ["--negatives"]
+    if args.check:
+        base_cmd += ["--check"]
     batch_sizes = GPU_BATCH_SIZES if args.batch_sizes == "gpu" else args.batch_sizes
     for batch in [int(b) for b in batch_sizes.split(",")]:
         for impl in impls:
             case = _run_subprocess(base_cmd + ["--case", f"{impl}:{batch}"], args)
             if args.device == "cpu" and "skipped" not in case:
                 memory_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-                memory_case = _run_subprocess(base_cmd + ["--case", f"{impl}:{batch}", "--repeats", "0"], args,
-                                              env=memory_env)
+                memory_cmd = [a for a in base_cmd if a != "--check"] + ["--case", f"{impl}:{batch}", "--repeats", "0"]
+                memory_case = _run_subprocess(memory_cmd, args, env=memory_env)
                 case["peak_extra_mib_default_malloc"] = case["peak_extra_mib"]
                 case["peak_extra_mib"] = memory_case.get("peak_extra_mib", float("nan"))
             result["cases"].append(case)

@@ -68,11 +68,13 @@ def step(inputs, options):
 
 
 def ncu_command(argv) -> str:
-    """Nsight Compute on the fused kernels of one step after warm-up (autotuning launches come first)."""
+    """Nsight Compute on the fused kernels of one step after warm-up (the warm-up, autotuning included, runs
+    before cudaProfilerStart, so `--profile-from-start off` leaves it out)."""
     script = [sys.executable, "benchmarks/profile_loss.py", *argv, "--no-profiler", "--warmup", "3",
               "--steps", "1"]
     regex = "|".join(KERNELS)
-    return " ".join(["ncu", "--set", "full", "--kernel-name-base", "function", "--kernel-name",
+    return " ".join(["ncu", "--profile-from-start", "off", "--set", "full", "--kernel-name-base", "function",
+                     "--kernel-name",
                      shlex.quote(f"regex:{regex}"), "--launch-skip", "0", "--launch-count", "20",
                      "-o", "benchmarks/results/profile/loss_ncu", *map(shlex.quote, script)])
 
@@ -89,9 +91,12 @@ def main(argv=None):
         step(inputs, options)
     torch.cuda.synchronize()
     if args.no_profiler:
+        # With `ncu --profile-from-start off` only these steps are profiled, not the autotuning launches above.
+        torch.cuda.profiler.start()
         for _ in range(args.steps):
             step(inputs, options)
         torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
         return
 
     from torch.profiler import ProfilerActivity, profile

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU campaign on the device machine (torch and triton there, no network): install the carried wheels
+# (benchmarks/fetch_gpu_wheels.sh fills wheels/ here), put the project on the path, run gpu_campaign.py.
+#   bash benchmarks/gpu_campaign.sh --stage tests,loss,profile --dims 768
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_campaign.sh --device cpu --stage all     # dry run on a CPU
+# Arguments go to benchmarks/gpu_campaign.py (see its --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+WHEELS=${HQCLIP_WHEELS:-wheels}
+SITE=${HQCLIP_SITE:-/tmp/hqclip-site}
+SRC=${HQCLIP_SRC:-/tmp/hqclip-src}
+
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl
+else
+    echo "gpu_campaign.sh: no wheels in $WHEELS/ (run benchmarks/fetch_gpu_wheels.sh and carry wheels); peers will be skipped" >&2
+fi
+# The import names differ from the folders (hqclip_kernels is kernels/, hqclip_recaption is recaption/), so
+# link them into one path entry instead of an editable install (which would need setuptools from the network).
+mkdir -p "$SRC"
+ln -sfn "$PWD/hqclip_fast" "$SRC/hqclip_fast"
+ln -sfn "$PWD/kernels" "$SRC/hqclip_kernels"
+ln -sfn "$PWD/recaption" "$SRC/hqclip_recaption"
+export PYTHONPATH="$SRC:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+exec "$PYTHON" benchmarks/gpu_campaign.py "$@"
