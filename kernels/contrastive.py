@@ -25,8 +25,26 @@ Backward: for panels of Q rows, `_grad_logits_kernel` recomputes each tile once 
 The positive-logit gradient is added in fp32 inside the tile, so the large, nearly cancelling
 softmax and target terms are rounded to bf16 once, after they cancel.
 Then dQ = G @ K and dK = G.T @ Q are plain GEMMs (cuBLAS on a GPU). No atomics: every sum has a fixed
-order, so two runs are bit-identical. Peak extra memory: one panel (panel_rows x (N1 + N2)) plus O(M + N)
-statistics (and fp32 gradient accumulators when there are several panels).
+order, so two runs are bit-identical. A panel spans every column, so dQ is written panel by panel in the
+input dtype; dK sums over panels in an fp32 buffer (unless there is one panel). Peak extra memory: one panel
+(panel_rows x (N1 + N2)), the fp32 dK buffer and O(M + N) statistics.
+
+Memory model, one process, B = M = N1 = 32768, D = 768, bf16, no negatives, H100 (132 SMs, 528 programs,
+128 x 128 tiles; an estimate from the code, to be checked with benchmarks/bench_loss.py --device cuda):
+  forward        row_part 24 x B + col_part 22 x B fp32, row/col lse + diag                      ~6 MiB
+  backward sweep logit panel 2048 x B bf16 (16 panels; 1024 x 2B with negatives)               128 MiB
+                 fp32 dK buffer B x D (one more for the negatives' gradient)                      96 MiB
+                 dQ output, bf16 B x D (written panel by panel)                                   48 MiB
+  backward end   fp32 dK buffer + dQ and dK outputs: 96 + 48 + 48                               192 MiB
+  peak extra ~272 MiB, in the backward sweep (the forward's partials are gone by then).
+open_clip's ClipLoss at the same shapes (bf16 features, no autocast) holds logits_per_image and
+logits_per_text (B x B, 2 GiB each) until its forward returns, and each cross_entropy saves its log-softmax
+(B x B, 2 GiB each): ~8 GiB at the end of the forward, about as much in backward (the saved log-softmaxes plus
+one direction's B x B gradients), so a peak of ~8 GiB (about twice that under autocast, where cross_entropy
+runs on fp32 copies). Against the 2% target (~164 MiB): 272 / 8192 = 3.3%, missed by this estimate; the
+statistics are not the issue, the backward's panel and fp32 dK buffer are. Halving _PANEL_ELEMENTS gives
+~208 MiB (2.5%) at the cost of twice as many fp32 read-modify-write passes over the dK buffer; the dK buffer
+plus the dQ output (144 MiB, 1.8%) are the floor of a backward whose dK GEMMs run per panel.
 """
 
 from __future__ import annotations
@@ -255,12 +273,17 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
     n_tiles = tiles1 + tiles2
     scale32 = scale.detach().float().reshape(1)
 
-    # One panel and nothing to add to: the GEMMs write q-dtype gradients directly (one rounding).
-    # Otherwise fp32 buffers sum the panels in order (deterministic).
-    direct = accumulate is None and panel_rows >= M
+    # A panel spans every column, so its rows of dq are complete after it: written in q's dtype (one
+    # rounding). dk sums over panels: fp32 buffers add them in order (deterministic), unless there is one
+    # panel. Callers that sum over several key chunks pass fp32 buffers for all three.
     caller_buffers = accumulate is not None
-    if accumulate is None and not direct:
-        accumulate = tuple(torch.zeros(n, D, device=q.device, dtype=torch.float32) for n in (M, N1, N2))
+    single_panel = panel_rows >= M
+    if caller_buffers:
+        dq_acc, dk1_acc, dk2_acc = accumulate
+    else:
+        dq = torch.empty_like(q)
+        if not single_panel:
+            dk1_acc, dk2_acc = (torch.zeros(n, D, device=q.device, dtype=torch.float32) for n in (N1, N2))
     ds_parts = []
     grad = torch.empty(panel_rows, N1 + N2, device=q.device, dtype=q.dtype)
     for start in range(0, M, panel_rows):
@@ -278,21 +301,26 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
             PRECISION=dot_precision(q.dtype))
         ds_parts.append(ds_part.sum(dim=(0, 1)))
         g1, g2 = g[:, :N1], g[:, N1:]
-        if direct:
-            dq = matmul_fp32(g2, k2, matmul_fp32(g1, k1)).to(q.dtype) if N2 else g1 @ k1
+        if caller_buffers:
+            matmul_fp32(g1, k1, dq_acc[start:stop])
+            if N2:
+                matmul_fp32(g2, k2, dq_acc[start:stop])
+        elif N2:
+            dq[start:stop] = matmul_fp32(g2, k2, matmul_fp32(g1, k1))
+        else:
+            torch.matmul(g1, k1, out=dq[start:stop])
+        if single_panel and not caller_buffers:
             dk1, dk2 = g1.T @ qp, g2.T @ qp
-            continue
-        dq_acc, dk1_acc, dk2_acc = accumulate
-        matmul_fp32(g1, k1, dq_acc[start:stop])
-        matmul_fp32(g1.T, qp, dk1_acc)
-        if N2:
-            matmul_fp32(g2, k2, dq_acc[start:stop])
-            matmul_fp32(g2.T, qp, dk2_acc)
+        else:
+            matmul_fp32(g1.T, qp, dk1_acc)
+            if N2:
+                matmul_fp32(g2.T, qp, dk2_acc)
+    del grad, g, g1, g2  # the panel is not needed for the casts below
     ds_row, ds_col = torch.stack(ds_parts).sum(dim=0).unbind()
-    if not direct:
+    if caller_buffers:
         dq, dk1, dk2 = accumulate
-        if not caller_buffers:
-            dq, dk1, dk2 = dq.to(q.dtype), dk1.to(q.dtype), dk2.to(q.dtype)
+    elif not single_panel:
+        dk1, dk2 = dk1_acc.to(q.dtype), dk2_acc.to(q.dtype)
     return dq, dk1, (dk2 if has_k2 else None), ds_row, ds_col
 
 
