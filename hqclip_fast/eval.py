@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,7 +336,7 @@ def _load_model(args):
 def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="hqclip-eval", description="Zero-shot classification, image-text retrieval (R@1/5/10 both ways) "
-        "and hard-negative accuracy. Prints one JSON object.")
+        "and hard-negative accuracy. Prints one JSON object. Under torchrun the ranks share the sets.")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="training run folder (its latest checkpoint, or --checkpoint)")
     which.add_argument("--model", help="model config name, with --pretrained <open_clip checkpoint file>")
@@ -369,8 +370,19 @@ def cli(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     if not suite.enabled:
         parser.error("nothing to evaluate: give --synthetic-manifest, --zeroshot or --image-text")
-    device = torch.device(args.device)
-    results = suite.run(model.to(device), ClipTokenizer(context_length=context_length), device)
+    device, ranks = torch.device(args.device), EvalRanks()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun the ranks share the sets; rank 0 reports
+        from hqclip_fast.runtime import init_runtime, shutdown_runtime
+
+        runtime = init_runtime(device.type)
+        device, ranks = runtime.device, EvalRanks.current(runtime.device)
+    try:
+        results = suite.run(model.to(device), ClipTokenizer(context_length=context_length), device, ranks=ranks)
+    finally:
+        if ranks.distributed:
+            shutdown_runtime()
+    if ranks.rank != 0:
+        return
     text = json.dumps(results, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

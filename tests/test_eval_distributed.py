@@ -1,8 +1,12 @@
 """Evaluation shared by 2 gloo CPU ranks equals one process on the whole sets: zero-shot top-1/top-5, retrieval
 R@k and hard-negative accuracy, on an FSDP2-sharded model, with set sizes that 2 does not divide (so one rank
-has an extra batch and the other must keep its encode calls in step with blank inputs)."""
+has an extra batch and the other must keep its encode calls in step with blank inputs). `hqclip-eval` under
+torchrun's environment does the same and only rank 0 reports."""
 
+import contextlib
+import io
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -15,10 +19,12 @@ from hqclip_fast.config import EvalConfig
 from hqclip_fast.data import ClipTokenizer
 from hqclip_fast.data.synthetic import write_synthetic
 from hqclip_fast.eval import EvalSuite
+from hqclip_fast.eval import cli as eval_cli
 from hqclip_fast.eval_ranks import EvalRanks
+from hqclip_fast.export import export_open_clip
 from hqclip_fast.model import create_model
 
-MODEL, SIZE, CONTEXT, BATCH = "hqclip-micro", 32, 36, 3
+MODEL, SIZE, CONTEXT, BATCH = "hqclip-micro", 32, 77, 3
 NUM_IMAGES = 7  # per set: shares of 4 and 3 images, i.e. 2 and 1 batches of 3
 
 
@@ -39,10 +45,12 @@ def _suite(manifest: str) -> EvalSuite:
     return EvalSuite.from_config(EvalConfig(synthetic_manifest=manifest, batch_size=BATCH), SIZE)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> tuple[int, ...]:
+    with contextlib.ExitStack() as stack:  # all bound at once: n different ports
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return tuple(s.getsockname()[1] for s in sockets)
 
 
 def _check_edge_cases(ranks: EvalRanks) -> None:
@@ -59,11 +67,23 @@ def _check_edge_cases(ranks: EvalRanks) -> None:
         ranks.gather(torch.zeros(3 if ranks.rank == 0 else 0, 2))
 
 
-def _worker(rank: int, world_size: int, port: int, manifest: str, out_dir: str) -> None:
+def _eval_cli_as_torchrun_rank(rank: int, world_size: int, port: int, manifest: str, out_dir: str) -> str:
+    """hqclip-eval in the environment torchrun gives a worker; returns what it printed."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        eval_cli(["--model", MODEL, "--image-size", str(SIZE), "--pretrained",
+                  str(Path(out_dir, "export", "open_clip_pytorch_model.bin")), "--synthetic-manifest", manifest,
+                  "--batch-size", str(BATCH), "--out", str(Path(out_dir, f"cli_rank{rank}.json"))])
+    return printed.getvalue()
+
+
+def _worker(rank: int, world_size: int, ports: tuple[int, int], manifest: str, out_dir: str) -> None:
     from hqclip_fast.parallelize import parallelize_model
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=world_size)
     try:
         ranks = EvalRanks.current("cpu")
         assert (ranks.rank, ranks.world_size) == (rank, world_size)
@@ -74,9 +94,11 @@ def _worker(rank: int, world_size: int, port: int, manifest: str, out_dir: str) 
         model.visual.register_forward_hook(
             lambda module, args, out: images_seen.append((args[0].shape[0], bool((args[0] == 0).all()))))
         results = _suite(manifest).run(model, ClipTokenizer(CONTEXT), "cpu", ranks=ranks)
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"results": results, "images_seen": images_seen}))
     finally:
         dist.destroy_process_group()
+    printed = _eval_cli_as_torchrun_rank(rank, world_size, ports[1], manifest, out_dir)
+    Path(out_dir, f"rank{rank}.json").write_text(
+        json.dumps({"results": results, "images_seen": images_seen, "cli_printed": printed}))
 
 
 @pytest.mark.distributed
@@ -86,10 +108,14 @@ def test_two_ranks_give_the_single_process_metrics(manifest, tmp_path):
     assert {"zeroshot_top1", "zeroshot_top5", "image_to_text_R@1", "text_to_image_R@5", "hard_negative_acc"} \
         <= set(expected)
 
-    mp.spawn(_worker, args=(2, _free_port(), manifest, str(tmp_path)), nprocs=2, join=True)
+    export_open_clip(_model(), MODEL, tmp_path / "export")
+    mp.spawn(_worker, args=(2, _free_ports(2), manifest, str(tmp_path)), nprocs=2, join=True)
     outputs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for output in outputs:
         assert output["results"] == expected
     # Each rank encoded only its share: rank 0 four images per set, rank 1 three plus one blank batch.
     assert [tuple(call) for call in outputs[0]["images_seen"]] == [(3, False), (1, False)] * 2
     assert [tuple(call) for call in outputs[1]["images_seen"]] == [(3, False), (1, True)] * 2
+    # hqclip-eval: rank 0 prints and writes the whole sets' metrics, rank 1 reports nothing.
+    assert json.loads(outputs[0]["cli_printed"]) == json.loads((tmp_path / "cli_rank0.json").read_text()) == expected
+    assert outputs[1]["cli_printed"] == "" and not (tmp_path / "cli_rank1.json").exists()
