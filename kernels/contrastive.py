@@ -4,8 +4,8 @@ Keys are given as two row blocks K = [K1; K2] (K2 optional: negative texts as ex
 the caller never concatenates feature matrices.
 
 Forward (`_lse_fwd_kernel`): one sweep over BLOCK_M x BLOCK_N logit tiles. `sweep_grid` cuts the plane of
-row blocks x column tiles into row groups x column groups, one program each (about four waves of the GPU's
-SMs). Program (r, c) walks its row blocks (outer loop) and, for each, its column tiles (inner loop):
+row blocks x column tiles into row groups x column groups, one program each (about four programs per SM of
+the GPU). Program (r, c) walks its row blocks (outer loop) and, for each, its column tiles (inner loop):
   row_part[c, i] = lse of row i over column group c: an online (max, sum) per row in registers, stored once
                    per row block;
   col_part[r, j] = lse of column j over row group r (only K1 columns, only when column stats are asked for):
@@ -204,8 +204,8 @@ def sweep_grid(row_blocks: int, col_tiles: int, col_stats: bool, programs: int) 
 
 
 def _forward_programs(device: torch.device) -> int:
-    """About four waves of programs on a GPU; four in the interpreter (each program is a Python loop
-    there; 2 x 2 groups still exercise the merges across groups)."""
+    """Four programs per SM on a GPU, so that shorter last groups even out; four in the interpreter (each
+    program is a Python loop there; 2 x 2 groups still exercise the merges across groups)."""
     if device.type == "cuda" and not interpreting():
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
