@@ -165,6 +165,8 @@ def write_model_dir(
         model.save_pretrained(out_dir)
     else:
         config.dtype = torch.bfloat16  # what the published checkpoint ships; vLLM's dtype="auto" reads it
+        # save_pretrained of a model writes this; without it vLLM resolves the base Qwen2VLModel as a pooling model
+        config.architectures = [Qwen2VLForConditionalGeneration.__name__]
         config.save_pretrained(out_dir)
         generation_config.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -201,6 +201,7 @@ def test_vllm_engine_kwargs():
     assert kwargs["limit_mm_per_prompt"] == {"image": 1, "video": 0}
     assert kwargs["mm_processor_kwargs"] == {"max_pixels": 448 * 448}
     assert (kwargs["max_num_seqs"], kwargs["gpu_memory_utilization"], kwargs["load_format"]) == (128, 0.8, "dummy")
+    assert kwargs["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         vllm_backend.engine_kwargs("m", gpu_memory_utilization=1.5)
 
@@ -242,7 +243,7 @@ def test_vllm_make_sampling_params_uses_structured_outputs(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", fake_sp)
     params = vllm_backend.make_sampling_params(fake_vllm, vllm_backend.sampling_kwargs(SCHEMA, max_new_tokens=9))
     assert params.kwargs["max_tokens"] == 9
-    assert params.kwargs["structured_outputs"] == StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    assert params.kwargs["structured_outputs"] == StructuredOutputsParams(json=SCHEMA)  # whitespace: engine config
 
 
 def test_vllm_backend_missing_vllm_is_a_clear_error(monkeypatch):
@@ -266,6 +267,7 @@ def test_qwen2_vl_7b_architecture_dir_without_weights(tmp_path):
     )
     assert (config.vision_config.depth, config.vision_config.embed_dim) == (32, 1280)
     assert "bfloat16" in str(config.dtype)
+    assert config.architectures == ["Qwen2VLForConditionalGeneration"]  # else vLLM picks its pooling runner
     tokenizer = AutoProcessor.from_pretrained(path).tokenizer
     assert config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert config.vision_start_token_id == tokenizer.convert_tokens_to_ids("<|vision_start|>")
