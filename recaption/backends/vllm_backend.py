@@ -4,11 +4,12 @@ vLLM is an optional dependency (``pip install 'hqclip-fast[vllm]'``), imported o
 built. The request, engine and sampling arguments are made by the pure functions below so they can be checked
 without vLLM; ``VLLMBackend`` only hands them to ``vllm.LLM``. Data parallelism is one process per GPU over
 disjoint shards (see ``runner.resolve_rank``), so the engine itself runs on a single GPU by default.
+
+Checked against vLLM 0.33.0 (tests/test_recaption_vllm_api.py, on CPU): argument names, the request's image
+expansion, and the compiled grammar. Generation itself needs a GPU and is exercised by the benchmark.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from ..prompts import PromptTemplate
 from . import CaptionRequest, Generation
@@ -56,6 +57,9 @@ def engine_kwargs(
         "dtype": dtype,
         "tensor_parallel_size": tensor_parallel_size,
         "seed": seed,
+        # vLLM reads disable_any_whitespace from the engine's config only (a per-request field of the same name
+        # is ignored), and allows it only with a named backend: xgrammar, which then cannot silently fall back.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
     if processor_kwargs:
         kwargs["mm_processor_kwargs"] = processor_kwargs
@@ -91,27 +95,32 @@ def sampling_kwargs(
 
 
 def make_sampling_params(vllm, kwargs: dict):
-    """Build ``SamplingParams`` for this vLLM version (``structured_outputs`` since v0.11, earlier
-    ``guided_decoding``); whitespace between JSON tokens is disabled where the version allows it."""
+    """Build ``vllm.SamplingParams``, the schema going into ``StructuredOutputsParams(json=...)``."""
     kwargs = dict(kwargs)
     schema = kwargs.pop("json_schema", None)
-    if schema is None:
-        return vllm.SamplingParams(**kwargs)
-    from vllm import sampling_params as sp
+    if schema is not None:
+        from vllm.sampling_params import StructuredOutputsParams
 
-    if hasattr(sp, "StructuredOutputsParams"):
-        params_cls, field = sp.StructuredOutputsParams, "structured_outputs"
-    else:
-        params_cls, field = sp.GuidedDecodingParams, "guided_decoding"
-    options = {"json": schema}
-    if "disable_any_whitespace" in {f.name for f in dataclasses.fields(params_cls)}:
-        options["disable_any_whitespace"] = True
-    return vllm.SamplingParams(**kwargs, **{field: params_cls(**options)})
+        kwargs["structured_outputs"] = StructuredOutputsParams(json=schema)
+    return vllm.SamplingParams(**kwargs)
+
+
+def render_prompt(processor, prompt: PromptTemplate, alt_text: str) -> str:
+    """The checkpoint's own chat template, with one image placeholder that vLLM expands to the image's tokens."""
+    return processor.apply_chat_template(prompt.messages(alt_text), tokenize=False, add_generation_prompt=True)
 
 
 def build_request(prompt_text: str, image) -> dict:
-    """One offline-generation request: the chat-formatted prompt and its image."""
+    """One offline-generation request (a ``vllm.inputs.TextPrompt``): the chat-formatted prompt and its image."""
     return {"prompt": prompt_text, "multi_modal_data": {"image": image}}
+
+
+def to_generation(request_output) -> Generation:
+    """A ``vllm.RequestOutput`` of one sample; its ``token_ids`` include the end token when there is one."""
+    completion = request_output.outputs[0]
+    return Generation(
+        text=completion.text, num_tokens=len(completion.token_ids), finished=completion.finish_reason == "stop"
+    )
 
 
 class VLLMBackend:
@@ -138,7 +147,6 @@ class VLLMBackend:
 
         self.model_name = model
         self.prompt = prompt
-        # The checkpoint's own chat template renders the prompt; vLLM inserts the image tokens.
         self.processor = AutoProcessor.from_pretrained(model)
         self.llm = vllm.LLM(
             **engine_kwargs(
@@ -163,21 +171,8 @@ class VLLMBackend:
             ),
         )
 
-    def chat_text(self, alt_text: str) -> str:
-        return self.processor.apply_chat_template(
-            self.prompt.messages(alt_text), tokenize=False, add_generation_prompt=True
-        )
-
     def generate(self, requests: list[CaptionRequest]) -> list[Generation]:
         if not requests:
             return []
-        batch = [build_request(self.chat_text(r.alt_text), r.image) for r in requests]
-        outputs = self.llm.generate(batch, self.sampling_params, use_tqdm=False)
-        return [
-            Generation(
-                text=out.outputs[0].text,
-                num_tokens=len(out.outputs[0].token_ids),
-                finished=out.outputs[0].finish_reason == "stop",
-            )
-            for out in outputs
-        ]
+        batch = [build_request(render_prompt(self.processor, self.prompt, r.alt_text), r.image) for r in requests]
+        return [to_generation(out) for out in self.llm.generate(batch, self.sampling_params, use_tqdm=False)]
