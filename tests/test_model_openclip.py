@@ -68,6 +68,7 @@ def test_state_dict_shapes_equal_open_clip(name):
 
 @pytest.mark.parametrize("name,overrides", [
     ("hqclip-micro", {}),
+    ("hqclip-micro", {"vision_cfg": {"pool_type": "avg"}}),
     ("hqclip-tiny", {"context_length": 32}),
     ("hqclip-tiny", {"quick_gelu": True, "image_size": 48}),
 ])
@@ -169,6 +170,8 @@ def test_bad_inputs_are_clear_errors():
         create_model("hqclip-micro", attn_backend="magic")
     with pytest.raises(ValueError, match="unsupported vision_cfg"):
         create_model("hqclip-micro", vision_cfg={"ls_init_value": 0.1})
+    with pytest.raises(ValueError, match="pool_type must be one of"):
+        create_model("hqclip-micro", vision_cfg={"pool_type": "max"})
     model = create_model("hqclip-micro", context_length=16)
     with pytest.raises(ValueError, match="context_length 16"):
         model.encode_text(torch.zeros(2, 20, dtype=torch.long))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ATTN_BACKENDS = ("sdpa", "flash_attn", "xformers")
+POOL_TYPES = ("tok", "avg")
 
 
 @dataclass
@@ -23,6 +24,7 @@ class VisionConfig:
     layers: int = 12
     head_width: int = 64
     mlp_ratio: float = 4.0
+    pool_type: str = "tok"  # open_clip's: "tok" (class token) or "avg" (mean of the patch tokens)
 
     @property
     def heads(self) -> int:
@@ -60,6 +62,8 @@ class CLIPConfig:
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         v, t = self.vision_cfg, self.text_cfg
+        if v.pool_type not in POOL_TYPES:
+            raise ValueError(f"vision_cfg.pool_type must be one of {POOL_TYPES}, got {v.pool_type!r}")
         if v.image_size % v.patch_size:
             raise ValueError(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
         if v.width % v.head_width:

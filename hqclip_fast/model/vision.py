@@ -1,4 +1,4 @@
-"""ViT image tower with open_clip's layout (class token pooling, ln_post, linear projection)."""
+"""ViT image tower with open_clip's layout (class token or average pooling, ln_post, linear projection)."""
 
 from __future__ import annotations
 
@@ -40,4 +40,6 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         x = self.transformer(self.ln_pre(x))
+        if self.cfg.pool_type == "avg":  # open_clip's order: ln_post over the tokens, then their mean
+            return self.ln_post(x[:, 1:]).mean(dim=1) @ self.proj
         return self.ln_post(x[:, 0]) @ self.proj
