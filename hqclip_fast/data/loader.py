@@ -273,36 +273,55 @@ def build_train_loader(cfg: DataConfig, *, batch_size: int, rank: int = 0, world
 
 
 class EvalDataset(IterableDataset):
-    """Deterministic single pass over eval shards, yielding (key, image tensor, target).
+    """Deterministic single pass over eval shards, yielding (key, image tensor, target), or
+    (index, key, image, target) with `with_index`.
 
     target is the int class of a `.cls` member, else the parsed `.json` record (dict). Works with a plain
     DataLoader(batch_size=B): keys collate to a list, images to [B, 3, S, S], cls to a LongTensor, dicts of
     strings to dicts of lists. Dirty samples are skipped and counted in `stats()` (per process).
+
+    Sharing among ranks (rank, world_size): a sample's index is its position among the samples the tar reader
+    finds (consecutive members sharing a key), shards in pattern order, counted before anything is decoded.
+    This rank yields the samples with index % world_size == rank and never decodes the others. Because the
+    index depends only on the tar structure, every rank that reads the same bytes assigns the same index to
+    the same sample: a sample whose image, json or cls is damaged keeps its index (its rank skips it and
+    counts why), and a sample the tar cut off (truncated shard) gets no index on any rank. The shares therefore
+    partition exactly the samples one process yields, but are not i % world_size shares of them: with
+    `with_index` the index orders the gathered results. Shard-level counts (empty, truncated, unreadable
+    shards and cut samples), which every rank sees, are counted by rank 0 only, so the ranks' stats() sum to
+    one process's.
     """
 
-    def __init__(self, pattern: str, image_size: int):
+    def __init__(self, pattern: str, image_size: int, *, rank: int = 0, world_size: int = 1,
+                 with_index: bool = False):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.urls = [u for source in expand_sources(pattern) for u in source]
         self.image_size = image_size
+        self.rank, self.world_size, self.with_index = rank, world_size, with_index
         self._reasons: Counter = Counter()
         self._ok = 0
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        position = 0
-        for url in self.urls:
-            for raw in iter_tar_samples(url, self._reasons):
-                position += 1
-                if (position - 1) % num_workers != worker:
-                    continue
-                try:
-                    target = self._target(raw)
-                    image = eval_transform(decode_image(raw), self.image_size)
-                except SkipSample as e:
-                    self._reasons[e.reason] += 1
-                    continue
-                self._ok += 1
-                yield raw["__key__"], image, target
+        shard_reasons = self._reasons if self.rank == 0 else Counter()  # seen by every rank: count them once
+        raw_samples = (raw for url in self.urls for raw in iter_tar_samples(url, shard_reasons))
+        for index, raw in enumerate(raw_samples):
+            share_position, owner = divmod(index, self.world_size)
+            if owner != self.rank or share_position % num_workers != worker:
+                continue  # another rank's (or worker's) sample: not decoded here
+            try:
+                target = self._target(raw)
+                image = eval_transform(decode_image(raw), self.image_size)
+            except SkipSample as e:
+                self._reasons[e.reason] += 1
+                continue
+            self._ok += 1
+            sample = raw["__key__"], image, target
+            yield (index, *sample) if self.with_index else sample
 
     @staticmethod
     def _target(raw: dict):
@@ -317,5 +336,8 @@ class EvalDataset(IterableDataset):
         return summarize(self._reasons, self._ok)
 
 
-def build_eval_dataset(pattern: str, *, image_size: int) -> EvalDataset:
-    return EvalDataset(pattern, image_size)
+def build_eval_dataset(pattern: str, *, image_size: int, rank: int = 0, world_size: int = 1,
+                       with_index: bool = False) -> EvalDataset:
+    """The eval samples of `pattern`; with rank/world_size only this rank's share is decoded and yielded
+    (see EvalDataset for the rule); with_index yields (index, key, image, target)."""
+    return EvalDataset(pattern, image_size, rank=rank, world_size=world_size, with_index=with_index)
