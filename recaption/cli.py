@@ -13,6 +13,7 @@ import os
 import sys
 
 from .backends import BACKENDS, create_backend
+from .budget import DEFAULT_MAX_ALT_TEXT_TOKENS
 from .prompts import DEFAULT_PROMPT_VERSION, PROMPTS, get_prompt
 from .schema import CaptionLimits, caption_schema
 
@@ -30,6 +31,9 @@ def _add_run_parser(sub) -> None:
                    help="token budget per answer; an answer cut off by it becomes a 'truncated' error record")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-pixels", type=int, default=448 * 448, help="image pixel cap in the processor")
+    p.add_argument("--max-alt-text-tokens", type=int, default=DEFAULT_MAX_ALT_TEXT_TOKENS,
+                   help="alt-text longer than this is cut in the prompt (the record keeps it whole); lowered to "
+                        "what fits in the model's context next to the template, image and max-new-tokens")
     p.add_argument("--max-description-chars", type=int, default=CaptionLimits.max_description_chars)
     p.add_argument("--max-tags", type=int, default=CaptionLimits.max_tags)
     p.add_argument("--max-tag-chars", type=int, default=CaptionLimits.max_tag_chars)
@@ -42,7 +46,8 @@ def _add_run_parser(sub) -> None:
     g = p.add_argument_group("vllm backend")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--max-model-len", type=int, default=4096)
+    g.add_argument("--max-model-len", type=int, default=4096,
+                   help="engine context; the transformers backend uses the model's own")
     g.add_argument("--load-format", default="auto", help='"dummy" = random weights, for throughput tests')
 
 
@@ -60,6 +65,7 @@ def _run(args) -> int:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         max_pixels=args.max_pixels,
+        max_alt_text_tokens=args.max_alt_text_tokens,
         seed=args.seed,
     )
     gpu = local_gpu()

@@ -5,6 +5,13 @@ complete, so its existence means "done". A rerun skips done shards without openi
 killed run leaves at most a stale temporary file, which the rerun overwrites. Every input sample yields
 exactly one record; samples that cannot be captioned carry ``error`` (a kind counted in the summary) and
 ``error_detail``.
+
+A backend call that raises for one bad request (vLLM rejects a whole ``LLM.generate`` batch for one invalid
+prompt) costs that sample only: the batch is split in halves and retried until every request that fails, fails
+alone, and becomes a ``prompt_too_long`` or ``generation_error`` record. That holds only while the backend still
+works: after the retries it must answer a request it answered before (the probe). If it cannot, or has never
+answered one, the failure is not the samples' (engine dead, out of memory on anything) and the run stops with
+``BackendFailure``, leaving the shard in progress unfinished for a rerun instead of filling it with errors.
 """
 
 from __future__ import annotations
@@ -23,11 +30,25 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from .backends import Backend, CaptionRequest
+from .backends import Backend, CaptionRequest, Generation
 from .schema import CAPTION_FIELDS, CaptionError, parse_caption
 from .shards import RawSample, expand_shards, iter_shard, shard_name
 
 log = logging.getLogger(__name__)
+
+
+class BackendFailure(RuntimeError):
+    """The backend fails on requests it answered before: the run cannot go on."""
+
+
+def generation_error_kind(exc: Exception) -> str:
+    """The error kind of a request the backend failed on alone."""
+    # vLLM 0.33's words (its VLLMValidationError has no type of its own for this): "This model's maximum context
+    # length is M tokens. However, your prompt contains N ..." when it tokenizes the prompt, and "The decoder
+    # prompt (length N) is longer than the maximum model length of M." once the image tokens are in.
+    message = str(exc)
+    too_long = "maximum context length" in message or "maximum model length" in message
+    return "prompt_too_long" if too_long else "generation_error"
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None, env=None) -> tuple[int, int]:
@@ -87,6 +108,8 @@ class RunStats:
     shards_failed: int = 0  # unreadable tar: no output written, a rerun retries it
     samples: int = 0
     captioned: int = 0
+    alt_text_truncated: int = 0  # samples whose alt-text was cut to the prompt budget (the record keeps it whole)
+    batches_retried: int = 0  # backend calls that raised and were split to find the failing requests
     generated_tokens: int = 0
     generation_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -147,6 +170,7 @@ class Recaptioner:
         self.schema = schema
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self._probe: CaptionRequest | None = None  # the last request the backend answered
 
     def _record(self, sample: RawSample, **fields) -> dict:
         record = {"key": sample.key, "alt_text": sample.alt_text}
@@ -170,27 +194,67 @@ class Recaptioner:
             image = decode_image(sample.image, self.max_pixels)
         except Exception as exc:  # PIL raises many types for broken files
             return self._error(sample, "unreadable_image", f"{type(exc).__name__}: {exc}")
-        return CaptionRequest(image=image, alt_text=sample.alt_text)
+        return CaptionRequest(image=image, alt_text=self.backend.fit_alt_text(sample.alt_text))
 
     def _next_prepared(self, batches: Iterator[list[RawSample]]):
         batch = next(batches, None)
         return None if batch is None else (batch, [self._prepare(sample) for sample in batch])
 
+    def _generate(self, requests: list[CaptionRequest], stats: RunStats) -> list[Generation | Exception]:
+        """The backend's answers in order; a request that fails on its own gets its exception instead."""
+        try:
+            generations = self.backend.generate(requests)
+        except Exception as exc:  # whatever the backend raises; sorted out by the retries and the probe
+            if len(requests) == 1:
+                return [exc]
+            stats.batches_retried += 1
+            log.warning("a backend call of %d requests failed, retrying its halves: %s: %s",
+                        len(requests), type(exc).__name__, exc)
+            half = len(requests) // 2
+            return self._generate(requests[:half], stats) + self._generate(requests[half:], stats)
+        self._probe = requests[-1]
+        return generations
+
+    def _check_backend(self, failure: Exception) -> None:
+        """Raise BackendFailure unless the backend still answers the last request it answered."""
+        if self._probe is None:
+            raise BackendFailure(
+                f"the backend failed on every request so far ({type(failure).__name__}: {failure}); stopping"
+            ) from failure
+        try:
+            self.backend.generate([self._probe])
+        except Exception as exc:
+            raise BackendFailure(
+                f"the backend fails on a request it answered before ({type(exc).__name__}: {exc}), after "
+                f"{type(failure).__name__}: {failure}; stopping, the shard in progress is left for a rerun"
+            ) from exc
+
     def _caption(self, samples: list[RawSample], prepared: list, stats: RunStats) -> list[dict]:
         """Records for a prepared batch, in input order."""
         pending = [(i, item) for i, item in enumerate(prepared) if isinstance(item, CaptionRequest)]
         start = time.perf_counter()
-        generations = self.backend.generate([request for _, request in pending])
+        generations = self._generate([request for _, request in pending], stats) if pending else []
+        failures = [gen for gen in generations if isinstance(gen, Exception)]
+        if failures:
+            self._check_backend(failures[0])
         stats.generation_seconds += time.perf_counter() - start
         records = list(prepared)
-        for (i, _), gen in zip(pending, generations, strict=True):
+        for (i, request), gen in zip(pending, generations, strict=True):
+            extra = {}
+            if request.alt_text != samples[i].alt_text:
+                stats.alt_text_truncated += 1
+                extra["alt_text_truncated"] = True
+            if isinstance(gen, Exception):
+                kind = generation_error_kind(gen)
+                records[i] = self._error(samples[i], kind, f"{type(gen).__name__}: {gen}", **extra)
+                continue
             stats.generated_tokens += gen.num_tokens
             try:
                 caption = parse_caption(gen.text, self.schema, truncated=not gen.finished)
             except CaptionError as exc:
-                records[i] = self._error(samples[i], exc.kind, str(exc), raw_output=gen.text)
+                records[i] = self._error(samples[i], exc.kind, str(exc), raw_output=gen.text, **extra)
                 continue
-            records[i] = self._record(samples[i], **caption)
+            records[i] = self._record(samples[i], **caption, **extra)
         return records
 
     def run_shard(self, path: str, out_path: str, stats: RunStats, progress: tqdm) -> bool:
@@ -220,7 +284,8 @@ class Recaptioner:
             return False
         finally:
             # Work done on a shard counts in the throughput even when its tar turns out broken halfway.
-            for name in ("samples", "captioned", "generated_tokens", "generation_seconds"):
+            for name in ("samples", "captioned", "alt_text_truncated", "batches_retried", "generated_tokens",
+                         "generation_seconds"):
                 setattr(stats, name, getattr(stats, name) + getattr(shard_stats, name))
             stats.errors.update(shard_stats.errors)
         os.replace(tmp_path, out_path)

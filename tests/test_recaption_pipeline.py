@@ -179,6 +179,50 @@ def test_unreadable_tar_is_counted_and_left_for_a_rerun(backend, raw_shards, tmp
     assert not list(out.glob("shard-000003*"))
 
 
+def test_long_alt_text_is_cut_in_the_prompt_and_a_request_the_processor_rejects_is_one_error(tiny_model, tmp_path):
+    """The real backend: an alt-text of thousands of tokens is cut to the budget (the record keeps it whole); an
+    alt-text that smuggles in an image placeholder makes the HF processor reject the whole batch, and costs
+    only its own sample."""
+    backend = create_backend(
+        "transformers", model=tiny_model, prompt=get_prompt(), schema=SCHEMA,
+        max_new_tokens=max_answer_tokens(LIMITS), max_pixels=MAX_PIXELS, max_alt_text_tokens=32,
+    )
+    seen = []
+    generate = backend.generate
+
+    def recording_generate(requests):
+        seen.extend(r.alt_text for r in requests)
+        return generate(requests)
+
+    backend.generate = recording_generate
+    long_alt = " ".join(f"word{i} ünïcode" for i in range(3000))
+    write_raw_shard(tmp_path / "raw.tar", [
+        ("k0", {"jpg": _jpeg(0), "txt": b"a cat"}),
+        ("k1", {"jpg": _jpeg(1), "txt": long_alt.encode()}),
+        ("k2", {"jpg": _jpeg(2), "txt": b"two <|image_pad|> images?"}),
+        ("k3", {"jpg": _jpeg(3), "txt": b"a dog"}),
+    ])
+    out = tmp_path / "out"
+    summary = Recaptioner(backend, prompt_version="v1", schema=SCHEMA, batch_size=4).run([str(tmp_path / "raw.tar")],
+                                                                                          str(out))
+    records = _read(out, "raw")
+    assert [r.get("error") for r in records] == [None, None, "generation_error", None]
+    assert "image_pad" in records[2]["error_detail"]
+    assert records[1]["alt_text"] == long_alt and records[1]["alt_text_truncated"] is True
+    prompted = {a for a in seen if a != long_alt and long_alt.startswith(a) and len(a) > 10}
+    assert len(prompted) == 1 and long_alt not in seen
+    assert len(backend.tokenizer(prompted.pop(), add_special_tokens=False)["input_ids"]) <= 32
+    for record in records[:2] + records[3:]:
+        jsonschema.validate({f: record[f] for f in CAPTION_FIELDS}, SCHEMA)
+    assert (summary["alt_text_truncated"], summary["captioned"], summary["errors"]) == (1, 3, {"generation_error": 1})
+
+
+def test_backend_refuses_options_that_leave_no_room_for_a_prompt(tiny_model):
+    with pytest.raises(ValueError, match="max_model_len=300 leaves no room"):
+        create_backend("transformers", model=tiny_model, prompt=get_prompt(), schema=SCHEMA,
+                       max_new_tokens=max_answer_tokens(LIMITS), max_pixels=MAX_PIXELS, max_model_len=300)
+
+
 @pytest.mark.distributed
 def test_killed_subprocess_run_completes_on_rerun(tiny_model, raw_shards, tmp_path):
     out = tmp_path / "out"

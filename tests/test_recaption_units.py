@@ -7,7 +7,7 @@ import tarfile
 
 import jsonschema
 import pytest
-from hqclip_recaption.backends import vllm_backend
+from hqclip_recaption.backends import Generation, vllm_backend
 from hqclip_recaption.prompts import DEFAULT_PROMPT_VERSION, PROMPTS, get_prompt
 from hqclip_recaption.runner import assign_shards, local_gpu, resolve_rank
 from hqclip_recaption.schema import (
@@ -314,6 +314,9 @@ class _ScriptedBackend:
     def __init__(self, answers):
         self.answers = list(answers)
 
+    def fit_alt_text(self, alt_text):
+        return alt_text
+
     def generate(self, requests):
         return [self.answers.pop(0) for _ in requests]
 
@@ -346,3 +349,206 @@ def test_runner_keeps_bad_model_answers_as_counted_error_records(tmp_path):
     assert {k: records[0][k] for k in CAPTION_FIELDS} == GOOD
     assert summary["errors"] == {"invalid_json": 1, "schema": 1, "truncated": 1}
     assert (summary["captioned"], summary["samples"], summary["generated_tokens"]) == (2, 5, 624)
+
+
+# --- the prompt-length budget and failures of a backend call --------------------------------------------------
+
+MAX_PIXELS = 112 * 112
+
+
+@pytest.fixture(scope="module")
+def tiny_processor(tmp_path_factory):
+    from hqclip_recaption.tiny_model import write_model_dir
+    from transformers import AutoProcessor
+
+    path = write_model_dir(tmp_path_factory.mktemp("tiny-processor"), arch="tiny", weights=False)
+    return AutoProcessor.from_pretrained(path)
+
+
+def _prompt_tokens(processor, alt_text):
+    """Tokens of the full prompt with an image at MAX_PIXELS, as the model sees it."""
+    from hqclip_recaption.budget import max_image_tokens
+
+    text = processor.apply_chat_template(get_prompt().messages(alt_text), tokenize=False, add_generation_prompt=True)
+    pads = 1 + alt_text.count("<|image_pad|>")  # the template's placeholder plus any the alt-text smuggles in
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - pads + max_image_tokens(
+        processor.image_processor, MAX_PIXELS
+    )
+
+
+def test_alt_text_budget_keeps_every_prompt_and_answer_within_max_model_len(tiny_processor):
+    import random
+
+    from hqclip_recaption.budget import alt_text_budget
+
+    budget = alt_text_budget(tiny_processor, get_prompt(), max_model_len=600, answer_tokens=100,
+                             max_pixels=MAX_PIXELS, max_alt_text_tokens=10_000)
+    assert 50 < budget.max_tokens < 600 - 100 - _prompt_tokens(tiny_processor, "") + 10  # lowered to the room
+    rng = random.Random(0)
+    pieces = ["word ", "ünïcödé ", "\U0001f600", "漢字", '"', "{}", "\\n", "<|im_end|>", " ", "x" * 40, "\t"]
+    for trial in range(40):
+        alt_text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 900)))
+        fitted = budget.fit(alt_text)
+        assert alt_text.startswith(fitted)
+        assert _prompt_tokens(tiny_processor, fitted) + 100 <= 600, trial
+        if fitted != alt_text:  # cut at whole tokens, close to the budget
+            assert budget.max_tokens - 4 <= len(tiny_processor.tokenizer(fitted, add_special_tokens=False)["input_ids"])
+    short = "a cat on a sofa"
+    assert budget.fit(short) is short
+
+
+def test_alt_text_budget_honours_the_option_and_refuses_options_that_cannot_fit(tiny_processor):
+    from hqclip_recaption.budget import alt_text_budget
+
+    budget = alt_text_budget(tiny_processor, get_prompt(), max_model_len=4096, answer_tokens=100,
+                             max_pixels=MAX_PIXELS, max_alt_text_tokens=5)
+    assert budget.max_tokens == 5
+    assert len(tiny_processor.tokenizer(budget.fit("word " * 50), add_special_tokens=False)["input_ids"]) == 5
+    template = _prompt_tokens(tiny_processor, "")
+    with pytest.raises(ValueError, match="max_model_len=.*max_new_tokens"):
+        alt_text_budget(tiny_processor, get_prompt(), max_model_len=template + 100, answer_tokens=100,
+                        max_pixels=MAX_PIXELS)
+    with pytest.raises(ValueError, match="max_model_len"):  # a bigger image cap leaves no room either
+        alt_text_budget(tiny_processor, get_prompt(), max_model_len=template + 120, answer_tokens=100,
+                        max_pixels=MAX_PIXELS * 4)
+    with pytest.raises(ValueError, match="max_alt_text_tokens"):
+        alt_text_budget(tiny_processor, get_prompt(), max_model_len=4096, answer_tokens=1, max_pixels=MAX_PIXELS,
+                        max_alt_text_tokens=0)
+
+
+class _FakeBackend:
+    """Answers GOOD to every request, like vLLM fails a whole call when one request is bad, cuts alt-text at
+    ``max_alt_text_chars`` and records every call."""
+
+    model_name = "fake"
+
+    def __init__(self, *, bad=None, max_alt_text_chars=1000, broken=False):
+        self.bad = bad or {}  # alt-text -> exception raised for any call that contains it
+        self.max_alt_text_chars = max_alt_text_chars
+        self.broken = broken
+        self.calls = []
+
+    def fit_alt_text(self, alt_text):
+        return alt_text[: self.max_alt_text_chars]
+
+    def generate(self, requests):
+        self.calls.append([r.alt_text for r in requests])
+        if self.broken:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        for request in requests:
+            if request.alt_text in self.bad:
+                raise self.bad[request.alt_text]
+        return [Generation(json.dumps(GOOD), 30, True) for _ in requests]
+
+
+def _png():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _alt_shard(path, alt_texts):
+    png = _png()
+    _tar(path, [m for i, alt in enumerate(alt_texts) for m in ((f"{i}.png", png), (f"{i}.txt", alt.encode()))])
+    return str(path)
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_runner_cuts_long_alt_text_in_the_prompt_counts_it_and_keeps_it_in_the_record(tmp_path):
+    from hqclip_recaption.runner import Recaptioner
+
+    long_alt = "a very long alt-text " * 500
+    shard = _alt_shard(tmp_path / "s-0.tar", ["short one", long_alt, "another"])
+    backend = _FakeBackend(max_alt_text_chars=100)
+    summary = Recaptioner(backend, prompt_version="v1", schema=SCHEMA, batch_size=8).run([shard], str(tmp_path / "o"))
+    assert backend.calls == [["short one", long_alt[:100], "another"]]
+    records = _records(tmp_path / "o" / "s-0.jsonl")
+    assert records[1]["alt_text"] == long_alt.strip() and records[1]["alt_text_truncated"] is True
+    assert {k: records[1][k] for k in CAPTION_FIELDS} == GOOD
+    assert "alt_text_truncated" not in records[0]
+    assert (summary["alt_text_truncated"], summary["captioned"], summary["num_errors"]) == (1, 3, 0)
+
+
+def test_runner_turns_a_request_the_backend_fails_on_into_one_error_record(tmp_path):
+    """vLLM's behaviour: one bad request makes the whole LLM.generate call raise."""
+    from hqclip_recaption.runner import Recaptioner
+
+    too_long = ValueError("The decoder prompt (length 9000) is longer than the maximum model length of 4096.")
+    alts = [f"alt {i}" for i in range(7)]
+    alts[4], alts[6] = "too long", "odd"
+    shards = [_alt_shard(tmp_path / "s-0.tar", alts), _alt_shard(tmp_path / "s-1.tar", ["fine", "odd"])]
+    backend = _FakeBackend(bad={"too long": too_long, "odd": RuntimeError("processor: bad placeholder")})
+    summary = Recaptioner(backend, prompt_version="v1", schema=SCHEMA, batch_size=7).run(shards, str(tmp_path / "o"))
+
+    records = _records(tmp_path / "o" / "s-0.jsonl")
+    assert [r["key"] for r in records] == [str(i) for i in range(7)]
+    assert [r.get("error") for r in records] == [None] * 4 + ["prompt_too_long", None, "generation_error"]
+    assert "maximum model length" in records[4]["error_detail"] and records[4]["positive_description"] is None
+    assert records[6]["error_detail"] == "RuntimeError: processor: bad placeholder"
+    assert all({k: r[k] for k in CAPTION_FIELDS} == GOOD for r in records if "error" not in r)
+    assert [r.get("error") for r in _records(tmp_path / "o" / "s-1.jsonl")] == [None, "generation_error"]
+    assert summary["errors"] == {"generation_error": 2, "prompt_too_long": 1}
+    assert (summary["captioned"], summary["samples"], summary["shards_done"]) == (6, 9, 2)
+    # Calls that raised and were halved: 7 -> 4 -> 2 and 2 in the first shard, 2 in the second.
+    assert summary["batches_retried"] == 5
+    assert ["too long"] in backend.calls and ["odd"] in backend.calls  # each bad one was tried alone
+
+
+def test_runner_keeps_going_past_a_lone_bad_sample_once_the_backend_has_answered(tmp_path):
+    from hqclip_recaption.runner import Recaptioner
+
+    shard = _alt_shard(tmp_path / "s-0.tar", ["good", "bad", "good too"])
+    backend = _FakeBackend(bad={"bad": ValueError("nope")})
+    summary = Recaptioner(backend, prompt_version="v1", schema=SCHEMA, batch_size=1).run([shard], str(tmp_path / "o"))
+    assert [r.get("error") for r in _records(tmp_path / "o" / "s-0.jsonl")] == [None, "generation_error", None]
+    assert backend.calls == [["good"], ["bad"], ["good"], ["good too"]]  # the probe: "good" again after "bad"
+    assert summary["errors"] == {"generation_error": 1}
+
+
+def test_runner_stops_when_the_backend_fails_on_everything_and_finishes_nothing(tmp_path):
+    from hqclip_recaption.runner import BackendFailure, Recaptioner
+
+    shards = [_alt_shard(tmp_path / "s-0.tar", ["a", "b", "c"]), _alt_shard(tmp_path / "s-1.tar", ["d", "e"])]
+    out = tmp_path / "o"
+    with pytest.raises(BackendFailure, match="failed on every request so far.*illegal memory access"):
+        Recaptioner(_FakeBackend(broken=True), prompt_version="v1", schema=SCHEMA, batch_size=4).run(
+            shards, str(out)
+        )
+    assert not list(out.glob("*.jsonl"))
+
+    # The engine dies after the first shard: that shard is done, the second is not written, and a rerun with a
+    # working engine completes it without touching the first.
+    backend = _FakeBackend()
+    recaptioner = Recaptioner(backend, prompt_version="v1", schema=SCHEMA, batch_size=4)
+    original_generate = backend.generate
+
+    def dies_after_first_shard(requests):
+        backend.broken = backend.broken or requests[0].alt_text == "d"
+        return original_generate(requests)
+
+    backend.generate = dies_after_first_shard
+    with pytest.raises(BackendFailure, match="answered before"):
+        recaptioner.run(shards, str(out))
+    assert [p.name for p in out.glob("*.jsonl")] == ["s-0.jsonl"]
+    first = (out / "s-0.jsonl").read_bytes()
+    assert [r.get("error") for r in _records(out / "s-0.jsonl")] == [None] * 3
+
+    summary = Recaptioner(_FakeBackend(), prompt_version="v1", schema=SCHEMA, batch_size=4).run(shards, str(out))
+    assert (summary["shards_skipped"], summary["shards_done"], summary["num_errors"]) == (1, 1, 0)
+    assert (out / "s-0.jsonl").read_bytes() == first
+    assert [r["alt_text"] for r in _records(out / "s-1.jsonl")] == ["d", "e"]
+
+
+def test_generation_error_kinds():
+    from hqclip_recaption.runner import generation_error_kind
+
+    message = "The decoder prompt (length 5000) is longer than the maximum model length of 4096. Make sure..."
+    assert generation_error_kind(ValueError(message)) == "prompt_too_long"
+    message = "This model's maximum context length is 4096 tokens. However, your prompt contains at least 4097"
+    assert generation_error_kind(ValueError(message)) == "prompt_too_long"
+    assert generation_error_kind(RuntimeError("CUDA out of memory")) == "generation_error"

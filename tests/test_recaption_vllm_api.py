@@ -175,3 +175,42 @@ def test_output_parsing_reads_real_request_outputs():
     cut = vllm_backend.to_generation(output('{"a', [5, 6], FinishReason.LENGTH))
     assert (done.text, done.num_tokens, done.finished) == ('{"a":1}', 3, True)
     assert (cut.num_tokens, cut.finished) == (2, False)
+
+
+def test_budgeted_alt_text_keeps_a_huge_alt_text_request_within_max_model_len(tiny_model, tiny_config):
+    """The bug the budget fixes: vLLM rejects a prompt over max_model_len (and with it the whole LLM.generate
+    call). The same alt-text cut by the budget passes vLLM's own validation with room for the answer, and the
+    rejection maps to the "prompt_too_long" error kind."""
+    from hqclip_recaption.budget import alt_text_budget
+    from hqclip_recaption.runner import generation_error_kind
+    from transformers import AutoProcessor
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    max_model_len = tiny_config.model_config.max_model_len
+    answer_tokens = 300
+    params = vllm_backend.make_sampling_params(
+        vllm, vllm_backend.sampling_kwargs(SCHEMA, max_new_tokens=answer_tokens)
+    )
+    image = Image.new("RGB", (640, 640), (20, 90, 160))  # shrunk to the MAX_PIXELS cap: the most image tokens
+    huge = " ".join(f"stock photo {i} ünïcode \U0001f600" for i in range(2000))
+    input_processor = InputProcessor(tiny_config)
+
+    def process(alt_text, request_id):
+        text = vllm_backend.render_prompt(processor, get_prompt(), alt_text)
+        return input_processor.process_inputs(
+            request_id, vllm_backend.build_request(text, image), params, supported_tasks=("generate",)
+        )
+
+    with pytest.raises(VLLMValidationError) as info:
+        process(huge, "r-huge")
+    assert generation_error_kind(info.value) == "prompt_too_long"
+
+    budget = alt_text_budget(processor, get_prompt(), max_model_len=max_model_len, answer_tokens=answer_tokens,
+                             max_pixels=MAX_PIXELS, max_alt_text_tokens=10**6)  # all the room there is
+    fitted = budget.fit(huge)
+    assert huge.startswith(fitted) and len(fitted) < len(huge)
+    request = process(fitted, "r-fitted")
+    assert len(request.prompt_token_ids) + answer_tokens <= max_model_len
+    assert len(request.prompt_token_ids) + answer_tokens > max_model_len - 40  # the budget is used, not wasted

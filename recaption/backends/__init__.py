@@ -1,7 +1,8 @@
 """Backends turn (image, alt-text) requests into raw model answers; the runner parses and validates them.
 
 Every backend is built from the same three things: a prompt template, the caption JSON schema (for
-constrained decoding) and a token budget. ``create_backend`` imports a backend's heavy dependencies
+constrained decoding) and a token budget: its answer length, and the alt-text length that keeps every prompt
+within the model's context (``budget.py``), checked at start-up. ``create_backend`` imports a backend's heavy dependencies
 (transformers, vLLM) only when that backend is asked for.
 """
 
@@ -28,6 +29,10 @@ class Generation:
 
 class Backend(Protocol):
     model_name: str
+
+    def fit_alt_text(self, alt_text: str) -> str:
+        """The alt-text as it may go into a prompt: cut to the backend's alt-text token budget."""
+        ...
 
     def generate(self, requests: list[CaptionRequest]) -> list[Generation]: ...
 

@@ -10,6 +10,7 @@ import json
 
 import torch
 
+from ..budget import DEFAULT_MAX_ALT_TEXT_TOKENS, alt_text_budget, model_context_length
 from ..prompts import PromptTemplate
 from . import CaptionRequest, Generation
 
@@ -24,6 +25,8 @@ class TransformersBackend:
         max_new_tokens: int = 2048,
         temperature: float = 0.0,
         max_pixels: int | None = None,
+        max_alt_text_tokens: int = DEFAULT_MAX_ALT_TEXT_TOKENS,
+        max_model_len: int | None = None,
         device: str = "cpu",
         dtype: str = "auto",
         seed: int = 0,
@@ -50,6 +53,14 @@ class TransformersBackend:
                 "shortest_edge": min(size["shortest_edge"], max_pixels),
                 "longest_edge": max_pixels,
             }
+        self.alt_text_budget = alt_text_budget(
+            self.processor,
+            prompt,
+            max_model_len=max_model_len or model_context_length(model),
+            answer_tokens=max_new_tokens,
+            max_pixels=max_pixels,
+            max_alt_text_tokens=max_alt_text_tokens,
+        )
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"  # decoder-only batching: prompts end at the same position
         self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype))
@@ -68,6 +79,9 @@ class TransformersBackend:
         )
         if temperature > 0:
             torch.manual_seed(seed)  # generate() samples from the global generator
+
+    def fit_alt_text(self, alt_text: str) -> str:
+        return self.alt_text_budget.fit(alt_text)
 
     def chat_text(self, alt_text: str) -> str:
         return self.processor.apply_chat_template(

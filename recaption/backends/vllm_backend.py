@@ -11,6 +11,7 @@ expansion, and the compiled grammar. Generation itself needs a GPU and is exerci
 
 from __future__ import annotations
 
+from ..budget import DEFAULT_MAX_ALT_TEXT_TOKENS, alt_text_budget, model_context_length
 from ..prompts import PromptTemplate
 from . import CaptionRequest, Generation
 
@@ -141,6 +142,7 @@ class VLLMBackend:
         dtype: str = "auto",
         seed: int = 0,
         fixed_output_tokens: int | None = None,
+        max_alt_text_tokens: int = DEFAULT_MAX_ALT_TEXT_TOKENS,
     ):
         vllm = import_vllm()
         from transformers import AutoProcessor
@@ -148,6 +150,15 @@ class VLLMBackend:
         self.model_name = model
         self.prompt = prompt
         self.processor = AutoProcessor.from_pretrained(model)
+        # Checked before the engine starts: a prompt over max_model_len would cancel a whole LLM.generate batch.
+        self.alt_text_budget = alt_text_budget(
+            self.processor,
+            prompt,
+            max_model_len=max_model_len or model_context_length(model),
+            answer_tokens=fixed_output_tokens or max_new_tokens,
+            max_pixels=max_pixels,
+            max_alt_text_tokens=max_alt_text_tokens,
+        )
         self.llm = vllm.LLM(
             **engine_kwargs(
                 model,
@@ -170,6 +181,9 @@ class VLLMBackend:
                 fixed_output_tokens=fixed_output_tokens,
             ),
         )
+
+    def fit_alt_text(self, alt_text: str) -> str:
+        return self.alt_text_budget.fit(alt_text)
 
     def generate(self, requests: list[CaptionRequest]) -> list[Generation]:
         if not requests:
