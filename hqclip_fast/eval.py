@@ -132,27 +132,35 @@ def hard_negative_accuracy(image_features: torch.Tensor, positive_features: torc
 
 
 @torch.no_grad()
-def image_text_metrics(model, tokenizer: Callable,
-                       batches: Iterable[tuple[torch.Tensor, list[str], list[str | None]]],
-                       device, *, ranks: EvalRanks | None = None, image_size: int | None = None) -> dict[str, float]:
+def image_text_metrics(model, tokenizer: Callable, batches: Iterable[tuple], device, *,
+                       ranks: EvalRanks | None = None, image_size: int | None = None) -> dict[str, float]:
     """Retrieval recall over all (image, positive text) pairs; hard-negative accuracy over the pairs that
-    come with a negative text (None where a pair has none). With `ranks`: the batches are this rank's share;
-    features are gathered for retrieval and hard-negative counts summed; `image_size` is then needed."""
+    come with a negative text (None where a pair has none).
+
+    A batch is (images, positive texts, negative texts) or, with the pairs' global sample indices,
+    (images, positive texts, negative texts, indices) as ImageTextSet.batches gives. With `ranks`: the batches
+    are this rank's share (without indices: the i % world_size share, in order); features are gathered in the
+    global order for retrieval and hard-negative counts summed; `image_size` is then needed."""
     ranks = ranks or EvalRanks()
     blank = _blank_images(ranks, image_size)
-    images, positives, negatives = [], [], []
+    images, positives, negatives, indices = [], [], [], []
     encoded = ranks.lockstep(batches, lambda batch: (_encode_images(model, batch[0], device), *batch[1:]),
                              blank=lambda: (blank(), [], []))
-    for batch_features, batch_pos, batch_neg in encoded:
+    for batch_features, batch_pos, batch_neg, *batch_index in encoded:
+        if batch_index:
+            indices.extend(int(i) for i in batch_index[0])
+        else:  # row j of this rank's i % world_size share is sample j * world_size + rank
+            rows = range(len(positives), len(positives) + len(batch_pos))
+            indices.extend(j * ranks.world_size + ranks.rank for j in rows)
         images.append(batch_features)
         positives.extend(batch_pos)
         negatives.extend(batch_neg)
     local_images = torch.cat(images) if images else torch.empty(0, 0)
-    image_features = ranks.gather(local_images)
+    image_features = ranks.gather(local_images, indices)
     if image_features.shape[0] == 0:
         raise ValueError("image-text evaluation got no images")
     local_positives = encode_texts(model, tokenizer, positives, device, ranks=ranks)
-    result = retrieval_recall(image_features, ranks.gather(local_positives))
+    result = retrieval_recall(image_features, ranks.gather(local_positives, indices))
     result["retrieval_samples"] = image_features.shape[0]
     with_negative = [i for i, neg in enumerate(negatives) if neg]
     negative_features = encode_texts(model, tokenizer, [negatives[i] for i in with_negative], device, ranks=ranks)
@@ -202,15 +210,18 @@ class ZeroShotSet:
     image_size: int
 
     def batches(self, batch_size: int, ranks: EvalRanks | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) batches of this rank's share (all samples without `ranks`)."""
+        """(images, labels) batches of this rank's share (all samples without `ranks`); only the share's
+        images are decoded. For shards the share is build_eval_dataset's (counted in the tar structure, so a
+        damaged sample is skipped by its own rank), which leaves the summed counts those of one process."""
         ranks = ranks or EvalRanks()
         if Path(self.source).is_dir():
             samples = self._folder_samples(ranks)
         else:
             from hqclip_fast.data import build_eval_dataset
 
-            samples = ranks.share((image, target) for _, image, target in
-                                  build_eval_dataset(self.source, image_size=self.image_size))
+            samples = ((image, target) for _, image, target in
+                       build_eval_dataset(self.source, image_size=self.image_size, rank=ranks.rank,
+                                          world_size=ranks.world_size))
         for batch in _batched(samples, batch_size):
             labels = torch.tensor([label for _, label in batch])
             if int(labels.min()) < 0 or int(labels.max()) >= len(self.classnames):
@@ -240,23 +251,27 @@ class ImageTextSet:
     source: str
     image_size: int
 
-    def batches(self, batch_size: int,
-                ranks: EvalRanks | None = None) -> Iterator[tuple[torch.Tensor, list[str], list[str | None]]]:
-        """(images, positive texts, negative texts) batches of this rank's share (all without `ranks`)."""
+    def batches(self, batch_size: int, ranks: EvalRanks | None = None
+                ) -> Iterator[tuple[torch.Tensor, list[str], list[str | None], list[int]]]:
+        """(images, positive texts, negative texts, sample indices) batches of this rank's share (all without
+        `ranks`); only the share's images are decoded (build_eval_dataset's share; the indices order the
+        gathered features)."""
         ranks = ranks or EvalRanks()
-        for batch in _batched(ranks.share(self._triples()), batch_size):
-            images, positives, negatives = zip(*batch)
-            yield torch.stack(images), list(positives), list(negatives)
+        for batch in _batched(self._samples(ranks), batch_size):
+            images, positives, negatives, indices = zip(*batch)
+            yield torch.stack(images), list(positives), list(negatives), list(indices)
 
-    def _triples(self) -> Iterator[tuple[torch.Tensor, str, str | None]]:
+    def _samples(self, ranks: EvalRanks) -> Iterator[tuple[torch.Tensor, str, str | None, int]]:
         from hqclip_fast.data import build_eval_dataset
 
-        for _, image, record in build_eval_dataset(self.source, image_size=self.image_size):
+        dataset = build_eval_dataset(self.source, image_size=self.image_size, rank=ranks.rank,
+                                     world_size=ranks.world_size, with_index=True)
+        for index, _, image, record in dataset:
             if not isinstance(record, dict):
                 raise ValueError(f"image_text: {self.source} holds class labels (.cls), not texts (.json)")
             positive = record.get("positive_text") or record.get("positive_description") or record.get("alt_text")
             if positive:  # a sample without any text has nothing to retrieve
-                yield image, positive, record.get("negative_text") or record.get("negative_description")
+                yield image, positive, record.get("negative_text") or record.get("negative_description"), index
 
 
 class EvalSuite:

@@ -16,6 +16,7 @@ from hqclip_fast.data import ClipTokenizer
 from hqclip_fast.data.synthetic import write_synthetic
 from hqclip_fast.eval import (
     EvalSuite,
+    ImageTextSet,
     ZeroShotSet,
     hard_negative_accuracy,
     retrieval_recall,
@@ -23,6 +24,7 @@ from hqclip_fast.eval import (
     zero_shot_classifier,
 )
 from hqclip_fast.eval import cli as eval_cli
+from hqclip_fast.eval_ranks import EvalRanks
 from hqclip_fast.export import export_open_clip
 from hqclip_fast.model import create_model
 
@@ -178,6 +180,37 @@ def test_image_folder_gives_the_same_accuracy_as_the_shards(synthetic, model, tm
     # The synthetic suite also scores retrieval and hard negatives on its hard-negative set.
     assert from_shards["retrieval_samples"] == from_shards["hard_negative_samples"] == 40
     assert 0.0 <= from_shards["hard_negative_acc"] <= 1.0
+
+
+def test_shard_sets_split_among_three_ranks_before_decoding(synthetic):
+    """The batches of 3 ranks (no process group needed: batches hold no collective) hold the whole set once:
+    zero-shot labels as a multiset, image-text pairs by their sample index, in each rank's i % 3 share."""
+    zeroshot = ZeroShotSet(synthetic["zeroshot"], synthetic["classnames"], synthetic["templates"], SIZE)
+    whole_labels = torch.cat([labels for _, labels in zeroshot.batches(16)])
+    shared_labels = torch.cat([labels for r in range(3) for _, labels in zeroshot.batches(16, EvalRanks(r, 3))])
+    assert len(whole_labels) == 60 and sorted(shared_labels.tolist()) == sorted(whole_labels.tolist())
+
+    image_text = ImageTextSet(synthetic["hardneg"], SIZE)
+    (images, positives, negatives, indices), = image_text.batches(64)
+    assert indices == list(range(40))
+    seen = []
+    for rank in range(3):
+        for batch_images, batch_pos, batch_neg, batch_indices in image_text.batches(4, EvalRanks(rank, 3)):
+            assert all(i % 3 == rank for i in batch_indices)
+            seen += batch_indices
+            assert torch.equal(batch_images, images[batch_indices])
+            assert batch_pos == [positives[i] for i in batch_indices]
+            assert batch_neg == [negatives[i] for i in batch_indices]
+    assert sorted(seen) == indices
+
+
+def test_gather_by_index_on_one_process():
+    rows = torch.tensor([[2.0], [0.0], [1.0]])
+    assert torch.equal(EvalRanks().gather(rows, [2, 0, 1]), torch.tensor([[0.0], [1.0], [2.0]]))
+    with pytest.raises(ValueError, match="more than one row"):
+        EvalRanks().gather(rows, [2, 0, 2])
+    with pytest.raises(ValueError, match="index has 2 entries for 3 rows"):
+        EvalRanks().gather(rows, [0, 1])
 
 
 def test_eval_config_errors(synthetic, tmp_path):

@@ -1,22 +1,27 @@
 """Evaluation shared by 2 gloo CPU ranks equals one process on the whole sets: zero-shot top-1/top-5, retrieval
 R@k and hard-negative accuracy, on an FSDP2-sharded model, with set sizes that 2 does not divide (so one rank
-has an extra batch and the other must keep its encode calls in step with blank inputs). `hqclip-eval` under
-torchrun's environment does the same and only rank 0 reports."""
+has an extra batch and the other must keep its encode calls in step with blank inputs), and a damaged sample in
+each set. Each rank decodes only its share of the shards. `hqclip-eval` under torchrun's environment does the
+same and only rank 0 reports."""
 
 import contextlib
 import io
 import json
 import os
 import socket
+import tarfile
 from pathlib import Path
 
+import braceexpand
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from data_helpers import write_tar
 
 from hqclip_fast.config import EvalConfig
 from hqclip_fast.data import ClipTokenizer
+from hqclip_fast.data import loader as data_loader
 from hqclip_fast.data.synthetic import write_synthetic
 from hqclip_fast.eval import EvalSuite
 from hqclip_fast.eval import cli as eval_cli
@@ -25,15 +30,39 @@ from hqclip_fast.export import export_open_clip
 from hqclip_fast.model import create_model
 
 MODEL, SIZE, CONTEXT, BATCH = "hqclip-micro", 32, 77, 3
-NUM_IMAGES = 7  # per set: shares of 4 and 3 images, i.e. 2 and 1 batches of 3
+NUM_IMAGES = 7  # good ones per set: shares of 4 and 3 images, i.e. 2 and 1 batches of 3
+# A damaged sample in each set, at a tar position of rank 1's share (odd): rank 1 decodes 3 good images and it.
+DAMAGED_AT = {"zeroshot": (1, b"0"), "hardneg": (3, b'{"positive_text": "a", "negative_text": "b"}')}
+
+
+def _insert_damaged_sample(shard: str, position: int, target: tuple[str, bytes]) -> None:
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    members[2 * position:2 * position] = [("damaged.jpg", b"not a jpeg"), target]  # 2 members per sample
+    write_tar(shard, members)
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(str(out), num_samples=4, shard_size=30, seed=6, image_size=SIZE, num_zeroshot=NUM_IMAGES,
-                    num_hardneg=NUM_IMAGES)
+    written = write_synthetic(str(out), num_samples=4, shard_size=30, seed=6, image_size=SIZE,
+                              num_zeroshot=NUM_IMAGES, num_hardneg=NUM_IMAGES)
+    for split, (position, target) in DAMAGED_AT.items():
+        (shard,) = braceexpand.braceexpand(written[split])
+        _insert_damaged_sample(shard, position, ("damaged." + ("cls" if split == "zeroshot" else "json"), target))
     return str(out / "manifest.json")
+
+
+@contextlib.contextmanager
+def _counting_decodes():
+    """Yields a list that gets (set, key) for every image the eval datasets decode in this process."""
+    decoded, real_decode = [], data_loader.decode_image
+    data_loader.decode_image = lambda raw: decoded.append(
+        (Path(raw["__url__"]).parent.name, raw["__key__"])) or real_decode(raw)
+    try:
+        yield decoded
+    finally:
+        data_loader.decode_image = real_decode
 
 
 def _model():
@@ -65,6 +94,14 @@ def _check_edge_cases(ranks: EvalRanks) -> None:
     assert encoded == ([10] if ranks.rank == 0 else []) and calls == ([10] if ranks.rank == 0 else [-1])
     with pytest.raises(ValueError, match="share"):
         ranks.gather(torch.zeros(3 if ranks.rank == 0 else 0, 2))
+    # Shares by sample index (build_eval_dataset's): any sizes, holes; rows come back sorted by index.
+    index = [0, 3, 4] if ranks.rank == 0 else [6, 1]
+    rows = torch.tensor(index, dtype=torch.float32).view(-1, 1).repeat(1, 2)
+    assert torch.equal(ranks.gather(rows, index), torch.tensor([0.0, 1, 3, 4, 6]).view(-1, 1).repeat(1, 2))
+    tiny_index = [7] if ranks.rank == 0 else []
+    assert torch.equal(ranks.gather(tiny, tiny_index), torch.ones(1, 4))
+    with pytest.raises(ValueError, match="more than one row"):
+        ranks.gather(torch.zeros(1, 2), [5])  # both ranks hold sample 5
 
 
 def _eval_cli_as_torchrun_rank(rank: int, world_size: int, port: int, manifest: str, out_dir: str) -> str:
@@ -93,17 +130,20 @@ def _worker(rank: int, world_size: int, ports: tuple[int, int], manifest: str, o
         images_seen = []  # (batch size, blank?) per encode_image call
         model.visual.register_forward_hook(
             lambda module, args, out: images_seen.append((args[0].shape[0], bool((args[0] == 0).all()))))
-        results = _suite(manifest).run(model, ClipTokenizer(CONTEXT), "cpu", ranks=ranks)
+        with _counting_decodes() as decoded:
+            results = _suite(manifest).run(model, ClipTokenizer(CONTEXT), "cpu", ranks=ranks)
     finally:
         dist.destroy_process_group()
     printed = _eval_cli_as_torchrun_rank(rank, world_size, ports[1], manifest, out_dir)
-    Path(out_dir, f"rank{rank}.json").write_text(
-        json.dumps({"results": results, "images_seen": images_seen, "cli_printed": printed}))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
+        {"results": results, "images_seen": images_seen, "decoded": decoded, "cli_printed": printed}))
 
 
 @pytest.mark.distributed
 def test_two_ranks_give_the_single_process_metrics(manifest, tmp_path):
-    expected = _suite(manifest).run(_model(), ClipTokenizer(CONTEXT), "cpu")
+    with _counting_decodes() as decoded:
+        expected = _suite(manifest).run(_model(), ClipTokenizer(CONTEXT), "cpu")
+    assert len(decoded) == 2 * (NUM_IMAGES + 1)  # the damaged samples are decoded (and skipped) too
     assert expected["zeroshot_samples"] == expected["retrieval_samples"] == expected["hard_negative_samples"] == 7
     assert {"zeroshot_top1", "zeroshot_top5", "image_to_text_R@1", "text_to_image_R@5", "hard_negative_acc"} \
         <= set(expected)
@@ -116,6 +156,11 @@ def test_two_ranks_give_the_single_process_metrics(manifest, tmp_path):
     # Each rank encoded only its share: rank 0 four images per set, rank 1 three plus one blank batch.
     assert [tuple(call) for call in outputs[0]["images_seen"]] == [(3, False), (1, False)] * 2
     assert [tuple(call) for call in outputs[1]["images_seen"]] == [(3, False), (1, True)] * 2
+    # Each rank decoded only its share: the samples at its tar positions (i % 2 == rank), damaged ones included.
+    for rank, output in enumerate(outputs):
+        mine = [call for split in DAMAGED_AT for call in [c for c in decoded if c[0] == split][rank::2]]
+        assert [tuple(call) for call in output["decoded"]] == mine
+    assert ("hardneg", "damaged") in mine and ("zeroshot", "damaged") in mine  # rank 1's
     # hqclip-eval: rank 0 prints and writes the whole sets' metrics, rank 1 reports nothing.
     assert json.loads(outputs[0]["cli_printed"]) == json.loads((tmp_path / "cli_rank0.json").read_text()) == expected
     assert outputs[1]["cli_printed"] == "" and not (tmp_path / "cli_rank1.json").exists()
