@@ -1,4 +1,5 @@
-"""The prompt-length budget: how many alt-text tokens fit in the model's context, and cutting alt-text to it.
+"""The alt-text as it goes into a prompt: special-token strings removed (``special_tokens.py``), then cut to the
+prompt-length budget, how many alt-text tokens fit in the model's context.
 
 Web alt-text is sometimes thousands of tokens long, and a prompt longer than the engine's context is rejected:
 vLLM rejects it inside ``LLM.generate``, cancelling the whole batch with it. So the alt-text that goes into the
@@ -6,7 +7,7 @@ prompt is cut to a number of tokens fixed at start-up, such that every prompt pl
 
     template tokens + image tokens at max_pixels + alt-text tokens + margin + answer tokens <= max_model_len
 
-The record keeps the full original alt-text; only the prompt sees the cut one.
+The record keeps the full original alt-text; only the prompt sees the cleaned and cut one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 from .prompts import PromptTemplate
+from .special_tokens import SpecialTokenRemover
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,26 @@ def model_context_length(model: str) -> int:
 
 
 @dataclass(frozen=True)
+class PromptAltText:
+    text: str  # what goes into the prompt
+    truncated: bool  # cut to the token budget
+    special_tokens: int  # special-token strings removed
+
+
+@dataclass(frozen=True)
 class AltTextBudget:
     tokenizer: object  # a Hugging Face fast tokenizer (offsets are needed to cut at a character)
     max_tokens: int
+    remove_special_tokens: SpecialTokenRemover
+
+    def prepare(self, alt_text: str) -> PromptAltText:
+        """The alt-text for the prompt: without special-token strings (and the whitespace they leave at its ends),
+        then cut to ``max_tokens``. (A prefix of text without special-token strings has none either, so the cut
+        cannot bring one back.)"""
+        cleaned, removed = self.remove_special_tokens(alt_text)
+        cleaned = cleaned.strip() if removed else cleaned
+        fitted = self.fit(cleaned)
+        return PromptAltText(fitted, truncated=len(fitted) < len(cleaned), special_tokens=removed)
 
     def fit(self, alt_text: str) -> str:
         """``alt_text``, or its longest prefix of whole tokens within ``max_tokens``."""
@@ -91,4 +110,8 @@ def alt_text_budget(
         )
     # Its own tokenizer: the runner cuts alt-text on its reader thread while the backend may be tokenizing a batch
     # with padding, and a fast tokenizer raises "Already borrowed" when used from two threads at once.
-    return AltTextBudget(copy.deepcopy(processor.tokenizer), min(room, max_alt_text_tokens))
+    return AltTextBudget(
+        copy.deepcopy(processor.tokenizer),
+        min(room, max_alt_text_tokens),
+        SpecialTokenRemover.from_tokenizer(processor.tokenizer),
+    )

@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .backends import Backend, CaptionRequest, Generation
+from .budget import PromptAltText
 from .schema import CAPTION_FIELDS, CaptionError, parse_caption
 from .shards import RawSample, expand_shards, iter_shard, shard_name
 
@@ -109,6 +110,7 @@ class RunStats:
     samples: int = 0
     captioned: int = 0
     alt_text_truncated: int = 0  # samples whose alt-text was cut to the prompt budget (the record keeps it whole)
+    alt_text_special_tokens: int = 0  # samples whose alt-text lost special-token strings in the prompt (likewise)
     batches_retried: int = 0  # backend calls that raised and were split to find the failing requests
     generated_tokens: int = 0
     generation_seconds: float = 0.0
@@ -137,6 +139,20 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
         image.draft("RGB", (max(1, int(image.width * scale)), max(1, int(image.height * scale))))
     image.load()  # decode now: a truncated file must fail here, not inside the model's processor
     return image.convert("RGB")
+
+
+def alt_text_flags(alt_text: PromptAltText) -> dict:
+    """The record fields telling how the prompt's alt-text differs from the record's, present only when true."""
+    flags = {"alt_text_truncated": alt_text.truncated, "alt_text_special_tokens": alt_text.special_tokens > 0}
+    return {name: True for name, flag in flags.items() if flag}
+
+
+@dataclass
+class _Pending:
+    """A sample on its way to the model."""
+
+    request: CaptionRequest
+    record_flags: dict  # alt_text_flags of the request's alt-text
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
@@ -182,7 +198,7 @@ class Recaptioner:
     def _error(self, sample: RawSample, kind: str, detail: str, **extra) -> dict:
         return self._record(sample, error=kind, error_detail=detail, **extra)
 
-    def _prepare(self, sample: RawSample) -> dict | CaptionRequest:
+    def _prepare(self, sample: RawSample) -> dict | _Pending:
         """A model request, or the error record of a sample that cannot reach the model."""
         if sample.image is None:
             return self._error(sample, "missing_image", "no image member for this key")
@@ -190,11 +206,15 @@ class Recaptioner:
             return self._error(sample, "unreadable_alt_text", sample.alt_text_error)
         if not sample.alt_text:
             return self._error(sample, "empty_alt_text", "alt-text is empty")
+        alt_text = self.backend.prompt_alt_text(sample.alt_text)
+        flags = alt_text_flags(alt_text)
+        if not alt_text.text:
+            return self._error(sample, "empty_alt_text", "alt-text holds nothing but special-token strings", **flags)
         try:
             image = decode_image(sample.image, self.max_pixels)
         except Exception as exc:  # PIL raises many types for broken files
-            return self._error(sample, "unreadable_image", f"{type(exc).__name__}: {exc}")
-        return CaptionRequest(image=image, alt_text=self.backend.fit_alt_text(sample.alt_text))
+            return self._error(sample, "unreadable_image", f"{type(exc).__name__}: {exc}", **flags)
+        return _Pending(CaptionRequest(image=image, alt_text=alt_text.text), flags)
 
     def _next_prepared(self, batches: Iterator[list[RawSample]]):
         batch = next(batches, None)
@@ -231,19 +251,16 @@ class Recaptioner:
 
     def _caption(self, samples: list[RawSample], prepared: list, stats: RunStats) -> list[dict]:
         """Records for a prepared batch, in input order."""
-        pending = [(i, item) for i, item in enumerate(prepared) if isinstance(item, CaptionRequest)]
+        pending = [(i, item) for i, item in enumerate(prepared) if isinstance(item, _Pending)]
         start = time.perf_counter()
-        generations = self._generate([request for _, request in pending], stats) if pending else []
+        generations = self._generate([item.request for _, item in pending], stats) if pending else []
         failures = [gen for gen in generations if isinstance(gen, Exception)]
         if failures:
             self._check_backend(failures[0])
         stats.generation_seconds += time.perf_counter() - start
         records = list(prepared)
-        for (i, request), gen in zip(pending, generations, strict=True):
-            extra = {}
-            if request.alt_text != samples[i].alt_text:
-                stats.alt_text_truncated += 1
-                extra["alt_text_truncated"] = True
+        for (i, item), gen in zip(pending, generations, strict=True):
+            extra = item.record_flags
             if isinstance(gen, Exception):
                 kind = generation_error_kind(gen)
                 records[i] = self._error(samples[i], kind, f"{type(gen).__name__}: {gen}", **extra)
@@ -273,6 +290,8 @@ class Recaptioner:
                             shard_stats.errors[record["error"]] += 1
                         else:
                             shard_stats.captioned += 1
+                        shard_stats.alt_text_truncated += record.get("alt_text_truncated", False)
+                        shard_stats.alt_text_special_tokens += record.get("alt_text_special_tokens", False)
                         out.write(json.dumps(record, ensure_ascii=False) + "\n")
                     shard_stats.samples += len(samples)
                     progress.update(len(samples))
@@ -284,8 +303,8 @@ class Recaptioner:
             return False
         finally:
             # Work done on a shard counts in the throughput even when its tar turns out broken halfway.
-            for name in ("samples", "captioned", "alt_text_truncated", "batches_retried", "generated_tokens",
-                         "generation_seconds"):
+            for name in ("samples", "captioned", "alt_text_truncated", "alt_text_special_tokens", "batches_retried",
+                         "generated_tokens", "generation_seconds"):
                 setattr(stats, name, getattr(stats, name) + getattr(shard_stats, name))
             stats.errors.update(shard_stats.errors)
         os.replace(tmp_path, out_path)

@@ -2,8 +2,10 @@
 
 Every backend is built from the same three things: a prompt template, the caption JSON schema (for
 constrained decoding) and a token budget: its answer length, and the alt-text length that keeps every prompt
-within the model's context (``budget.py``), checked at start-up. ``create_backend`` imports a backend's heavy dependencies
-(transformers, vLLM) only when that backend is asked for.
+within the model's context (``budget.py``), checked at start-up. The runner turns alt-text into a request's
+alt-text with ``prompt_alt_text``, which also removes the tokenizer's special-token strings
+(``special_tokens.py``). ``create_backend`` imports a backend's heavy dependencies (transformers, vLLM) only
+when that backend is asked for.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from PIL import Image
+
+from ..budget import PromptAltText
 
 
 @dataclass
@@ -30,8 +34,9 @@ class Generation:
 class Backend(Protocol):
     model_name: str
 
-    def fit_alt_text(self, alt_text: str) -> str:
-        """The alt-text as it may go into a prompt: cut to the backend's alt-text token budget."""
+    def prompt_alt_text(self, alt_text: str) -> PromptAltText:
+        """The alt-text as it may go into a prompt: without the tokenizer's special-token strings, cut to the
+        backend's alt-text token budget."""
         ...
 
     def generate(self, requests: list[CaptionRequest]) -> list[Generation]: ...

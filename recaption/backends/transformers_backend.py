@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from ..budget import DEFAULT_MAX_ALT_TEXT_TOKENS, alt_text_budget, model_context_length
+from ..budget import DEFAULT_MAX_ALT_TEXT_TOKENS, PromptAltText, alt_text_budget, model_context_length
 from ..prompts import PromptTemplate
 from . import CaptionRequest, Generation
 
@@ -80,8 +80,8 @@ class TransformersBackend:
         if temperature > 0:
             torch.manual_seed(seed)  # generate() samples from the global generator
 
-    def fit_alt_text(self, alt_text: str) -> str:
-        return self.alt_text_budget.fit(alt_text)
+    def prompt_alt_text(self, alt_text: str) -> PromptAltText:
+        return self.alt_text_budget.prepare(alt_text)
 
     def chat_text(self, alt_text: str) -> str:
         return self.processor.apply_chat_template(

@@ -11,7 +11,7 @@ expansion, and the compiled grammar. Generation itself needs a GPU and is exerci
 
 from __future__ import annotations
 
-from ..budget import DEFAULT_MAX_ALT_TEXT_TOKENS, alt_text_budget, model_context_length
+from ..budget import DEFAULT_MAX_ALT_TEXT_TOKENS, PromptAltText, alt_text_budget, model_context_length
 from ..prompts import PromptTemplate
 from . import CaptionRequest, Generation
 
@@ -182,8 +182,8 @@ class VLLMBackend:
             ),
         )
 
-    def fit_alt_text(self, alt_text: str) -> str:
-        return self.alt_text_budget.fit(alt_text)
+    def prompt_alt_text(self, alt_text: str) -> PromptAltText:
+        return self.alt_text_budget.prepare(alt_text)
 
     def generate(self, requests: list[CaptionRequest]) -> list[Generation]:
         if not requests:
