@@ -5,6 +5,7 @@ Run it through benchmarks/gpu_campaign.sh, which installs the carried wheels and
     bash benchmarks/gpu_campaign.sh --stage tests,loss,profile --dims 768     # call 1 (the targets' D)
     bash benchmarks/gpu_campaign.sh --stage loss --dims 512,1024              # call 2
     bash benchmarks/gpu_campaign.sh --stage train,towers,loader               # call 3
+    bash benchmarks/gpu_campaign.sh --stage extras                            # call 4, if time is left
     bash benchmarks/gpu_campaign.sh --device cpu --stage all                  # tiny CPU smoke run, a few minutes
 
 Every step is a subprocess with its own time cap, clipped to what is left of --budget-s, so one call ends
@@ -36,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
-STAGES = ("tests", "loss", "profile", "train", "towers", "loader")
+STAGES = ("tests", "loss", "profile", "train", "towers", "loader", "extras")
 GPU_LOSS_BATCHES = "32768,4096,16384,65536"  # the targets' B first: a cut-off run still has it
 TARBALL_LIMIT = 15 * 2**20  # the device tool returns files up to 16 MiB
 RESERVE_S = 25  # kept back from the budget for packing and the partial collection
@@ -116,17 +117,17 @@ def train_steps(args) -> list[Step]:
         return [Step("train", "bench_train smoke", [_python(), str(BENCH / "bench_train.py"), "--device", "cpu",
                      "--model", "hqclip-micro", "--image-size", "32", "--batch-size", "8", "--steps", "2",
                      "--warmup", "1", "--threads", "1", "--out", str(args.work / out)], 180, [out])]
-    steps = []
-    for batch, compiled in ((256, False), (256, True), (512, True)):
-        mode = "compile" if compiled else "eager"
-        out = f"train/train-ViT-B-16-b{batch}-{mode}.json"
-        cmd = [_python(), str(BENCH / "bench_train.py"), "--device", "cuda", "--model", "ViT-B-16", "--image-size",
-               "224", "--batch-size", str(batch), "--precision", "bf16", "--steps", "20", "--warmup", "5",
-               "--out", str(args.work / out)]
-        if compiled:
-            cmd.append("--compile")
-        steps.append(Step("train", f"bench_train b{batch} {mode}", cmd, 300 if compiled else 180, [out]))
-    return steps
+    return [_train_step(args, 256, compiled=False), _train_step(args, 256, compiled=True)]
+
+
+def _train_step(args, batch: int, *, compiled: bool) -> Step:
+    """bench_train.py on ViT-B-16 224 px bf16; compiled: both sides torch.compile'd (three compiles)."""
+    mode = "compile" if compiled else "eager"
+    out = f"train/train-ViT-B-16-b{batch}-{mode}.json"
+    cmd = [_python(), str(BENCH / "bench_train.py"), "--device", "cuda", "--model", "ViT-B-16", "--image-size", "224",
+           "--batch-size", str(batch), "--precision", "bf16", "--steps", "20", "--warmup", "5",
+           "--out", str(args.work / out)] + (["--compile"] if compiled else [])
+    return Step("train", f"bench_train b{batch} {mode}", cmd, 300 if compiled else 180, [out])
 
 
 def towers_steps(args) -> list[Step]:
@@ -135,16 +136,49 @@ def towers_steps(args) -> list[Step]:
         return [Step("towers", "bench_towers smoke", [_python(), str(BENCH / "bench_towers.py"), "--device", "cpu",
                      "--model", "hqclip-micro", "--batch", "4", "--steps", "1", "--warmup", "1", "--rounds", "1",
                      "--threads", "1", "--backends", "sdpa", "--out", str(args.work / out)], 120, [out])]
-    steps = []
-    for compiled in (False, True):
-        mode = "compile" if compiled else "eager"
-        out = f"towers/towers-ViT-B-16-b256-bf16-{mode}.json"
-        cmd = [_python(), str(BENCH / "bench_towers.py"), "--device", "cuda", "--model", "ViT-B-16", "--batch",
-               "256", "--dtype", "bf16", "--backends", "sdpa,xformers", "--out", str(args.work / out)]
-        if compiled:
-            cmd.append("--compile")
-        steps.append(Step("towers", f"bench_towers {mode}", cmd, 240, [out]))
-    return steps
+    backends = "sdpa,xformers" if xformers_works(args.work / "towers" / "xformers_probe.log") else "sdpa"
+    return [_towers_step(args, backends, compiled=False)]
+
+
+def _towers_step(args, backends: str, *, compiled: bool) -> Step:
+    mode = "compile" if compiled else "eager"
+    out = f"towers/towers-ViT-B-16-b256-bf16-{mode}.json"
+    cmd = [_python(), str(BENCH / "bench_towers.py"), "--device", "cuda", "--model", "ViT-B-16", "--batch", "256",
+           "--dtype", "bf16", "--backends", backends, "--out", str(args.work / out)] + (["--compile"] if compiled else [])
+    return Step("towers", f"bench_towers {mode}", cmd, 300 if compiled else 240, [out])
+
+
+def extras_steps(args) -> list[Step]:
+    """What a fourth call adds when device time is left: a larger training batch and compiled towers."""
+    if args.device != "cuda":
+        return []
+    return [_train_step(args, 512, compiled=True), _towers_step(args, "sdpa", compiled=True)]
+
+
+XFORMERS_PROBE = """
+import torch, xformers.ops as xops
+from xformers.ops.fmha.attn_bias import BlockDiagonalCausalMask
+q = torch.randn(2, 77, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+xops.memory_efficient_attention(q, q, q, attn_bias=xops.LowerTriangularMask()).sum().backward()
+packed = q.detach()[:1, :60].requires_grad_()
+mask = BlockDiagonalCausalMask.from_seqlens([25, 35])
+xops.memory_efficient_attention(packed, packed, packed, attn_bias=mask).sum().backward()
+print("xformers", xops.__name__, "ran forward and backward on CUDA")
+"""
+
+
+def xformers_works(log: Path) -> bool:
+    """bench_towers.py has no per-backend error handling: a carried xformers wheel that imports but cannot run
+    on this torch would take the SDPA and open_clip rows down with it. Try its two calls first (log kept)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        probe = subprocess.run([_python(), "-c", XFORMERS_PROBE], capture_output=True, text=True, timeout=180)
+        text, ok = probe.stdout + probe.stderr, probe.returncode == 0
+    except subprocess.TimeoutExpired:
+        text, ok = "timed out after 180 s", False
+    log.write_text(("ok\n" if ok else "FAILED: towers run with sdpa only\n") + text)
+    print(f"[campaign] xformers probe: {'ok' if ok else 'failed, towers run with sdpa only'} ({log})", flush=True)
+    return ok
 
 
 def loader_steps(args) -> list[Step]:
@@ -160,7 +194,7 @@ def loader_steps(args) -> list[Step]:
 
 
 BUILDERS = {"tests": tests_steps, "loss": loss_steps, "profile": profile_steps, "train": train_steps,
-            "towers": towers_steps, "loader": loader_steps}
+            "towers": towers_steps, "loader": loader_steps, "extras": extras_steps}
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -334,6 +368,9 @@ def main(argv=None) -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     out.mkdir(parents=True, exist_ok=True)
+    tag = "-".join(stages) if args.stage != "all" else "all"
+    if args.device == "cuda" and "loss" in stages:
+        tag += "-D" + "_".join(map(str, args.dims))
     with open(args.work / "campaign.log", "w") as log_file:
         log = _Tee(log_file)
         (args.work / "env.json").write_text(json.dumps(env, indent=2) + "\n")
@@ -344,11 +381,10 @@ def main(argv=None) -> int:
         for step in steps:
             records.append(run_step(step, args.work, deadline, log))
             (args.work / "campaign.json").write_text(json.dumps(campaign, indent=2) + "\n")
-        (args.work / "campaign.json").write_text(json.dumps(campaign, indent=2) + "\n")
+            # Packed after every step: if the call is killed anyway, what finished still comes back.
+            pack(args.work, out, tag, log)
+            shutil.copy(args.work / "campaign.log", out / "campaign.log")
 
-        tag = "-".join(stages) if args.stage != "all" else "all"
-        if args.device == "cuda" and "loss" in stages:
-            tag += "-D" + "_".join(map(str, args.dims))
         summary = [f"{r['name']}: {r['status']}" + (f" ({r.get('seconds')} s)" if "seconds" in r else "")
                    for r in records]
         print("[campaign] summary:\n  " + "\n  ".join(summary), file=log, flush=True)
