@@ -3,8 +3,8 @@
 Run it through benchmarks/gpu_campaign.sh, which installs the carried wheels and puts the project on the path:
 
     bash benchmarks/gpu_campaign.sh --stage tests,loss,profile --dims 768     # call 1 (the targets' D)
-    bash benchmarks/gpu_campaign.sh --stage loss --dims 512,1024              # call 2
-    bash benchmarks/gpu_campaign.sh --stage train,towers,loader               # call 3
+    bash benchmarks/gpu_campaign.sh --stage train,towers,loader               # call 2
+    bash benchmarks/gpu_campaign.sh --stage loss --dims 512,1024              # call 3
     bash benchmarks/gpu_campaign.sh --stage extras                            # call 4, if time is left
     bash benchmarks/gpu_campaign.sh --device cpu --stage all                  # tiny CPU smoke run, a few minutes
 
@@ -127,7 +127,7 @@ def _train_step(args, batch: int, *, compiled: bool) -> Step:
     cmd = [_python(), str(BENCH / "bench_train.py"), "--device", "cuda", "--model", "ViT-B-16", "--image-size", "224",
            "--batch-size", str(batch), "--precision", "bf16", "--steps", "20", "--warmup", "5",
            "--out", str(args.work / out)] + (["--compile"] if compiled else [])
-    return Step("train", f"bench_train b{batch} {mode}", cmd, 300 if compiled else 180, [out])
+    return Step("train", f"bench_train b{batch} {mode}", cmd, 420 if compiled else 180, [out])
 
 
 def towers_steps(args) -> list[Step]:
