@@ -41,7 +41,7 @@ def _open_input(path: Path, scratch: Path) -> Path:
     if path.is_dir():
         return path
     if path.name.endswith((".tar.gz", ".tgz", ".tar")):
-        target = scratch / re.sub(r"\W", "_", path.name)
+        target = scratch / str(len(list(scratch.iterdir())))  # calls' tarballs often share a name
         with tarfile.open(path) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(target, filter="data")  # no absolute paths or links out of the folder

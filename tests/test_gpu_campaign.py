@@ -166,6 +166,14 @@ def test_tarballs_merge_and_readme_table_is_replaced(tmp_path):
     merged = json.loads(out.read_text())
     assert len(merged["loss"]) == 4 and len(merged["train"]) == 1 and len(merged["sources"]) == 2
     first = readme.read_text()
+    # the device calls' tarballs carry the same name when they ran the same stages; each is still read
+    other_gpu = _campaign_folder(tmp_path, "call3", rng=rng, device="NVIDIA H200")
+    (tmp_path / "h200").mkdir()
+    with tarfile.open(tmp_path / "h200" / tarballs[0].name, "w:gz") as tar:
+        for path in other_gpu.rglob("*"):
+            tar.add(path, arcname=str(path.relative_to(other_gpu)))
+    with pytest.raises(collector.CollectError, match="device"):
+        collector.collect([tarballs[0], tmp_path / "h200" / tarballs[0].name])
     assert first.count(collector.README_START) == 1 and "| 32768 | 768 |" in first
     assert collector.main([*map(str, tarballs), "--out", str(out), "--readme", str(readme)]) == 0
     assert readme.read_text() == first  # replaced in place, not appended twice
