@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -96,17 +97,19 @@ def profile_steps(args) -> list[Step]:
     steps = [Step("profile", "torch.profiler", [_python(), str(BENCH / "profile_loss.py"), *shape,
                                                  "--out", str(folder)], 180,
                   ["profile/loss_triton_B32768_D768_bf16.json"])]
-    if shutil.which("ncu"):
+    ncu_path = shutil.which("ncu") or next(iter(sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"))
+                                                + sorted(glob.glob("/usr/local/cuda*/bin/ncu"))), None)
+    if ncu_path:
         # Only the step after warm-up (profile_loss.py brackets it with cudaProfilerStart/Stop): fused kernels,
         # cuBLAS products and elementwise ops alike. The report is then printed as CSV for reading anywhere.
-        ncu = ["ncu", "--profile-from-start", "off", "--launch-count", "40", "-f", "-o", str(folder / "loss_ncu")]
+        ncu = [ncu_path, "--profile-from-start", "off", "--launch-count", "40", "-f", "-o", str(folder / "loss_ncu")]
         for section in ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "Occupancy",
                         "LaunchStats"):
             ncu += ["--section", section]
         steps.append(Step("profile", "ncu", ncu + [_python(), str(BENCH / "profile_loss.py"), *shape,
                                                     "--no-profiler", "--warmup", "3", "--steps", "1"],
                           240, ["profile/loss_ncu.ncu-rep"]))
-        export = f"ncu --import {folder / 'loss_ncu.ncu-rep'} --csv --page details > {folder / 'ncu.csv'}"
+        export = f"{ncu_path} --import {folder / 'loss_ncu.ncu-rep'} --csv --page details > {folder / 'ncu.csv'}"
         steps.append(Step("profile", "ncu csv", ["bash", "-c", export], 60, ["profile/ncu.csv"]))
     return steps
 
