@@ -165,6 +165,8 @@ def _collect(folders, require, allow_cpu, allow_mixed_commits) -> dict:
         for file in sorted(folder.glob("train/*.json")):
             result = _json(file)
             _check_device(result.get("device"), env, file)
+            if result.get("incomplete"):
+                merged["incomplete"].append(f"{path.name}:{file.name}: {result.get('note', 'incomplete')}")
             entry = train_entry(result)
             merged["train"][(entry["model"], entry["batch"], entry["image_size"], entry["compile"])] = entry
         for file in sorted(folder.glob("towers/*.json")):

@@ -10,8 +10,8 @@ Run it through benchmarks/gpu_campaign.sh, which installs the carried wheels and
 
 Every step is a subprocess with its own time cap, clipped to what is left of --budget-s, so one call ends
 inside the device tool's 10 minutes and still returns what finished. A step that times out or fails is recorded
-(return code, log tail) and the campaign goes on. bench_loss.py prints each case as it finishes; when it is cut
-off, its result file is rebuilt from those lines and marked incomplete.
+(return code, log tail) and the campaign goes on. bench_loss.py prints each case and bench_train.py each row as
+it finishes; when one is cut off, its result file is rebuilt from those lines and marked incomplete.
 
 Everything lands in a work folder (default /tmp/hqclip-campaign): env.json, campaign.json (the steps run),
 one folder per stage with the scripts' JSON/Markdown/logs. At the end the folder is packed into
@@ -27,6 +27,7 @@ import glob
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -226,7 +227,34 @@ def salvage_bench_loss(log: Path, out: Path, step: Step) -> bool:
     return True
 
 
-def run_step(step: Step, work: Path, deadline: float, log) -> dict:
+TRAIN_ROW = re.compile(r"^(?P<name>\S.*?)\s+(?P<rate>[\d.]+) samples/s\s+(?P<gflop>[\d.]+) GFLOP/sample\s+"
+                       r"MFU (?P<mfu>n/a|[\d.]+%)$")
+
+
+def salvage_bench_train(log: Path, out: Path, step: Step, device: str) -> bool:
+    """bench_train.py was cut off (a compile can be slow): rebuild its file from the rows it printed."""
+    rows = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = TRAIN_ROW.match(line.strip())
+        if match:
+            mfu = match["mfu"]
+            rows.append({"name": match["name"].strip(), "samples_per_s": float(match["rate"]),
+                         "flops_per_sample": float(match["gflop"]) * 1e9,
+                         "mfu": None if mfu == "n/a" else float(mfu[:-1]) / 100})
+    if not rows:
+        return False
+    cmd = step.cmd
+    result = {"benchmark": "bench_train", "incomplete": True, "device": device,
+              "note": "bench_train.py was stopped at its time cap; rows rebuilt from its printed lines",
+              "settings": {"model": cmd[cmd.index("--model") + 1], "batch_size": int(cmd[cmd.index("--batch-size") + 1]),
+                           "image_size": int(cmd[cmd.index("--image-size") + 1]), "compile": "--compile" in cmd,
+                           "precision": cmd[cmd.index("--precision") + 1] if "--precision" in cmd else "bf16"},
+              "rows": rows}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return True
+
+
+def run_step(step: Step, work: Path, deadline: float, log, device: str = "") -> dict:
     left = deadline - time.monotonic()
     record = {"stage": step.stage, "name": step.name, "cmd": shlex.join(step.cmd), "outputs": step.outputs}
     if left < 30:
@@ -256,6 +284,8 @@ def run_step(step: Step, work: Path, deadline: float, log) -> dict:
         record["log_tail"] = _tail(step_log)
         if step.stage == "loss" and not (work / step.outputs[0]).exists():
             record["salvaged"] = salvage_bench_loss(step_log, work / step.outputs[0], step)
+        if step.name.startswith("bench_train") and not (work / step.outputs[0]).exists():
+            record["salvaged"] = salvage_bench_train(step_log, work / step.outputs[0], step, device)
     record["missing_outputs"] = [o for o in step.outputs if not (work / o).exists()]
     print(f"[campaign] {step.name}: {status} in {record['seconds']} s" +
           (f", missing {record['missing_outputs']}" if record["missing_outputs"] else ""), file=log, flush=True)
@@ -382,7 +412,7 @@ def main(argv=None) -> int:
         records = []
         campaign = {"stages": stages, "device_type": args.device, "argv": sys.argv[1:], "steps": records}
         for step in steps:
-            records.append(run_step(step, args.work, deadline, log))
+            records.append(run_step(step, args.work, deadline, log, env["device"]))
             (args.work / "campaign.json").write_text(json.dumps(campaign, indent=2) + "\n")
             # Packed after every step: if the call is killed anyway, what finished still comes back.
             pack(args.work, out, tag, log)

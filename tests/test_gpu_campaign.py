@@ -197,3 +197,23 @@ def test_cut_off_bench_loss_run_is_rebuilt_from_its_printed_cases(tmp_path):
     empty = tmp_path / "empty.log"
     empty.write_text("Traceback: nothing printed\n")
     assert not campaign.salvage_bench_loss(empty, tmp_path / "y.json", step)
+
+
+def test_cut_off_bench_train_run_keeps_the_rows_it_printed(tmp_path):
+    log = tmp_path / "bench_train.log"
+    log.write_text("hqclip-fast, CLIP loss             2345.6 samples/s     52.10 GFLOP/sample  MFU 12.3%\n"
+                   "W1122 inductor: compiling\n"
+                   "open_clip_train                    1800.0 samples/s     52.10 GFLOP/sample  MFU n/a\n")
+    cmd = ["python", "bench_train.py", "--device", "cuda", "--model", "ViT-B-16", "--image-size", "224",
+           "--batch-size", "256", "--precision", "bf16", "--compile"]
+    step = campaign.Step("train", "bench_train b256 compile", cmd, 10, ["train/x.json"])
+    out = tmp_path / "x.json"
+    assert campaign.salvage_bench_train(log, out, step, GPU)
+    rebuilt = json.loads(out.read_text())
+    assert rebuilt["incomplete"] and [r["name"] for r in rebuilt["rows"]] == ["hqclip-fast, CLIP loss",
+                                                                              "open_clip_train"]
+    entry = collector.train_entry(rebuilt)
+    assert entry["samples_per_s"] == {"hqclip_fast": 2345.6, "open_clip": 1800.0}
+    assert entry["mfu"] == pytest.approx(0.123) and entry["compile"] and entry["hqclip_loss_samples_per_s"] is None
+    log.write_text("Traceback: killed while compiling\n")
+    assert not campaign.salvage_bench_train(log, tmp_path / "y.json", step, GPU)
