@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from hqclip_fast.model import create_model, get_config, list_models, load_open_clip_state_dict
 
-REQUIRED = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu"]
+REQUIRED = ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-32-quickgelu", "ViT-B-16-quickgelu", "ViT-L-14-quickgelu",
+            "RN50", "RN101", "RN50x4", "RN50-quickgelu", "RN101-quickgelu"]
 EOT = 49407
 
 
@@ -23,11 +24,17 @@ def open_clip_model(name, **overrides):
 
 
 def randomize_(model, seed):
-    """Fresh non-trivial values for every weight (LayerNorm gains and biases included)."""
+    """Fresh non-trivial values for every weight (LayerNorm and BatchNorm gains and biases included) and for the
+    BatchNorm running statistics (so eval mode does not just normalize by mean 0, variance 1)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p + 0.05 * torch.randn(p.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+                m.num_batches_tracked.fill_(int(torch.randint(1, 1000, (), generator=g)))
 
 
 def random_tokens(batch, length, seed, vocab=49408):
@@ -49,7 +56,7 @@ def rel_err(a, b):
 
 def test_required_names_listed():
     names = list_models()
-    for name in REQUIRED + ["hqclip-tiny"]:
+    for name in REQUIRED + ["hqclip-tiny", "hqclip-micro", "hqclip-rn-micro"]:
         assert name in names
 
 
@@ -62,8 +69,9 @@ def test_state_dict_shapes_equal_open_clip(name):
     got = {k: tuple(v.shape) for k, v in ours.open_clip_state_dict().items()}
     want = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     assert got == want
-    assert type(ours.visual.transformer.resblocks[0].mlp.gelu).__name__ == \
-        type(theirs.visual.transformer.resblocks[0].mlp.gelu).__name__
+    assert type(ours.text.transformer.resblocks[0].mlp.gelu).__name__ == \
+        type(theirs.transformer.resblocks[0].mlp.gelu).__name__
+    assert type(ours.visual).__name__ == type(theirs.visual).__name__  # VisionTransformer or ModifiedResNet
 
 
 @pytest.mark.parametrize("name,overrides", [
@@ -71,6 +79,8 @@ def test_state_dict_shapes_equal_open_clip(name):
     ("hqclip-micro", {"vision_cfg": {"pool_type": "avg"}}),
     ("hqclip-tiny", {"context_length": 32}),
     ("hqclip-tiny", {"quick_gelu": True, "image_size": 48}),
+    ("hqclip-rn-micro", {}),
+    ("hqclip-rn-micro", {"quick_gelu": True, "image_size": 96, "vision_cfg": {"layers": [2, 1, 3, 1]}}),
 ])
 def test_embeddings_equal_open_clip_both_directions(name, overrides):
     theirs = open_clip_model(name, **overrides).eval()
@@ -92,6 +102,42 @@ def test_embeddings_equal_open_clip_both_directions(name, overrides):
     with torch.no_grad():
         assert rel_err(ours.encode_image(images), theirs.encode_image(images)) <= 1e-4
         assert rel_err(ours.encode_text(tokens), theirs.encode_text(tokens)) <= 1e-4
+
+
+def test_resnet_train_mode_matches_open_clip_outputs_gradients_and_running_stats():
+    # Train mode: BatchNorm normalizes by the batch statistics and updates its running statistics.
+    theirs = open_clip_model("hqclip-rn-micro").train()
+    randomize_(theirs, seed=4)
+    ours = load_open_clip_state_dict(create_model("hqclip-rn-micro").train(), theirs.state_dict())
+    images = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    a, b = ours.encode_image(images), theirs.encode_image(images)
+    assert rel_err(a, b) <= 1e-4
+    grads_a = dict(zip([n for n, _ in ours.visual.named_parameters()],
+                       torch.autograd.grad(a.square().sum(), list(ours.visual.parameters()))))
+    grads_b = dict(zip([n for n, _ in theirs.visual.named_parameters()],
+                       torch.autograd.grad(b.square().sum(), list(theirs.visual.parameters()))))
+    assert grads_a.keys() == grads_b.keys()
+    # The key bias gets a gradient of zero up to rounding (softmax ignores a shift shared by all keys): the
+    # tolerance has a floor relative to the largest gradient.
+    largest = max(g.abs().max() for g in grads_b.values())
+    for name, grad in grads_b.items():
+        assert (grads_a[name] - grad).abs().max() <= 1e-3 * grad.abs().max() + 1e-5 * largest, name
+    theirs_sd = theirs.state_dict()
+    for key, value in ours.open_clip_state_dict().items():
+        if "running_" in key or "num_batches" in key:
+            torch.testing.assert_close(value, theirs_sd[key], msg=key)
+
+
+def test_fresh_resnet_starts_like_open_clip():
+    # open_clip's init: every bottleneck's last BatchNorm gain is zero; attention-pool projections scaled.
+    model = create_model("hqclip-rn-micro")
+    for stage in model.visual.stages:
+        for block in stage:
+            assert torch.count_nonzero(block.bn3.weight) == 0
+    pool = model.visual.attnpool
+    assert pool.positional_embedding.shape == (2 * 2 + 1, 16 * 32)
+    assert 0.5 < pool.q_proj.weight.std().item() * 512**0.5 < 1.5
+    assert model.config.vision_cfg.heads == 16 * 32 // 64
 
 
 def test_full_vit_b_32_round_trip():
@@ -172,6 +218,16 @@ def test_bad_inputs_are_clear_errors():
         create_model("hqclip-micro", vision_cfg={"ls_init_value": 0.1})
     with pytest.raises(ValueError, match="pool_type must be one of"):
         create_model("hqclip-micro", vision_cfg={"pool_type": "max"})
+    with pytest.raises(ValueError, match=r"vision_cfg.layers must be .* list of 4"):
+        create_model("hqclip-rn-micro", vision_cfg={"layers": [1, 1, 1]})
+    with pytest.raises(ValueError, match="vision_cfg.image_size must be a multiple of 32"):
+        create_model("hqclip-rn-micro", image_size=48)
+    with pytest.raises(ValueError, match="vision_cfg.patch_size must be None for a ResNet"):
+        create_model("hqclip-rn-micro", patch_size=16)
+    with pytest.raises(ValueError, match="vision_cfg.patch_size must be a positive int for a ViT"):
+        create_model("hqclip-micro", patch_size=None)
+    with pytest.raises(ValueError, match="images must have shape"):
+        create_model("hqclip-rn-micro").encode_image(torch.zeros(2, 3, 32, 32))
     model = create_model("hqclip-micro", context_length=16)
     with pytest.raises(ValueError, match="context_length 16"):
         model.encode_text(torch.zeros(2, 20, dtype=torch.long))

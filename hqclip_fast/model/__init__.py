@@ -1,4 +1,4 @@
-"""Open_clip-compatible CLIP towers (plain nn.Modules; parallelism is applied from outside).
+"""Open_clip-compatible CLIP towers: ViT or ResNet image tower (plain nn.Modules; parallelism from outside).
 
     model = create_model("ViT-B-16", num_tags=0, **overrides)   # list_models() for the names
     model.encode_image(images), model.encode_text(tokens)      # unnormalized, like open_clip

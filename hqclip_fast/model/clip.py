@@ -12,6 +12,7 @@ from torch import nn
 from .attention import check_backend
 from .configs import CLIPConfig, get_config
 from .openclip_compat import to_open_clip_state_dict
+from .resnet import ModifiedResNet
 from .text import TextTransformer
 from .vision import VisionTransformer
 
@@ -26,7 +27,10 @@ class CLIP(nn.Module):
         self.config = config
         self.num_tags = num_tags
         kw = dict(quick_gelu=config.quick_gelu, backend=config.attn_backend)
-        self.visual = VisionTransformer(config.vision_cfg, config.embed_dim, **kw)
+        if config.vision_cfg.is_resnet:  # no GELU in a ResNet: quick_gelu concerns the text tower only
+            self.visual = ModifiedResNet(config.vision_cfg, config.embed_dim, backend=config.attn_backend)
+        else:
+            self.visual = VisionTransformer(config.vision_cfg, config.embed_dim, **kw)
         self.text = TextTransformer(config.text_cfg, config.embed_dim, **kw)
         # Log of the inverse temperature, 0-d like open_clip's (parallelize_model makes it 1-D for FSDP2).
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

@@ -3,12 +3,16 @@
 The entries below carry the same numbers as open_clip's ``model_configs/*.json`` so that a model created here
 has exactly the state-dict shapes of ``open_clip.create_model(name)``. The ``hqclip-*`` configs are small
 CPU-sized towers for the demo and the tests.
+
+The image tower follows open_clip's convention: ``vision_cfg.layers`` an int builds a ViT, a list of 4 ints
+builds the ResNet ("ModifiedResNet"; ``width`` is then the stem width and ``patch_size`` is unused).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,16 +23,21 @@ POOL_TYPES = ("tok", "avg")
 @dataclass
 class VisionConfig:
     image_size: int = 224
-    patch_size: int = 16
-    width: int = 768
-    layers: int = 12
+    patch_size: int | None = None  # ViT only (required there); None for a ResNet, as in open_clip's json
+    width: int = 768  # ViT: the token width; ResNet: the stem width (the final feature map has width * 32)
+    layers: int | list[int] = 12  # an int: ViT blocks; 4 ints: ResNet bottleneck blocks per stage
     head_width: int = 64
-    mlp_ratio: float = 4.0
-    pool_type: str = "tok"  # open_clip's: "tok" (class token) or "avg" (mean of the patch tokens)
+    mlp_ratio: float = 4.0  # ViT only
+    pool_type: str = "tok"  # ViT only; open_clip's: "tok" (class token) or "avg" (mean of the patch tokens)
+
+    @property
+    def is_resnet(self) -> bool:
+        return not isinstance(self.layers, int)
 
     @property
     def heads(self) -> int:
-        return self.width // self.head_width
+        # ResNet: the attention pool runs over the width * 32 features (open_clip computes heads the same way).
+        return (self.width * 32 if self.is_resnet else self.width) // self.head_width
 
     @property
     def grid_size(self) -> int:
@@ -62,17 +71,43 @@ class CLIPConfig:
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         v, t = self.vision_cfg, self.text_cfg
-        if v.pool_type not in POOL_TYPES:
-            raise ValueError(f"vision_cfg.pool_type must be one of {POOL_TYPES}, got {v.pool_type!r}")
-        if v.image_size % v.patch_size:
-            raise ValueError(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
-        if v.width % v.head_width:
-            raise ValueError(f"vision width {v.width} is not a multiple of head_width {v.head_width}")
+        if v.is_resnet:
+            _validate_resnet(v)
+        else:
+            _validate_vit(v)
         if t.width % t.heads:
             raise ValueError(f"text width {t.width} is not a multiple of heads {t.heads}")
         if t.context_length < 1:
             raise ValueError(f"context_length must be >= 1, got {t.context_length}")
         return self
+
+
+def _validate_vit(v: VisionConfig) -> None:
+    if v.pool_type not in POOL_TYPES:
+        raise ValueError(f"vision_cfg.pool_type must be one of {POOL_TYPES}, got {v.pool_type!r}")
+    if not isinstance(v.patch_size, int) or v.patch_size < 1:
+        raise ValueError(f"vision_cfg.patch_size must be a positive int for a ViT, got {v.patch_size!r}")
+    if v.image_size % v.patch_size:
+        raise ValueError(f"image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+    if v.width % v.head_width:
+        raise ValueError(f"vision width {v.width} is not a multiple of head_width {v.head_width}")
+
+
+def _validate_resnet(v: VisionConfig) -> None:
+    layers = v.layers
+    if not isinstance(layers, list) or len(layers) != 4 or not all(isinstance(n, int) and n >= 1 for n in layers):
+        raise ValueError(f"vision_cfg.layers must be an int (ViT) or a list of 4 positive ints (ResNet), "
+                         f"got {layers!r}")
+    if v.patch_size is not None:
+        raise ValueError(f"vision_cfg.patch_size must be None for a ResNet tower (it has no patches), "
+                         f"got {v.patch_size!r}")
+    if v.image_size < 32 or v.image_size % 32:
+        raise ValueError(f"vision_cfg.image_size must be a multiple of 32 for a ResNet tower (its stride), "
+                         f"got {v.image_size}")
+    if v.width < 2 or v.width % 2:
+        raise ValueError(f"vision_cfg.width must be even for a ResNet tower (the stem halves it), got {v.width}")
+    if v.width * 32 % v.head_width:
+        raise ValueError(f"vision_cfg.width * 32 = {v.width * 32} is not a multiple of head_width {v.head_width}")
 
 
 def _vit(embed_dim, image_size, patch_size, width, layers, text_width, text_heads, text_layers,
@@ -82,6 +117,15 @@ def _vit(embed_dim, image_size, patch_size, width, layers, text_width, text_head
         "quick_gelu": quick_gelu,
         "vision_cfg": {"image_size": image_size, "layers": layers, "width": width,
                        "patch_size": patch_size, "head_width": head_width},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": text_width,
+                     "heads": text_heads, "layers": text_layers},
+    }
+
+
+def _resnet(embed_dim, image_size, layers, width, text_width, text_heads, text_layers):
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": list(layers), "width": width, "patch_size": None},
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": text_width,
                      "heads": text_heads, "layers": text_layers},
     }
@@ -97,12 +141,18 @@ _BASE_CONFIGS: dict[str, dict[str, Any]] = {
     "ViT-L-14": _vit(768, 224, 14, 1024, 24, 768, 12, 12),
     "ViT-L-14-336": _vit(768, 336, 14, 1024, 24, 768, 12, 12),
     "ViT-H-14": _vit(1024, 224, 14, 1280, 32, 1024, 16, 24, head_width=80),
+    "RN50": _resnet(1024, 224, (3, 4, 6, 3), 64, 512, 8, 12),
+    "RN101": _resnet(512, 224, (3, 4, 23, 3), 64, 512, 8, 12),
+    "RN50x4": _resnet(640, 288, (4, 6, 10, 6), 80, 640, 10, 12),
     # CPU-sized towers for the demo and tests (no open_clip counterpart; the layout is the same).
     "hqclip-tiny": _vit(128, 64, 8, 192, 4, 128, 2, 4),
     "hqclip-micro": _vit(64, 32, 8, 64, 2, 64, 2, 2, head_width=32),
+    # A tiny ResNet learns shapes on the CPU demo much faster than a tiny ViT.
+    "hqclip-rn-micro": _resnet(64, 64, (1, 1, 1, 1), 16, 64, 2, 2),
 }
-# open_clip ships "-quickgelu" twins (OpenAI-trained weights use QuickGELU) for the ViT-B/L/H configs.
-_QUICKGELU = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14")
+# open_clip ships "-quickgelu" twins (OpenAI-trained weights use QuickGELU; in a ResNet CLIP only the text
+# tower has GELUs) for these configs.
+_QUICKGELU = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50", "RN101", "RN50x4")
 MODEL_CONFIGS: dict[str, dict[str, Any]] = dict(_BASE_CONFIGS)
 for _name in _QUICKGELU:
     MODEL_CONFIGS[f"{_name}-quickgelu"] = {**_BASE_CONFIGS[_name], "quick_gelu": True}
@@ -125,6 +175,9 @@ def config_from_dict(cfg: dict[str, Any]) -> CLIPConfig:
     _check_fields(VisionConfig, vision, "vision_cfg")
     _check_fields(TextConfig, text, "text_cfg")
     _check_fields(CLIPConfig, cfg, "model config")
+    layers = vision.get("layers")
+    if isinstance(layers, Sequence) and not isinstance(layers, str):  # a json/yaml list (or tuple) of stage depths: a ResNet
+        vision["layers"] = list(vision["layers"])
     return CLIPConfig(vision_cfg=VisionConfig(**vision), text_cfg=TextConfig(**text), **cfg).validate()
 
 
