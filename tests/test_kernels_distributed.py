@@ -5,6 +5,9 @@ Both paths are checked per rank: the overlapped ring that api.py picks for impl=
 autograd all-gather). Each rank's values and
 gradients must equal the reference's for the same rank, i.e. open_clip's local_loss + gather_with_grad
 semantics of issue 2.
+
+gloo ranks hold CPU tensors, so the ranks run the kernels through Triton's interpreter also on a GPU machine:
+the `interpreter_env` fixture (tests/conftest.py) hands TRITON_INTERPRET=1 to the spawned processes.
 """
 
 import os
@@ -45,6 +48,9 @@ def _check(name, got, want, dtype):
 
 def _worker(rank, world, init_file, cases):
     torch.set_num_threads(1)
+    from hqclip_kernels._common import interpreting
+
+    assert interpreting(), "gloo ranks launch Triton kernels on CPU tensors: they need TRITON_INTERPRET=1"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from hqclip_fast.loss import hqclip_loss
@@ -99,11 +105,11 @@ def _spawn(world, cases):
 
 
 @pytest.mark.distributed
-def test_two_ranks_match_reference_per_rank():
+def test_two_ranks_match_reference_per_rank(interpreter_env):
     _spawn(2, CASES)
 
 
 @pytest.mark.distributed
-def test_three_ranks_match_reference_per_rank():
+def test_three_ranks_match_reference_per_rank(interpreter_env):
     """Odd ring: gradient accumulators pass through a rank that owns neither end of the chunk."""
     _spawn(3, [(torch.float32, True, True, 0.5)])

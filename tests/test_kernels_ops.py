@@ -1,6 +1,11 @@
 """hqclip_kernels ops on their own: statistics and gradients against plain PyTorch on materialized logits,
 multi-panel backward, the forward's multi-group sweep and its O(M + N) statistics buffers, custom-op
-registration (opcheck), torch.compile without graph breaks, bad input."""
+registration (opcheck), torch.compile without graph breaks, bad input.
+
+Kernels run on the `device` fixture (tests/conftest.py): the GPU when there is one, else the CPU through
+Triton's interpreter, so shapes are small and odd. References are fp64 on materialized logits, rounded to
+fp32 at the end.
+"""
 
 import math
 
@@ -11,6 +16,10 @@ from hqclip_kernels import contrastive_lse, tag_bce_sum
 from hqclip_kernels._common import Tiles
 from hqclip_kernels.contrastive import lse_forward, sweep_grid
 
+# fp32 outputs (also from bf16 inputs): the kernels' tile products are exact in fp32 (ieee for fp32 inputs,
+# bf16 x bf16 products on the GPU's tensor cores or upcast in the interpreter), so what remains is fp32
+# accumulation over D <= 40 and the GPU's exp2/log2 approximations (a few fp32 ulps): far below 2e-4
+# relative on values up to |s| = 100, 2e-5 absolute near 0.
 TOL = {torch.float32: dict(rtol=2e-4, atol=2e-5)}
 
 
@@ -21,15 +30,18 @@ def assert_grad_close(got, want, dtype):
     torch.testing.assert_close(got.float(), want, **tol)
 
 
-def _unit(rows, dim, dtype, g):
-    return F.normalize(torch.randn(rows, dim, generator=g), dim=1).to(dtype).requires_grad_()
+def _unit(rows, dim, dtype, g, device):
+    """Unit rows drawn on the CPU (the same values on every device), leaves on `device`."""
+    return F.normalize(torch.randn(rows, dim, generator=g), dim=1).to(device, dtype).requires_grad_()
 
 
 def _reference_stats(q, k1, k2, scale, offset):
+    """(row lse, column lse over k1, positives) of s * q @ [k1; k2].T in fp64, as fp32."""
     keys = k1 if k2 is None else torch.cat([k1, k2])
-    logits = scale * q.float() @ keys.float().T
-    rows = torch.arange(q.shape[0])
-    return logits.logsumexp(1), logits[:, :k1.shape[0]].logsumexp(0), logits[rows, rows + offset]
+    logits = scale.double() * q.double() @ keys.double().T
+    rows = torch.arange(q.shape[0], device=q.device)
+    stats = logits.logsumexp(1), logits[:, :k1.shape[0]].logsumexp(0), logits[rows, rows + offset]
+    return tuple(x.float() for x in stats)
 
 
 def _grads(outputs, weights, leaves):
@@ -39,33 +51,35 @@ def _grads(outputs, weights, leaves):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_k2", [False, True], ids=["k1", "k1+k2"])
-def test_contrastive_lse_multi_panel_matches_materialized(with_k2, dtype):
+def test_contrastive_lse_multi_panel_matches_materialized(with_k2, dtype, device):
     g = torch.Generator().manual_seed(1)
-    q, k1 = _unit(37, 40, dtype, g), _unit(37, 40, dtype, g)
-    k2 = _unit(21, 40, dtype, g) if with_k2 else None
-    scale = torch.tensor(31.0, requires_grad=True)
-    weights = [torch.randn(37, generator=g) for _ in range(3)]
+    q, k1 = _unit(37, 40, dtype, g, device), _unit(37, 40, dtype, g, device)
+    k2 = _unit(21, 40, dtype, g, device) if with_k2 else None
+    scale = torch.tensor(31.0, device=device, requires_grad=True)
+    weights = [torch.randn(37, generator=g).to(device) for _ in range(3)]
     leaves = [q, k1, k2, scale]
 
     got = contrastive_lse(q, k1, k2, scale, col_stats=True, diag_offset=0, panel_rows=16)
     want = _reference_stats(q, k1, k2, scale, 0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
-    for a, b in zip(_grads(got, weights, leaves), _grads(want, weights, leaves)):
+    grad_leaves = [x for x in leaves if x is not None]
+    for leaf, a, b in zip(grad_leaves, _grads(got, weights, leaves), _grads(want, weights, leaves)):
+        assert a.dtype == leaf.dtype
         assert_grad_close(a, b, dtype)
 
 
-def test_contrastive_lse_rows_only_with_offset():
+def test_contrastive_lse_rows_only_with_offset(device):
     """A rank's rows against gathered columns: positives sit at column i + offset."""
     g = torch.Generator().manual_seed(2)
-    q, k1 = _unit(7, 16, torch.float32, g), _unit(23, 16, torch.float32, g)
-    scale = torch.tensor(100.0, requires_grad=True)
+    q, k1 = _unit(7, 16, torch.float32, g, device), _unit(23, 16, torch.float32, g, device)
+    scale = torch.tensor(100.0, device=device, requires_grad=True)
     row_lse, col_lse, diag = contrastive_lse(q, k1, None, scale, diag_offset=9)
     assert col_lse.numel() == 0
     ref_row, _, ref_diag = _reference_stats(q, k1, None, scale, 9)
     torch.testing.assert_close(row_lse, ref_row, **TOL[torch.float32])
     torch.testing.assert_close(diag, ref_diag, **TOL[torch.float32])
-    weights = [torch.randn(7, generator=g), None, torch.randn(7, generator=g)]
+    weights = [torch.randn(7, generator=g).to(device), None, torch.randn(7, generator=g).to(device)]
     got = _grads([row_lse, diag], [weights[0], weights[2]], [q, k1, scale])
     want = _grads([ref_row, ref_diag], [weights[0], weights[2]], [q, k1, scale])
     for a, b in zip(got, want):
@@ -83,7 +97,8 @@ SWEEPS = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("M, N1, N2, col_stats, offset, scale, programs", SWEEPS)
-def test_forward_sweep_across_groups_matches_materialized(M, N1, N2, col_stats, offset, scale, programs, dtype):
+def test_forward_sweep_across_groups_matches_materialized(M, N1, N2, col_stats, offset, scale, programs, dtype,
+                                                          device):
     """Several row and column groups: column statistics merged across a group's row blocks, partials reduced
     across groups; bit-identical when run twice."""
     tiles = Tiles(16, 16, 16)
@@ -93,9 +108,9 @@ def test_forward_sweep_across_groups_matches_materialized(M, N1, N2, col_stats, 
     assert grid.blocks_per_group > 1 or grid.tiles_per_group > 1, grid  # the in-program merges run
 
     g = torch.Generator().manual_seed(6)
-    q, k1 = _unit(M, 24, dtype, g).detach(), _unit(N1, 24, dtype, g).detach()
-    k2 = _unit(N2, 24, dtype, g).detach() if N2 else None
-    scale = torch.tensor(scale)
+    q, k1 = _unit(M, 24, dtype, g, device).detach(), _unit(N1, 24, dtype, g, device).detach()
+    k2 = _unit(N2, 24, dtype, g, device).detach() if N2 else None
+    scale = torch.tensor(scale, device=device)
     got = lse_forward(q, k1, k2, scale, col_stats, offset, tiles=tiles, programs=programs)
     ref_row, ref_col, ref_diag = _reference_stats(q, k1, k2, scale, offset)
     torch.testing.assert_close(got[0], ref_row, **TOL[torch.float32])
@@ -135,48 +150,52 @@ def test_forward_statistics_buffers_are_linear_in_batch(col_stats, programs):
 
 
 def _reference_bce(features, weight, bias, targets):
-    logits = features.float() @ weight.float().T + (0 if bias is None else bias.float())
-    labels = torch.zeros(logits.shape[0], logits.shape[1] + 1)
+    """Summed BCE-with-logits over the materialized multi-hot labels, in fp64, as fp32."""
+    logits = features.double() @ weight.double().T + (0 if bias is None else bias.double())
+    labels = torch.zeros(logits.shape[0], logits.shape[1] + 1, dtype=torch.float64, device=logits.device)
     labels.scatter_(1, torch.where(targets < 0, logits.shape[1], targets), 1.0)
-    return F.binary_cross_entropy_with_logits(logits, labels[:, :-1], reduction="sum")
+    return F.binary_cross_entropy_with_logits(logits, labels[:, :-1], reduction="sum").float()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_tag_bce_multi_panel_matches_materialized(with_bias, dtype):
+def test_tag_bce_multi_panel_matches_materialized(with_bias, dtype, device):
     g = torch.Generator().manual_seed(3)
-    features = _unit(37, 40, dtype, g)
-    weight = (0.5 * torch.randn(13, 40, generator=g)).to(dtype).requires_grad_()
-    bias = torch.randn(13, generator=g).requires_grad_() if with_bias else None
+    features = _unit(37, 40, dtype, g, device)
+    weight = (0.5 * torch.randn(13, 40, generator=g)).to(device, dtype).requires_grad_()
+    bias = torch.randn(13, generator=g).to(device).requires_grad_() if with_bias else None
     targets = torch.randint(-1, 13, (37, 6), generator=g)
     targets[1] = torch.tensor([5, 5, 5, -1, 2, 2])  # repeated ids count once
     targets[2] = -1
+    targets = targets.to(device)
     leaves = [x for x in (features, weight, bias) if x is not None]
     got = tag_bce_sum(features, weight, bias, targets, panel_rows=16)
     want = _reference_bce(features, weight, bias, targets)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
-    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+    for leaf, a, b in zip(leaves, torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        assert a.dtype == leaf.dtype
         assert_grad_close(a, b, dtype)
 
 
-def test_custom_ops_pass_opcheck():
+def test_custom_ops_pass_opcheck(device):
     g = torch.Generator().manual_seed(4)
-    q, k1, k2 = (_unit(n, 16, torch.float32, g) for n in (7, 7, 5))
-    scale = torch.tensor(10.0, requires_grad=True)
+    q, k1, k2 = (_unit(n, 16, torch.float32, g, device) for n in (7, 7, 5))
+    scale = torch.tensor(10.0, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.hqclip.contrastive_lse.default, (q, k1, k2, scale, True, 0, 0),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    targets = torch.tensor([[0, 3, -1]] * 7)
-    weight, bias = torch.randn(5, 16, requires_grad=True), torch.randn(5, requires_grad=True)
+    targets = torch.tensor([[0, 3, -1]] * 7, device=device)
+    weight = torch.randn(5, 16, device=device, requires_grad=True)
+    bias = torch.randn(5, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.hqclip.tag_bce_sum.default, (q, weight, bias, targets, 0),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_ops_compile_without_graph_breaks():
+def test_ops_compile_without_graph_breaks(device):
     g = torch.Generator().manual_seed(5)
-    q, k1 = _unit(7, 16, torch.float32, g), _unit(7, 16, torch.float32, g)
-    weight = torch.randn(5, 16, generator=g).requires_grad_()
-    targets = torch.tensor([[0, 3, -1]] * 7)
-    scale = torch.tensor(20.0, requires_grad=True)
+    q, k1 = _unit(7, 16, torch.float32, g, device), _unit(7, 16, torch.float32, g, device)
+    weight = torch.randn(5, 16, generator=g).to(device).requires_grad_()
+    targets = torch.tensor([[0, 3, -1]] * 7, device=device)
+    scale = torch.tensor(20.0, device=device, requires_grad=True)
 
     def loss_fn(q, k1, weight, scale):
         row_lse, col_lse, diag = contrastive_lse(q, k1, None, scale, col_stats=True, diag_offset=0)
@@ -191,17 +210,21 @@ def test_ops_compile_without_graph_breaks():
         torch.testing.assert_close(a, b)
 
 
-def test_bad_input_names_the_argument():
-    q = torch.randn(4, 8)
+def test_bad_input_names_the_argument(device):
+    def randn(*shape, **kwargs):
+        return torch.randn(*shape, device=device, **kwargs)
+
+    q, one = randn(4, 8), torch.tensor(1.0, device=device)
     with pytest.raises(ValueError, match="k1"):
-        contrastive_lse(q, torch.randn(4, 6), None, torch.tensor(1.0))
+        contrastive_lse(q, randn(4, 6), None, one)
     with pytest.raises(ValueError, match="dtype"):
-        contrastive_lse(q, torch.randn(4, 8, dtype=torch.bfloat16), None, torch.tensor(1.0))
+        contrastive_lse(q, randn(4, 8, dtype=torch.bfloat16), None, one)
     with pytest.raises(ValueError, match="diag_offset"):
-        contrastive_lse(q, torch.randn(5, 8), None, torch.tensor(1.0), diag_offset=2)
+        contrastive_lse(q, randn(5, 8), None, one, diag_offset=2)
     with pytest.raises(ValueError, match="scale"):
-        contrastive_lse(q, q, None, torch.ones(2))
+        contrastive_lse(q, q, None, torch.ones(2, device=device))
     with pytest.raises(ValueError, match="targets"):
-        tag_bce_sum(q, torch.randn(3, 8), None, torch.zeros(5, 2, dtype=torch.int64))
+        tag_bce_sum(q, randn(3, 8), None, torch.zeros(5, 2, dtype=torch.int64, device=device))
+    targets = torch.zeros(4, 2, dtype=torch.int64, device=device)
     with pytest.raises(ValueError, match="bias"):
-        tag_bce_sum(q, torch.randn(3, 8), torch.zeros(4), torch.zeros(4, 2, dtype=torch.int64))
+        tag_bce_sum(q, randn(3, 8), torch.zeros(4, device=device), targets)
