@@ -5,36 +5,76 @@
 2. activation checkpointing of each residual block (optional);
 3. ``torch.compile`` of each residual block (optional; ``nn.Module.compile`` keeps parameter names);
 4. FSDP2: ``fully_shard`` on every residual block of both towers, then on the root, with a
-   ``MixedPrecisionPolicy``; ``encode_image`` / ``encode_text`` registered as FSDP forward methods so calling
+   ``MixedPrecisionPolicy`` (BatchNorm layers in fp32 groups of their own); ``encode_image`` / ``encode_text`` registered as FSDP forward methods so calling
    them directly (evaluation) gathers the root's parameters too.
 
 Step 4 runs when a process group is initialized (torchrun: NCCL on GPUs, gloo on CPU processes) or a mesh is
 given. A single process without a group gets steps 1-3 only; mixed precision there is the caller's
 ``torch.autocast``.
+
+The residual blocks are the transformer blocks of a ViT or text tower, and the bottleneck blocks of a ResNet
+image tower (its stem and attention pool stay with the root). BatchNorm under FSDP2: parameters are sharded like
+any other, but the running statistics are buffers, which FSDP leaves alone: each rank normalizes by its own
+batch and keeps its own running statistics (as open_clip trains ResNets without SyncBatchNorm); checkpoints and
+exports hold rank 0's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from hqclip_fast.model import to_open_clip_state_dict
+from hqclip_fast.model.resnet import ModifiedResNet
 
 log = logging.getLogger(__name__)
 
 FORWARD_METHODS = ("encode_image", "encode_text")
 
 
-def residual_blocks(model: nn.Module) -> list[tuple[nn.ModuleList, int]]:
+def residual_blocks(model: nn.Module) -> list[tuple[nn.Module, int]]:
     """(container, index) of every residual block of both towers, vision first."""
-    return [(tower.transformer.resblocks, i)
-            for tower in (model.visual, model.text)
-            for i in range(len(tower.transformer.resblocks))]
+    containers = []
+    for tower in (model.visual, model.text):
+        containers += tower.stages if isinstance(tower, ModifiedResNet) else [tower.transformer.resblocks]
+    return [(blocks, i) for blocks in containers for i in range(len(blocks))]
+
+
+def checkpoint_block(block: nn.Module, *, compiled: bool) -> nn.Module:
+    """``block`` with activation checkpointing (non-reentrant).
+
+    Eager recomputation would run BatchNorm's forward a second time and update its running statistics twice, so
+    a block holding BatchNorm recomputes with those updates switched off. Compiled blocks need nothing: the
+    compiled graph applies buffer updates once, in the forward, and recomputes only the pure part (and
+    torch.compile does not accept such a ``context_fn``)."""
+    norms = [m for m in block.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if compiled or not norms:
+        return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                              context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(norms)))
+
+
+@contextlib.contextmanager
+def _running_stats_kept(norms: list[_BatchNorm]):
+    """BatchNorm layers still normalize by the batch statistics (the recomputation must save the same tensors as
+    the first forward) but leave their running statistics as they are: momentum 0 keeps the running mean and
+    variance, and the batch counter is put back."""
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def parallelize_model(model: nn.Module, *, mesh=None, param_dtype: torch.dtype | None = None,
@@ -50,10 +90,16 @@ def parallelize_model(model: nn.Module, *, mesh=None, param_dtype: torch.dtype |
     one_dim_logit_scale_(model)
     if activation_checkpointing:
         for blocks, i in residual_blocks(model):
-            blocks[i] = checkpoint_wrapper(blocks[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            blocks[i] = checkpoint_block(blocks[i], compiled=compile)
     if compile:
-        for blocks, i in residual_blocks(model):
-            blocks[i].compile(backend=compile_backend)
+        # The blocks share one forward code object, and dynamo keeps at most recompile_limit graphs per code
+        # object (8 by default) before running the rest eagerly. ResNet blocks differ in shape, each needing its
+        # own graph: allow one (plus a dynamic-shape variant) per block.
+        blocks = residual_blocks(model)
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 2 * len(blocks))
+        for container, i in blocks:
+            container[i].compile(backend=compile_backend)
 
     if mesh is None and not (dist.is_available() and dist.is_initialized()):
         if param_dtype is not None:
@@ -68,11 +114,27 @@ def parallelize_model(model: nn.Module, *, mesh=None, param_dtype: torch.dtype |
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for blocks, i in residual_blocks(model):
+        _shard_batch_norms_fp32(blocks[i], mesh, policy)
         fully_shard(blocks[i], mesh=mesh, mp_policy=policy)
+    _shard_batch_norms_fp32(model, mesh, policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for method in FORWARD_METHODS:
         register_fsdp_forward_method(model, method)
     return model
+
+
+def _shard_batch_norms_fp32(module: nn.Module, mesh, policy: MixedPrecisionPolicy) -> None:
+    """With low-precision parameters, give the BatchNorm layers of ``module`` (those not yet sharded) their own
+    FSDP group that keeps their gains and biases in fp32: the batch-norm op needs them in the dtype of its
+    running statistics (fp32 buffers, which FSDP does not cast); it takes bf16 activations as they come and
+    returns bf16. One group per call, so one extra all-gather per residual block."""
+    if policy.param_dtype in (None, torch.float32):
+        return
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and not isinstance(m, FSDPModule)]
+    if norms:
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=policy.reduce_dtype,
+                                    cast_forward_inputs=False)
+        fully_shard(norms, mesh=mesh, mp_policy=fp32)
 
 
 def one_dim_logit_scale_(model: nn.Module) -> None:
