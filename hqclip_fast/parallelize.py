@@ -5,8 +5,8 @@
 2. activation checkpointing of each residual block (optional);
 3. ``torch.compile`` of each residual block (optional; ``nn.Module.compile`` keeps parameter names);
 4. FSDP2: ``fully_shard`` on every residual block of both towers, then on the root, with a
-   ``MixedPrecisionPolicy`` (BatchNorm layers in fp32 groups of their own); ``encode_image`` / ``encode_text`` registered as FSDP forward methods so calling
-   them directly (evaluation) gathers the root's parameters too.
+   ``MixedPrecisionPolicy`` (BatchNorm layers in fp32 groups of their own); ``encode_image`` / ``encode_text``
+   registered as FSDP forward methods so calling them directly (evaluation) gathers the root's parameters too.
 
 Step 4 runs when a process group is initialized (torchrun: NCCL on GPUs, gloo on CPU processes) or a mesh is
 given. A single process without a group gets steps 1-3 only; mixed precision there is the caller's
