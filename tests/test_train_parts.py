@@ -96,6 +96,19 @@ def test_no_weight_decay_on_gains_biases_embeddings_and_scale():
     assert len(by_id) == len(list(model.parameters()))
 
 
+def test_no_weight_decay_on_batch_norm_of_a_resnet_tower():
+    from hqclip_fast.model import create_model
+
+    model = create_model("hqclip-rn-micro")
+    norms = {f"{m_name}.{p_name}" for m_name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+             for p_name, _ in m.named_parameters()}
+    assert len(norms) == 2 * 19  # 3 in the stem, 3 per bottleneck, 1 per downsample shortcut: gains and biases
+    decayed = {name for name, p in model.named_parameters() if decays(name, p)}
+    assert not norms & decayed
+    assert {"visual.conv1.weight", "visual.layer2.0.downsample.0.weight", "visual.attnpool.q_proj.weight"} <= decayed
+    assert "visual.attnpool.positional_embedding" not in decayed
+
+
 def test_optimizer_rejects_bad_settings():
     with pytest.raises(ValueError, match="lr"):
         build_optimizer(_Towerish(), lr=0.0, weight_decay=0.1)
