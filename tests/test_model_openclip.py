@@ -157,6 +157,17 @@ def test_full_vit_b_32_round_trip():
     fresh.load_state_dict(ours.open_clip_state_dict(), strict=True)
 
 
+def test_full_rn50_image_tower_round_trip():
+    # The text tower is the ViT models' (tested above); this covers full-size stages, strides and 32 heads.
+    theirs = open_clip.create_model("RN50", pretrained=None).eval()
+    randomize_(theirs.visual, seed=7)  # live residual branches (bn3 gains start at 0), non-trivial BN stats
+    ours = load_open_clip_state_dict(create_model("RN50").eval(), theirs.state_dict())
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert rel_err(ours.encode_image(images), theirs.encode_image(images)) <= 1e-4
+    open_clip.create_model("RN50", pretrained=None).load_state_dict(ours.open_clip_state_dict(), strict=True)
+
+
 def test_load_is_strict_and_names_keys():
     model = create_model("hqclip-micro")
     sd = model.open_clip_state_dict()
