@@ -5,8 +5,8 @@
 2. activation checkpointing of each residual block (optional);
 3. ``torch.compile`` of each residual block (optional; ``nn.Module.compile`` keeps parameter names);
 4. FSDP2: ``fully_shard`` on every residual block of both towers, then on the root, with a
-   ``MixedPrecisionPolicy`` (BatchNorm layers in fp32 groups of their own); ``encode_image`` / ``encode_text``
-   registered as FSDP forward methods so calling them directly (evaluation) gathers the root's parameters too.
+   ``MixedPrecisionPolicy``; ``encode_image`` / ``encode_text`` registered as FSDP forward methods so calling
+   them directly (evaluation) gathers the root's parameters too.
 
 Step 4 runs when a process group is initialized (torchrun: NCCL on GPUs, gloo on CPU processes) or a mesh is
 given. A single process without a group gets steps 1-3 only; mixed precision there is the caller's
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hqclip_fast.model import to_open_clip_state_dict
@@ -114,27 +114,11 @@ def parallelize_model(model: nn.Module, *, mesh=None, param_dtype: torch.dtype |
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for blocks, i in residual_blocks(model):
-        _shard_batch_norms_fp32(blocks[i], mesh, policy)
         fully_shard(blocks[i], mesh=mesh, mp_policy=policy)
-    _shard_batch_norms_fp32(model, mesh, policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for method in FORWARD_METHODS:
         register_fsdp_forward_method(model, method)
     return model
-
-
-def _shard_batch_norms_fp32(module: nn.Module, mesh, policy: MixedPrecisionPolicy) -> None:
-    """With low-precision parameters, give the BatchNorm layers of ``module`` (those not yet sharded) their own
-    FSDP group that keeps their gains and biases in fp32: the batch-norm op needs them in the dtype of its
-    running statistics (fp32 buffers, which FSDP does not cast); it takes bf16 activations as they come and
-    returns bf16. One group per call, so one extra all-gather per residual block."""
-    if policy.param_dtype in (None, torch.float32):
-        return
-    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and not isinstance(m, FSDPModule)]
-    if norms:
-        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=policy.reduce_dtype,
-                                    cast_forward_inputs=False)
-        fully_shard(norms, mesh=mesh, mp_policy=fp32)
 
 
 def one_dim_logit_scale_(model: nn.Module) -> None:

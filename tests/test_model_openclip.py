@@ -140,6 +140,30 @@ def test_fresh_resnet_starts_like_open_clip():
     assert model.config.vision_cfg.heads == 16 * 32 // 64
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_takes_bf16_gain_and_bias_like_nn_batch_norm(momentum):
+    # What FSDP2 mixed precision hands the layer: bf16 activations, gain and bias; fp32 running statistics.
+    from hqclip_fast.model.resnet import BatchNorm2d
+
+    g = torch.Generator().manual_seed(8)
+    ours, ref = BatchNorm2d(5, momentum=momentum), torch.nn.BatchNorm2d(5, momentum=momentum)
+    weight, bias = torch.randn(5, generator=g).bfloat16(), torch.randn(5, generator=g).bfloat16()
+    ours.weight, ours.bias = torch.nn.Parameter(weight), torch.nn.Parameter(bias)
+    with torch.no_grad():
+        ref.weight.copy_(weight.float()), ref.bias.copy_(bias.float())
+    x = (2 + 3 * torch.randn(6, 5, 7, 9, generator=g)).bfloat16()
+    for _ in range(2):  # train mode: batch statistics, running statistics updated
+        got = ours(x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), ref(x.float()), atol=2e-2, rtol=1e-2)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), msg=name)
+    got = ours.eval()(x)
+    torch.testing.assert_close(got.float(), ref.eval()(x.float()), atol=2e-2, rtol=1e-2)
+    got.float().sum().backward()
+    assert ours.weight.grad.dtype == torch.bfloat16 and ours.weight.grad.abs().sum() > 0
+
+
 def test_full_vit_b_32_round_trip():
     theirs = open_clip.create_model("ViT-B-32", pretrained=None).eval()
     ours = load_open_clip_state_dict(create_model("ViT-B-32").eval(), theirs.state_dict())

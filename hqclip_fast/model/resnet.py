@@ -9,6 +9,7 @@ Parameter and buffer names match open_clip's, so state dicts map one to one (Bat
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
@@ -17,20 +18,39 @@ from .configs import VisionConfig
 EXPANSION = 4  # a bottleneck's output has 4x its inner width
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d that also runs when its gain and bias come in lower precision than its running statistics
+    (a mixed-precision wrapper such as FSDP2 casts parameters, not buffers, and the op wants the four in one
+    dtype): they are cast to the statistics' dtype; bf16 activations are fine as they are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats_dtype = self.running_mean.dtype
+        if self.weight.dtype == stats_dtype:
+            return super().forward(x)
+        # nn.BatchNorm2d's update rule (affine, tracked statistics: how this tower builds them).
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight.to(stats_dtype),
+                            self.bias.to(stats_dtype), self.training, momentum, self.eps)
+
+
 class Bottleneck(nn.Module):
     def __init__(self, in_width: int, width: int, stride: int = 1):
         super().__init__()
         out_width = width * EXPANSION
         self.conv1 = nn.Conv2d(in_width, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = BatchNorm2d(width)
         self.act1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = BatchNorm2d(width)
         self.act2 = nn.ReLU(inplace=True)
         # Downsample by averaging before the 1x1 convolution, not by a strided convolution (anti-aliasing).
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
         self.conv3 = nn.Conv2d(width, out_width, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_width)
+        self.bn3 = BatchNorm2d(out_width)
         self.act3 = nn.ReLU(inplace=True)
         self.downsample = None
         if stride > 1 or in_width != out_width:
@@ -38,7 +58,7 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential()
             self.downsample.add_module("-1", nn.AvgPool2d(stride) if stride > 1 else nn.Identity())
             self.downsample.add_module("0", nn.Conv2d(in_width, out_width, 1, bias=False))
-            self.downsample.add_module("1", nn.BatchNorm2d(out_width))
+            self.downsample.add_module("1", BatchNorm2d(out_width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv1(x)))
@@ -79,13 +99,13 @@ class ModifiedResNet(nn.Module):
         self.cfg = cfg
         width = cfg.width
         self.conv1 = nn.Conv2d(3, width // 2, kernel_size=3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.bn1 = BatchNorm2d(width // 2)
         self.act1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(width // 2, width // 2, kernel_size=3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.bn2 = BatchNorm2d(width // 2)
         self.act2 = nn.ReLU(inplace=True)
         self.conv3 = nn.Conv2d(width // 2, width, kernel_size=3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
+        self.bn3 = BatchNorm2d(width)
         self.act3 = nn.ReLU(inplace=True)
         self.avgpool = nn.AvgPool2d(2)
         # Four stages; each after the first halves the resolution and doubles the width.
