@@ -53,7 +53,9 @@ def checkpoint_block(block: nn.Module, *, compiled: bool) -> nn.Module:
     Eager recomputation would run BatchNorm's forward a second time and update its running statistics twice, so
     a block holding BatchNorm recomputes with those updates switched off. Compiled blocks need nothing: the
     compiled graph applies buffer updates once, in the forward, and recomputes only the pure part (and
-    torch.compile does not accept such a ``context_fn``)."""
+    torch.compile does not accept such a ``context_fn``). That holds while a block compiles whole: a graph break
+    inside a ResNet block would bring the eager recomputation back (tests/test_parallelize.py checks the
+    running statistics in both modes)."""
     norms = [m for m in block.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
     if compiled or not norms:
         return checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
