@@ -112,8 +112,8 @@ class ModifiedResNet(nn.Module):
         in_width = width
         for stage, depth in enumerate(cfg.layers):
             inner = width * 2**stage
-            blocks = [Bottleneck(in_width if i == 0 else inner * EXPANSION, inner, stride=2 if stage and i == 0 else 1)
-                      for i in range(depth)]
+            blocks = [Bottleneck(in_width, inner, stride=1 if stage == 0 else 2)]  # the first block downsamples
+            blocks += [Bottleneck(inner * EXPANSION, inner) for _ in range(depth - 1)]
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
             in_width = inner * EXPANSION
         # The total stride is 32: 2 (conv1) * 2 (stem pool) * 2**3 (stages 2-4).
