@@ -2,10 +2,10 @@
 
 - `alt-text` (plain CLIP): positives are the web-like alt texts, no negatives, no tags;
 - `descriptions`: positives are the exact descriptions, no negatives, no tags;
-- `hq-clip`: the demo's recipe: descriptions (and some alt text), minimal-edit negatives in the softmax,
-  hard-negative identification (HNI) and short-tag classification (STC);
-- `hq-clip-descriptions`: the same recipe with descriptions as the only positives, so that it differs from
-  `descriptions` by the negatives, HNI and STC alone.
+- `hq-clip`: the demo's recipe: descriptions as positives, minimal-edit negatives in the softmax,
+  hard-negative identification (HNI) and short-tag classification (STC), so that it differs from
+  `descriptions` by the negatives, HNI and STC alone;
+- `hq-clip-alt-mix`: the same recipe with 20% of the positives drawn from the alt texts instead.
 Each arm runs for every seed (model init and data order; the data set is fixed); zero-shot top-1 and
 hard-negative accuracy are averaged over seeds. Writes results/ablate_synthetic.{json,md,png}.
 
@@ -39,7 +39,7 @@ ARMS = {
     "alt-text": ["data.p_description=0.0", *PLAIN],
     "descriptions": ["data.p_description=1.0", *PLAIN],
     "hq-clip": [],  # the demo preset as it is
-    "hq-clip-descriptions": ["data.p_description=1.0"],
+    "hq-clip-alt-mix": ["data.p_description=0.8"],
 }
 METRICS = ("zeroshot_top1", "hard_negative_acc", "image_to_text_R@1")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hqclip_fast.config import load_config
-from hqclip_fast.data.synthetic import write_synthetic
+from hqclip_fast.data.synthetic import GENERATOR_VERSION, write_synthetic
 from hqclip_fast.plotting import plot_curves
 from hqclip_fast.train import train
 
@@ -33,8 +33,8 @@ def ensure_synthetic(out_dir: Path, num_samples: int, image_size: int, seed: int
     manifest_path = out_dir / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        if (manifest.get("num_train"), manifest.get("image_size"), manifest.get("seed")) == \
-                (num_samples, image_size, seed):
+        if (manifest.get("num_train"), manifest.get("image_size"), manifest.get("seed"),
+                manifest.get("generator_version")) == (num_samples, image_size, seed, GENERATOR_VERSION):
             return manifest
         shutil.rmtree(out_dir)
     return write_synthetic(str(out_dir), num_samples=num_samples, shard_size=1000, seed=seed, image_size=image_size)

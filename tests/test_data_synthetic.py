@@ -5,13 +5,14 @@ import json
 import os
 from collections import Counter
 
+import numpy as np
 import pytest
 from data_helpers import IMAGE_SIZE, NUM_TRAIN, SHARD_SIZE, small_synthetic
 
 from hqclip_fast.data import TagVocab, build_eval_dataset
 from hqclip_fast.data.records import RECORD_FIELDS
 from hqclip_fast.data.shards import expand_sources, iter_tar_samples
-from hqclip_fast.data.synthetic import COLOURS, SHAPES, write_synthetic
+from hqclip_fast.data.synthetic import COLOURS, SHAPES, _sample_scene, counterfactual, write_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +84,35 @@ def test_bad_arguments(tmp_path):
         write_synthetic(str(tmp_path), 0, 10)
     with pytest.raises(ValueError, match="image_size"):
         write_synthetic(str(tmp_path), 10, 10, image_size=8)
+
+
+def _edited_attribute(before, after):
+    (a,), (b,) = before.objects, after.objects
+    return next(name for name in ("colour", "shape", "size", "position") if getattr(a, name) != getattr(b, name))
+
+
+def test_counterfactual_follows_edit_weights():
+    rng = np.random.default_rng(0)
+    weights = {"colour": 0.1, "shape": 0.6, "size": 0.1, "position": 0.2}
+    edited = Counter()
+    for _ in range(2000):
+        scene = _sample_scene(rng, 1)
+        edited[_edited_attribute(scene, counterfactual(scene, rng, 1, tuple(weights), list(weights.values())))] += 1
+    for name, weight in weights.items():
+        assert abs(edited[name] / 2000 - weight) < 0.04, edited
+    uniform = Counter(_edited_attribute(s, counterfactual(s, rng, 1))
+                      for s in (_sample_scene(rng, 1) for _ in range(2000)))
+    assert all(abs(n / 2000 - 0.25) < 0.04 for n in uniform.values()) and len(uniform) == 4, uniform
+
+
+def test_demo_reuses_a_set_only_from_the_same_generator(tmp_path, monkeypatch):
+    from hqclip_fast import demo
+
+    first = demo.ensure_synthetic(tmp_path, num_samples=8, image_size=IMAGE_SIZE, seed=0)
+    stamp = os.path.getmtime(tmp_path / "manifest.json")
+    assert demo.ensure_synthetic(tmp_path, num_samples=8, image_size=IMAGE_SIZE, seed=0) == first
+    assert os.path.getmtime(tmp_path / "manifest.json") == stamp  # reused, not rewritten
+    monkeypatch.setattr(demo, "GENERATOR_VERSION", first["generator_version"] + 1)
+    again = demo.ensure_synthetic(tmp_path, num_samples=8, image_size=IMAGE_SIZE, seed=0)
+    assert again["generator_version"] == first["generator_version"]  # written by the current generator
+    assert os.path.getmtime(tmp_path / "manifest.json") > stamp  # regenerated: the cached set was stale

@@ -45,6 +45,11 @@ ZEROSHOT_COLOURS = ("red", "green", "blue", "yellow")
 ZEROSHOT_SHAPES = ("circle", "square", "triangle")
 ZEROSHOT_TEMPLATES = ("a photo of a {}.", "a {} on a plain background.", "an image of a {}.", "a rendering of a {}.")
 _SPLIT_IDS = {"train": 0, "zeroshot": 1, "hardneg": 2}
+# How often a training negative edits each attribute: mostly what binds an object (its colour and shape), the
+# attributes a tiny vision tower learns last, as a captioner asked for minimal edits of objects would.
+TRAIN_EDIT_WEIGHTS = {"colour": 0.3, "shape": 0.4, "size": 0.15, "position": 0.15}
+# Bumped whenever the generator's output changes, so that a cached set from older code is regenerated.
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -129,12 +134,13 @@ def _edit_object(obj: SceneObject, attribute: str, rng: np.random.Generator, col
 
 
 def counterfactual(scene: Scene, rng: np.random.Generator, num_edits: int,
-                   attributes=("colour", "shape", "size", "position")) -> Scene:
-    """The same scene with `num_edits` attribute changes on distinct objects or attributes."""
+                   attributes=("colour", "shape", "size", "position"), weights=None) -> Scene:
+    """The same scene with `num_edits` attribute changes on distinct objects or attributes; `weights`: how
+    likely each attribute is to be the one edited (uniform by default)."""
     objects = list(scene.objects)
     done: set[tuple[int, str]] = set()
     while len(done) < num_edits:
-        i, attribute = int(rng.integers(len(objects))), str(rng.choice(attributes))
+        i, attribute = int(rng.integers(len(objects))), str(rng.choice(attributes, p=weights))
         if (i, attribute) in done:
             continue
         done.add((i, attribute))
@@ -176,7 +182,8 @@ def _tags(scene: Scene, rng: np.random.Generator) -> tuple[list[str], list[str]]
 def make_train_record(index: int, seed: int, image_size: int) -> tuple[bytes, dict]:
     rng = np.random.default_rng([seed, _SPLIT_IDS["train"], index])
     scene = _sample_scene(rng, int(rng.choice([1, 2, 3], p=OBJECT_COUNT_PROBS)))
-    negative = counterfactual(scene, rng, num_edits=int(rng.integers(1, 3)))
+    negative = counterfactual(scene, rng, num_edits=int(rng.integers(1, 3)),
+                              attributes=tuple(TRAIN_EDIT_WEIGHTS), weights=list(TRAIN_EDIT_WEIGHTS.values()))
     positive_tags, negative_tags = _tags(scene, rng)
     key = f"train{index:08d}"
     record = {
@@ -277,6 +284,7 @@ def write_synthetic(out_dir: str, num_samples: int, shard_size: int = 1000, seed
         "tags": os.path.join(out_dir, "tags.json"),
         "image_size": image_size,
         "seed": seed,
+        "generator_version": GENERATOR_VERSION,
     }
     TagVocab.build(tag_lists, size=tag_vocab_size).save(manifest["tags"])
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
