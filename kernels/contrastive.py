@@ -18,33 +18,28 @@ running max in base 2 (partials are log2-sum-exp2), so any scale (up to 100 and 
 poorly rows align. The same sweep stores the positive logits diag[i] = s <q_i, k1_{i + offset}> (the
 InfoNCE targets).
 
-Backward: for panels of Q rows, `_grad_logits_kernel` recomputes each tile once and writes
+Backward: for panels of the logits, `_grad_logits_kernel` recomputes each tile once and writes
   G = s * (g_row_i P_row_ij + g_col_j P_col_ij + [j = i + offset] g_diag_i),
   P_row = exp(S - lse_row), P_col = exp(S - lse_col)
 (the gradient w.r.t. s * <q_i, k_j>, times s) in the input dtype, plus a per-tile partial of d(scale).
 The positive-logit gradient is added in fp32 inside the tile, so the large, nearly cancelling
 softmax and target terms are rounded to bf16 once, after they cancel.
 Then dQ = G @ K and dK = G.T @ Q are plain GEMMs (cuBLAS on a GPU). No atomics: every sum has a fixed
-order, so two runs are bit-identical. A panel spans every column, so dQ is written panel by panel in the
-input dtype; dK sums over panels in an fp32 buffer (unless there is one panel). Peak extra memory: one panel
-(panel_rows x (N1 + N2)), the fp32 dK buffer and O(M + N) statistics.
+order, so two runs are bit-identical. A panel of rows spans every column, so its rows of dQ are complete and
+written once in the input dtype, while dK sums over panels in an fp32 buffer; column panels do the reverse,
+and `lse_backward` picks the axis whose fp32 buffer is smaller. Its "two_pass" form makes G twice (row
+panels for dQ, then column panels for dK) and needs no fp32 buffer, for one more recomputation of the logits.
 
-Memory model, one process, B = M = N1 = 32768, D = 768, bf16, no negatives, H100 (132 SMs, 528 programs,
-128 x 128 tiles; an estimate from the code, to be checked with benchmarks/bench_loss.py --device cuda):
-  forward        row_part 24 x B + col_part 22 x B fp32, row/col lse + diag                      ~6 MiB
-  backward sweep logit panel 2048 x B bf16 (16 panels; 1024 x 2B with negatives)               128 MiB
-                 fp32 dK buffer B x D (one more for the negatives' gradient)                      96 MiB
-                 dQ output, bf16 B x D (written panel by panel)                                   48 MiB
-  backward end   fp32 dK buffer + dQ and dK outputs: 96 + 48 + 48                               192 MiB
-  peak extra ~272 MiB, in the backward sweep (the forward's partials are gone by then).
-open_clip's ClipLoss at the same shapes (bf16 features, no autocast) holds logits_per_image and
-logits_per_text (B x B, 2 GiB each) until its forward returns, and each cross_entropy saves its log-softmax
-(B x B, 2 GiB each): ~8 GiB at the end of the forward, about as much in backward (the saved log-softmaxes plus
-one direction's B x B gradients), so a peak of ~8 GiB (about twice that under autocast, where cross_entropy
-runs on fp32 copies). Against the 2% target (~164 MiB): 272 / 8192 = 3.3%, missed by this estimate; the
-statistics are not the issue, the backward's panel and fp32 dK buffer are. Halving _PANEL_ELEMENTS gives
-~208 MiB (2.5%) at the cost of twice as many fp32 read-modify-write passes over the dK buffer; the dK buffer
-plus the dQ output (144 MiB, 1.8%) are the floor of a backward whose dK GEMMs run per panel.
+Memory (benchmarks/memory_model.py: every allocation of one fwd+bwd at GPU shapes, traced on the meta device
+with an H100's launch layout; a model, not a GPU measurement). B = 32768, D = 768, bf16, no negatives,
+extra bytes beyond the inputs, the inputs' two bf16 gradients (96 MiB) included:
+  one pass, 128 MiB panels   289 MiB: panel 128 + fp32 dK buffer 96 + dQ 48 + a 16 MiB product chunk
+  one pass,  32 MiB panels   193 MiB: at the end, the fp32 dK buffer with both gradients (96 + 48 + 48)
+  two passes, 32 MiB panels  129 MiB: panel 32 + the two gradients 96
+  open_clip ClipLoss        8288 MiB: two B x B logit matrices and two saved log-softmaxes (2 GiB each)
+So the 2% of open_clip target (166 MiB) is met only in two passes; one pass is the default on a GPU
+(`_common.GPU_TWO_PASS`) until the GPU benchmark has timed the extra recomputation against the one-pass
+form's fp32 read-modify-write of dK (16 passes over 96 MiB at 128 MiB panels).
 """
 
 from __future__ import annotations
@@ -61,20 +56,16 @@ from ._common import (
     LOG2E,
     NEG,
     Tiles,
+    addmm_fp32_,
     autotune_configs,
-    default_tiles,
+    check_interpreter,
     dot_precision,
-    interpreting,
-    matmul_fp32,
+    launch_config,
+    mm_fp32,
     tile_dot,
 )
 
 __all__ = ["contrastive_lse", "lse_forward", "lse_backward", "sweep_grid", "SweepGrid"]
-
-# Elements of one backward panel on a GPU (bf16: 128 MiB): fewer panels mean fewer fp32 passes over the
-# accumulated key gradient (B=32768: 2048 rows, 16 panels). The interpreter uses small panels.
-_PANEL_ELEMENTS = 1 << 26
-
 
 @triton.autotune(configs=autotune_configs(), key=["D", "ROW_BLOCKS", "TOTAL_TILES", "COL_STATS"])
 @triton.jit
@@ -136,19 +127,22 @@ def _lse_fwd_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_part_ptr, col_part_ptr
 @triton.jit
 def _grad_logits_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_lse_ptr, row_g_ptr, col_lse_ptr, col_g_ptr,
                         diag_g_ptr, g_ptr, ds_part_ptr, M, N1, N2, D, stride_q, stride_k1, stride_k2, stride_g,
-                        TILES1, N_TILES, DIAG_OFFSET,
+                        TILES1, N_TILES, TILE_START, G_COL_START, DIAG_OFFSET,
                         COL_STATS: tl.constexpr, HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    # Program (m, t) writes the tile of row block m and column tile TILE_START + t to the panel, whose
+    # column 0 is column G_COL_START of [k1; k2]. ds_part is indexed by the panel's own tiles (N_TILES).
     pid_m = tl.program_id(0)
     pid_t = tl.program_id(1)
+    t = pid_t + TILE_START
     scale = tl.load(scale_ptr).to(tl.float32)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    first = pid_t < TILES1
+    first = t < TILES1
     k_ptr = tl.where(first, k1_ptr, k2_ptr)
-    cols = tl.where(first, pid_t, pid_t - TILES1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.where(first, t, t - TILES1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < tl.where(first, N1, N2)
-    g_cols = tl.where(first, cols, N1 + cols)
+    g_cols = tl.where(first, cols, N1 + cols) - G_COL_START
     acc = tile_dot(q_ptr, k_ptr, rows, cols, row_ok, col_ok, D, stride_q, tl.where(first, stride_k1, stride_k2),
                    BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     x = acc * (scale * LOG2E)
@@ -157,7 +151,7 @@ def _grad_logits_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_lse_ptr, row_g_ptr
     ok = row_ok[:, None] & col_ok[None, :]
     grad = g_r[:, None] * tl.exp2(x - lse_r[:, None])
     if HAS_DIAG:
-        if pid_t < TILES1:
+        if t < TILES1:
             g_d = tl.load(diag_g_ptr + rows, mask=row_ok, other=0.0)
             grad += tl.where(cols[None, :] == rows[:, None] + DIAG_OFFSET, g_d[:, None], 0.0)
     grad = tl.where(ok, grad, 0.0)
@@ -165,7 +159,7 @@ def _grad_logits_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_lse_ptr, row_g_ptr
     ds_ptr = ds_part_ptr + 2 * (pid_m * N_TILES + pid_t)
     tl.store(ds_ptr, tl.sum(tl.sum(grad * acc, axis=1), axis=0))
     if COL_STATS:
-        if pid_t < TILES1:
+        if t < TILES1:
             lse_c = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0) * LOG2E
             g_c = tl.load(col_g_ptr + cols, mask=col_ok, other=0.0)
             grad_c = tl.where(ok, g_c[None, :] * tl.exp2(x - lse_c[None, :]), 0.0)
@@ -203,18 +197,11 @@ def sweep_grid(row_blocks: int, col_tiles: int, col_stats: bool, programs: int) 
     return SweepGrid(triton.cdiv(row_blocks, blocks), triton.cdiv(col_tiles, tiles), blocks, tiles)
 
 
-def _forward_programs(device: torch.device) -> int:
-    """Four programs per SM on a GPU, so that shorter last groups even out; four in the interpreter (each
-    program is a Python loop there; 2 x 2 groups still exercise the merges across groups)."""
-    if device.type == "cuda" and not interpreting():
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _prep(q, k1, k2, tiles):
+    check_interpreter()
     q, k1 = q.contiguous(), k1.contiguous()
     k2 = k1[:0] if k2 is None else k2.contiguous()
-    tiles = tiles or default_tiles(q.device, q.dtype)
+    tiles = tiles or launch_config(q.device, q.dtype).tiles
     return q, k1, k2, tiles
 
 
@@ -228,7 +215,7 @@ def lse_forward(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scal
     row_blocks = triton.cdiv(M, tiles.block_m)
     tiles1, tiles2 = triton.cdiv(N1, tiles.block_n), triton.cdiv(N2, tiles.block_n)
     total = tiles1 + tiles2
-    grid = sweep_grid(row_blocks, total, col_stats, programs or _forward_programs(q.device))
+    grid = sweep_grid(row_blocks, total, col_stats, programs or launch_config(q.device, q.dtype).programs)
     row_shape, col_shape = grid.partial_shapes(M, N1, col_stats)
     row_part = torch.empty(row_shape, device=q.device, dtype=torch.float32)
     col_part = torch.empty(col_shape, device=q.device, dtype=torch.float32)
@@ -246,16 +233,74 @@ def lse_forward(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scal
     return row_lse, col_lse, diag
 
 
+@dataclass(frozen=True)
+class _Panel:
+    """Rows [r0, r1) x column tiles [t0, t1) of the logits; their columns are [c0, c1) of [k1; k2]."""
+
+    r0: int
+    r1: int
+    t0: int
+    t1: int
+    c0: int
+    c1: int
+
+
+def _panels(M: int, N1: int, N2: int, tiles: Tiles, axis: str, size: int) -> list[_Panel]:
+    """Cut the logits into panels of `size` rows (axis "rows") or about `size` columns ("cols", whole tiles)."""
+    tiles1, n_tiles = triton.cdiv(N1, tiles.block_n), triton.cdiv(N1, tiles.block_n) + triton.cdiv(N2, tiles.block_n)
+
+    def first_col(t):  # column of [k1; k2] where tile t starts (N1 + N2 for t = n_tiles)
+        return min(t * tiles.block_n, N1) if t <= tiles1 else min(N1 + (t - tiles1) * tiles.block_n, N1 + N2)
+
+    if axis == "rows":
+        return [_Panel(r, min(r + size, M), 0, n_tiles, 0, N1 + N2) for r in range(0, M, size)]
+    step = max(1, size // tiles.block_n)
+    return [_Panel(0, M, t, min(t + step, n_tiles), first_col(t), first_col(min(t + step, n_tiles)))
+            for t in range(0, n_tiles, step)]
+
+
+def _write_or_add(target: torch.Tensor, products: list[tuple[torch.Tensor, torch.Tensor]], summing: bool) -> None:
+    """summing: target (an fp32 buffer that sums over panels) += sum a @ b. Otherwise target = sum a @ b,
+    complete after this panel and rounded once to its dtype."""
+    products = [(a, b) for a, b in products if a.numel() and b.numel()]
+    if summing:
+        for a, b in products:
+            addmm_fp32_(target, a, b)
+    elif not products:
+        target.zero_()
+    elif len(products) == 1:
+        torch.mm(*products[0], out=target)
+    else:
+        total = mm_fp32(*products[0])
+        for a, b in products[1:]:
+            addmm_fp32_(total, a, b)
+        target.copy_(total)
+
+
+PANEL_AXES = ("auto", "rows", "cols", "two_pass")
+
+
 def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag, diag_offset: int, *,
-                 panel_rows: int = 0, tiles: Tiles | None = None, accumulate=None):
+                 panel_size: int = 0, panel_axis: str = "auto", tiles: Tiles | None = None, accumulate=None):
     """Gradients (dq, dk1, dk2 or None, dscale_rows, dscale_cols) of
     sum(grad_row * row_lse) + sum(grad_col * col_lse) + sum(grad_diag * diag); d(scale) is split into the
     row + positive terms and the column terms (0-d fp32 tensors, their sum is d(scale)).
+
+    The logit gradient G is made a panel at a time: `panel_size` rows of q against every key (panel_axis
+    "rows") or about `panel_size` keys against every row of q ("cols"); 0 picks the size from the device's
+    panel budget. The side that a panel spans whole gets its gradient complete per panel, written once in
+    the input dtype; the other side sums over panels in an fp32 buffer, read and written once per panel.
+    "auto" spans the longer side, so that the fp32 buffer is the smaller one (M x D for q against
+    [texts; negatives] or against gathered texts), or takes "two_pass" where the device's launch config says
+    so. "two_pass" makes G twice, in row panels for dq and in column panels for dk: every gradient is
+    complete per panel and there is no fp32 buffer, for one more recomputation of the logits.
 
     accumulate: optional fp32 buffers (dq, dk1, dk2 or None) that the gradients are added to in place and
     returned as, for callers that sum over several key chunks (the ring). Otherwise gradients come in q's
     dtype.
     """
+    if panel_axis not in PANEL_AXES:
+        raise ValueError(f"panel_axis must be one of {PANEL_AXES}, got {panel_axis!r}")
     has_k2 = k2 is not None
     q, k1, k2, tiles = _prep(q, k1, k2, tiles)
     M, D = q.shape
@@ -265,75 +310,83 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
     grad_col = grad_col.float().contiguous() if col_stats else grad_row
     col_lse = col_lse if col_stats else row_lse
     grad_diag = grad_diag.float().contiguous() if has_diag else grad_row
-    if panel_rows <= 0:
-        budget = _PANEL_ELEMENTS if q.is_cuda and not interpreting() else 1 << 14
-        panel_rows = max(tiles.block_m, budget // max(N1 + N2, 1) // tiles.block_m * tiles.block_m)
-    panel_rows = min(panel_rows, M)
-    tiles1, tiles2 = triton.cdiv(N1, tiles.block_n), triton.cdiv(N2, tiles.block_n)
-    n_tiles = tiles1 + tiles2
-    scale32 = scale.detach().float().reshape(1)
+    launch = launch_config(q.device, q.dtype)
+    if panel_axis == "auto":
+        # (A caller that sums over key chunks keeps fp32 buffers anyway: two passes would only cost time.)
+        two_pass = launch.two_pass and accumulate is None
+        panel_axis = "two_pass" if two_pass else "rows" if M >= N1 + N2 else "cols"
+    budget = launch.panel_bytes // q.element_size()
 
-    # A panel spans every column, so its rows of dq are complete after it: written in q's dtype (one
-    # rounding). dk sums over panels: fp32 buffers add them in order (deterministic), unless there is one
-    # panel. Callers that sum over several key chunks pass fp32 buffers for all three.
-    caller_buffers = accumulate is not None
-    single_panel = panel_rows >= M
-    if caller_buffers:
-        dq_acc, dk1_acc, dk2_acc = accumulate
+    def panels_along(axis):
+        block, spanned = (tiles.block_m, N1 + N2) if axis == "rows" else (tiles.block_n, M)
+        size = panel_size if panel_size > 0 else max(block, budget // max(spanned, 1) // block * block)
+        return _panels(M, N1, N2, tiles, axis, size)
+
+    # (panel, makes dq, makes dk). The row + positive and column parts of d(scale) come from the panels
+    # that make dq, which cover every tile once.
+    if panel_axis == "two_pass":
+        work = [(p, True, False) for p in panels_along("rows")] + [(p, False, True) for p in panels_along("cols")]
     else:
-        dq = torch.empty_like(q)
-        if not single_panel:
-            dk1_acc, dk2_acc = (torch.zeros(n, D, device=q.device, dtype=torch.float32) for n in (N1, N2))
-    ds_parts = []
-    grad = torch.empty(panel_rows, N1 + N2, device=q.device, dtype=q.dtype)
-    for start in range(0, M, panel_rows):
-        stop = min(start + panel_rows, M)
-        rows = stop - start
-        row_blocks = triton.cdiv(rows, tiles.block_m)
-        ds_part = torch.zeros(row_blocks, n_tiles, 2, device=q.device, dtype=torch.float32)
-        g, qp = grad[:rows], q[start:stop]
-        # Panel row r is row start + r: its positive sits in column start + r + offset.
-        _grad_logits_kernel[(row_blocks, n_tiles)](
-            qp, k1, k2, scale32, row_lse[start:stop], grad_row[start:stop], col_lse, grad_col,
-            grad_diag[start:stop], g, ds_part, rows, N1, N2, D, qp.stride(0), k1.stride(0), k2.stride(0),
-            g.stride(0), tiles1, n_tiles, start + max(diag_offset, 0), COL_STATS=col_stats, HAS_DIAG=has_diag,
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-            PRECISION=dot_precision(q.dtype))
-        ds_parts.append(ds_part.sum(dim=(0, 1)))
-        g1, g2 = g[:, :N1], g[:, N1:]
-        if caller_buffers:
-            matmul_fp32(g1, k1, dq_acc[start:stop])
-            if N2:
-                matmul_fp32(g2, k2, dq_acc[start:stop])
-        elif N2:
-            dq[start:stop] = matmul_fp32(g2, k2, matmul_fp32(g1, k1))
-        else:
-            torch.matmul(g1, k1, out=dq[start:stop])
-        if single_panel and not caller_buffers:
-            dk1, dk2 = g1.T @ qp, g2.T @ qp
-        else:
-            matmul_fp32(g1.T, qp, dk1_acc)
-            if N2:
-                matmul_fp32(g2.T, qp, dk2_acc)
-    del grad, g, g1, g2  # the panel is not needed for the casts below
-    ds_row, ds_col = torch.stack(ds_parts).sum(dim=0).unbind()
-    if caller_buffers:
+        work = [(p, True, True) for p in panels_along(panel_axis)]
+
+    # Gradient targets: complete per panel in q's dtype, or fp32 buffers that sum over panels in a fixed
+    # order (deterministic). Callers that sum over several key chunks pass fp32 buffers for all three.
+    if accumulate is not None:
         dq, dk1, dk2 = accumulate
-    elif not single_panel:
-        dk1, dk2 = dk1_acc.to(q.dtype), dk2_acc.to(q.dtype)
+        dk2 = dk2 if dk2 is not None else k2.new_empty(0, D, dtype=torch.float32)
+        q_sums = k_sums = True
+    else:
+        several = len(work) > 1 and panel_axis != "two_pass"
+        q_sums, k_sums = several and panel_axis == "cols", several and panel_axis == "rows"
+
+        def target(like, sums):
+            return torch.zeros(like.shape, device=q.device, dtype=torch.float32) if sums else torch.empty_like(like)
+        dq, dk1, dk2 = target(q, q_sums), target(k1, k_sums), target(k2, k_sums)
+
+    tiles1 = triton.cdiv(N1, tiles.block_n)
+    scale32 = scale.detach().float().reshape(1)
+    buffer = torch.empty(max((p.r1 - p.r0) * (p.c1 - p.c0) for p, _, _ in work), device=q.device, dtype=q.dtype)
+    ds_parts = []
+    for p, makes_dq, makes_dk in work:
+        rows, cols = p.r1 - p.r0, p.c1 - p.c0
+        g, qp = buffer[:rows * cols].view(rows, cols), q[p.r0:p.r1]
+        row_blocks, panel_tiles = triton.cdiv(rows, tiles.block_m), p.t1 - p.t0
+        ds_part = torch.zeros(row_blocks, panel_tiles, 2, device=q.device, dtype=torch.float32)
+        # Panel row r is row r0 + r: its positive sits in column r0 + r + offset.
+        _grad_logits_kernel[(row_blocks, panel_tiles)](
+            qp, k1, k2, scale32, row_lse[p.r0:p.r1], grad_row[p.r0:p.r1], col_lse, grad_col,
+            grad_diag[p.r0:p.r1], g, ds_part, rows, N1, N2, D, qp.stride(0), k1.stride(0), k2.stride(0),
+            g.stride(0), tiles1, panel_tiles, p.t0, p.c0, p.r0 + max(diag_offset, 0), COL_STATS=col_stats,
+            HAS_DIAG=has_diag, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+            PRECISION=dot_precision(q.dtype))
+        # The panel's columns split into a k1 part [c0, split) and a k2 part [split, c1).
+        split = min(max(p.c0, N1), p.c1)
+        g1, g2 = g[:, :split - p.c0], g[:, split - p.c0:]
+        if makes_dq:
+            ds_parts.append(ds_part.sum(dim=(0, 1)))
+            k2p = k2[split - N1:p.c1 - N1] if p.c1 > N1 else k2[:0]
+            _write_or_add(dq[p.r0:p.r1], [(g1, k1[p.c0:split]), (g2, k2p)], q_sums)
+        if makes_dk and g1.shape[1]:
+            _write_or_add(dk1[p.c0:split], [(g1.T, qp)], k_sums)
+        if makes_dk and g2.shape[1]:
+            _write_or_add(dk2[split - N1:p.c1 - N1], [(g2.T, qp)], k_sums)
+    del buffer, g, g1, g2  # the panel is not needed for the casts below
+    ds_row, ds_col = torch.stack(ds_parts).sum(dim=0).unbind()
+    if accumulate is None:
+        dq, dk1, dk2 = (x.to(q.dtype) for x in (dq, dk1, dk2))
     return dq, dk1, (dk2 if has_k2 else None), ds_row, ds_col
 
 
 # torch.compile sees these as opaque ops with fake (shape-only) implementations: no graph breaks.
 @torch.library.custom_op("hqclip::contrastive_lse", mutates_args=())
 def _contrastive_lse_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scale: torch.Tensor,
-                        col_stats: bool, diag_offset: int, panel_rows: int
+                        col_stats: bool, diag_offset: int, panel_size: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return lse_forward(q, k1, k2, scale, col_stats, diag_offset)
 
 
 @_contrastive_lse_op.register_fake
-def _(q, k1, k2, scale, col_stats, diag_offset, panel_rows):
+def _(q, k1, k2, scale, col_stats, diag_offset, panel_size):
     f32 = dict(dtype=torch.float32)
     return (q.new_empty(q.shape[0], **f32), q.new_empty(k1.shape[0] if col_stats else 0, **f32),
             q.new_empty(q.shape[0] if diag_offset >= 0 else 0, **f32))
@@ -343,25 +396,25 @@ def _(q, k1, k2, scale, col_stats, diag_offset, panel_rows):
 def _contrastive_lse_backward_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None,
                                  scale: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
                                  grad_row: torch.Tensor, grad_col: torch.Tensor, grad_diag: torch.Tensor,
-                                 diag_offset: int, panel_rows: int
+                                 diag_offset: int, panel_size: int
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk1, dk2, ds_row, ds_col = lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col,
-                                                grad_diag, diag_offset, panel_rows=panel_rows)
+                                                grad_diag, diag_offset, panel_size=panel_size)
     dk2 = dk2 if dk2 is not None else k1.new_empty(0, k1.shape[1])
     return dq, dk1, dk2, (ds_row + ds_col).to(scale.dtype).reshape(scale.shape)
 
 
 @_contrastive_lse_backward_op.register_fake
-def _(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag, diag_offset, panel_rows):
+def _(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag, diag_offset, panel_size):
     dk2 = torch.empty_like(k2) if k2 is not None else k1.new_empty(0, k1.shape[1])
     return torch.empty_like(q), torch.empty_like(k1), dk2, torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k1, k2, scale, col_stats, diag_offset, panel_rows = inputs
+    q, k1, k2, scale, col_stats, diag_offset, panel_size = inputs
     row_lse, col_lse, _ = output
     ctx.save_for_backward(q, k1, k2, scale, row_lse, col_lse)
-    ctx.diag_offset, ctx.panel_rows = diag_offset, panel_rows
+    ctx.diag_offset, ctx.panel_size = diag_offset, panel_size
 
 
 def _backward(ctx, grad_row, grad_col, grad_diag):
@@ -371,7 +424,7 @@ def _backward(ctx, grad_row, grad_col, grad_diag):
     if grad_diag is None:
         grad_diag = row_lse.new_zeros(row_lse.shape[0] if ctx.diag_offset >= 0 else 0)
     dq, dk1, dk2, dscale = _contrastive_lse_backward_op(q, k1, k2, scale, row_lse, col_lse, grad_row,
-                                                        grad_col, grad_diag, ctx.diag_offset, ctx.panel_rows)
+                                                        grad_col, grad_diag, ctx.diag_offset, ctx.panel_size)
     return dq, dk1, (dk2 if k2 is not None else None), dscale, None, None, None
 
 
@@ -379,15 +432,15 @@ _contrastive_lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def contrastive_lse(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scale: torch.Tensor, *,
-                    col_stats: bool = False, diag_offset: int | None = None, panel_rows: int = 0):
+                    col_stats: bool = False, diag_offset: int | None = None, panel_size: int = 0):
     """Differentiable statistics of the logits S = s * q @ [k1; k2].T, which are never materialized.
 
     Returns fp32 (row_lse, col_lse, diag):
       row_lse[i] = log sum_j exp(S_ij) over all k1 and k2 rows;
       col_lse[j] = log sum_i exp(S_ij) over all q rows, for the k1 columns (empty unless col_stats);
       diag[i]    = S_{i, i + diag_offset}, the positive logits (empty when diag_offset is None).
-    Gradients reach q, k1, k2 and scale (a 0-d tensor). panel_rows bounds the backward's logit panel
-    (0: automatic).
+    Gradients reach q, k1, k2 and scale (a 0-d tensor). panel_size bounds the backward's logit panel: rows
+    of q, or keys when there are more keys than rows (see `lse_backward`; 0: from a memory budget).
     """
     if q.dim() != 2 or k1.dim() != 2 or q.shape[1] != k1.shape[1]:
         raise ValueError(f"q and k1 must be (M, D) and (N, D), got {tuple(q.shape)} and {tuple(k1.shape)}")
@@ -402,4 +455,4 @@ def contrastive_lse(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, 
         raise ValueError(f"diag_offset must put every positive inside k1: 0 <= {diag_offset} <= "
                          f"{k1.shape[0]} - {q.shape[0]}")
     offset = -1 if diag_offset is None else diag_offset
-    return _contrastive_lse_op(q, k1, k2, scale.reshape(()), col_stats, offset, panel_rows)
+    return _contrastive_lse_op(q, k1, k2, scale.reshape(()), col_stats, offset, panel_size)

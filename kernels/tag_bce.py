@@ -20,17 +20,15 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     Tiles,
+    addmm_fp32_,
     autotune_configs,
-    default_tiles,
+    check_interpreter,
     dot_precision,
-    interpreting,
-    matmul_fp32,
+    launch_config,
     tile_dot,
 )
 
 __all__ = ["tag_bce_sum", "tag_bce_forward", "tag_bce_backward"]
-
-_PANEL_ELEMENTS = 1 << 26  # bf16: 128 MiB per backward panel on a GPU
 
 
 @triton.jit
@@ -95,9 +93,10 @@ def _tag_bce_grad_kernel(f_ptr, w_ptr, bias_ptr, tgt_ptr, gout_ptr, dz_ptr, M, V
 
 
 def _prep(features, weight, bias, targets, tiles):
+    check_interpreter()
     features, weight, targets = features.contiguous(), weight.contiguous(), targets.contiguous()
     bias_arg = bias.contiguous() if bias is not None else weight[0]  # never read when HAS_BIAS is False
-    tiles = tiles or default_tiles(features.device, features.dtype)
+    tiles = tiles or launch_config(features.device, features.dtype).tiles
     return features, weight, bias_arg, targets, tiles
 
 
@@ -107,11 +106,9 @@ def tag_bce_forward(features, weight, bias, targets, tiles: Tiles | None = None)
     M, D = features.shape
     V, T = weight.shape[0], targets.shape[1]
     row_blocks, n_tiles = triton.cdiv(M, tiles.block_m), triton.cdiv(V, tiles.block_n)
-    if features.is_cuda and not interpreting():
-        sms = torch.cuda.get_device_properties(features.device).multi_processor_count
-        groups = max(1, min(n_tiles, triton.cdiv(4 * sms, row_blocks)))
-    else:
-        groups = min(n_tiles, 2)
+    # Column groups so that row blocks x groups fill the programs a sweep aims for.
+    programs = launch_config(features.device, features.dtype).programs
+    groups = max(1, min(n_tiles, triton.cdiv(programs, row_blocks)))
     per_group = triton.cdiv(n_tiles, groups)
     groups = triton.cdiv(n_tiles, per_group)
     part = torch.empty(row_blocks, groups, device=features.device, dtype=torch.float32)
@@ -130,7 +127,7 @@ def tag_bce_backward(features, weight, bias, targets, grad_out, *, panel_rows: i
     M, D = features.shape
     V, T = weight.shape[0], targets.shape[1]
     if panel_rows <= 0:
-        budget = _PANEL_ELEMENTS if features.is_cuda and not interpreting() else 1 << 14
+        budget = launch_config(features.device, features.dtype).panel_bytes // features.element_size()
         panel_rows = max(tiles.block_m, budget // V // tiles.block_m * tiles.block_m)
     panel_rows = min(panel_rows, M)
     single = panel_rows >= M
@@ -151,7 +148,7 @@ def tag_bce_backward(features, weight, bias, targets, grad_out, *, panel_rows: i
         if single:
             dweight = dz.T @ fp
         else:
-            matmul_fp32(dz.T, fp, dweight)
+            addmm_fp32_(dweight, dz.T, fp)
         if has_bias:
             dbias += dz.sum(dim=0, dtype=torch.float32)
     return dfeat, dweight.to(weight.dtype), (dbias.to(bias.dtype) if has_bias else None)

@@ -59,7 +59,7 @@ def test_contrastive_lse_multi_panel_matches_materialized(with_k2, dtype, device
     weights = [torch.randn(37, generator=g).to(device) for _ in range(3)]
     leaves = [q, k1, k2, scale]
 
-    got = contrastive_lse(q, k1, k2, scale, col_stats=True, diag_offset=0, panel_rows=16)
+    got = contrastive_lse(q, k1, k2, scale, col_stats=True, diag_offset=0, panel_size=16)
     want = _reference_stats(q, k1, k2, scale, 0)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
@@ -84,6 +84,77 @@ def test_contrastive_lse_rows_only_with_offset(device):
     want = _grads([ref_row, ref_diag], [weights[0], weights[2]], [q, k1, scale])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+# (M, N1, N2, col_stats, diag_offset, panel_axis, panel_size): 16 x 16 tiles. Row panels of 20 rows (not a
+# block multiple: the last panel is short); column panels of 2 tiles, one of them straddling k1 and k2 (k1's
+# last tile is short); a single panel; rows-only statistics with offset positives; both in two passes.
+BACKWARD_PANELS = [
+    (37, 37, 21, True, 0, "rows", 20),
+    (37, 37, 21, True, 0, "cols", 32),
+    (29, 45, None, True, 11, "cols", 16),
+    (13, 31, 9, False, 5, "rows", 13),
+    (23, 23, 19, True, 0, "cols", 1 << 10),  # one panel: every gradient complete at once
+    (37, 37, 21, True, 0, "two_pass", 20),  # row panels for dq, then column panels for dk
+    (29, 45, None, False, 11, "two_pass", 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M, N1, N2, col_stats, offset, axis, size", BACKWARD_PANELS)
+def test_backward_panels_on_either_axis_match_materialized(M, N1, N2, col_stats, offset, axis, size, dtype, device):
+    """Row panels (q's gradient complete per panel, the keys' summed in fp32), column panels (the reverse)
+    and two passes (both complete per panel) give the reference gradients, in the inputs' dtype, and
+    bit-identical results when run twice."""
+    from hqclip_kernels.contrastive import lse_backward
+
+    g = torch.Generator().manual_seed(11)
+    q, k1 = _unit(M, 24, dtype, g, device), _unit(N1, 24, dtype, g, device)
+    k2 = _unit(N2, 24, dtype, g, device) if N2 else None
+    scale = torch.tensor(47.0, device=device, requires_grad=True)
+    leaves = [x for x in (q, k1, k2, scale) if x is not None]
+    weights = [torch.randn(n, generator=g).to(device) for n in (M, N1, M)]
+    stats = _reference_stats(q, k1, k2, scale, offset)
+    outputs = [stats[0], stats[1], stats[2]] if col_stats else [stats[0], stats[2]]
+    used = weights if col_stats else [weights[0], weights[2]]
+    want = _grads(outputs, used, leaves)
+
+    row_lse, col_lse, _ = (x.detach() for x in stats)
+    col_lse = col_lse if col_stats else col_lse[:0]
+    grad_col = weights[1] if col_stats else weights[1][:0]
+    tiles = Tiles(16, 16, 16)
+
+    def run():
+        dq, dk1, dk2, ds_row, ds_col = lse_backward(
+            q.detach(), k1.detach(), None if k2 is None else k2.detach(), scale.detach(), row_lse, col_lse,
+            weights[0], grad_col, weights[2], offset, panel_size=size, panel_axis=axis, tiles=tiles)
+        return [x for x in (dq, dk1, dk2) if x is not None] + [ds_row + ds_col]
+
+    got = run()
+    for leaf, a, b in zip(leaves, got, want):
+        assert a.dtype == (leaf.dtype if leaf is not scale else torch.float32)
+        assert_grad_close(a, b, dtype if leaf is not scale else torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(got, run()))
+
+
+@pytest.mark.parametrize("axis", ["rows", "cols", "two_pass"])
+def test_backward_adds_into_caller_buffers(axis, device):
+    """The ring's form: gradients added into the caller's fp32 buffers, which already hold something."""
+    from hqclip_kernels.contrastive import lse_backward
+
+    g = torch.Generator().manual_seed(12)
+    q, k1, k2 = (_unit(n, 24, torch.bfloat16, g, device).detach() for n in (19, 27, 10))
+    scale = torch.tensor(23.0, device=device)
+    row_lse, col_lse, _ = (x.detach() for x in _reference_stats(q, k1, k2, scale, 0))
+    grads = [torch.randn(n, generator=g).to(device) for n in (19, 27, 19)]
+    args = (q, k1, k2, scale, row_lse, col_lse, *grads, 0)
+    want = lse_backward(*args, panel_size=1 << 10, tiles=Tiles(16, 16, 16))
+    start = [torch.randn(x.shape, generator=g).to(device) for x in (q, k1, k2)]
+    buffers = [x.clone() for x in start]
+    got = lse_backward(*args, panel_size=16, panel_axis=axis, tiles=Tiles(16, 16, 16), accumulate=buffers)
+    for buffer, before, total, grad in zip(buffers, start, got, want):
+        assert total is buffer and total.dtype == torch.float32
+        assert_grad_close(total - before, grad.float(), torch.bfloat16)
 
 
 # (M, N1, N2, col_stats, diag_offset, scale, programs): 16 x 16 tiles, ragged last groups on both axes,
