@@ -105,6 +105,18 @@ def test_every_term_together_matches_reference(bias, dtype, device):
     assert_matches(inputs, dtype, hni_weight=0.5, stc_weight=2.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_pair_negatives_in_row_chunks_match_reference(dtype, device, monkeypatch):
+    """The HNI dot products run in row chunks (bounded fp32 temporaries): 5-row chunks over 37 rows, the last
+    one short, give the reference values and gradients."""
+    from hqclip_fast.loss import fused
+
+    monkeypatch.setattr(fused, "_PAIR_CHUNK_BYTES", 5 * 4 * 40)
+    assert len(fused._RowwiseDot._chunks(37, 40)) == 8
+    inputs = _inputs(37, 40, dtype, device, negatives=True, tags=False, bias=False, seed=5)
+    assert_matches(inputs, dtype, negatives_in_softmax=False, hni_weight=0.9)
+
+
 def test_scale_100_with_poorly_aligned_rows(device):
     """Rows whose best logit is 100 next to rows whose logits all sit near 0 or -100: a fixed shift
     would underflow; per-row and per-column running maxima must not."""

@@ -247,7 +247,9 @@ def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
         softmax_negatives = all_gather_with_grad(neg_text_features, group) if use_softmax_negatives else None
         pair_negatives = None
         if hni_weight > 0:
-            pair_negatives = softmax_negatives[rows[0]:rows[1]] if use_softmax_negatives else neg_text_features
+            # (No slice on one process: the backward of a slice allocates a zero-filled full-size gradient.)
+            local = use_softmax_negatives and world_size > 1
+            pair_negatives = softmax_negatives[rows[0]:rows[1]] if local else neg_text_features
 
         i2t_sum, t2i_sum, hni_sum = backend.contrastive_sums(
             all_image, all_text, logit_scale, rows=rows,

@@ -35,6 +35,44 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+# Rows per chunk of the pairwise (HNI) dot products: their fp32 temporaries stay at 16 MiB for any batch.
+_PAIR_CHUNK_BYTES = 16 << 20
+
+
+class _RowwiseDot(torch.autograd.Function):
+    """fp32 <a_i, b_i> per row, from bf16/fp32 rows, with gradients in the inputs' dtype rounded once. Upcasting
+    whole (b, D) inputs would hold three fp32 copies of them (96 MiB each at b = 32768, D = 768) in forward
+    and again in backward; row chunks keep that to one 16 MiB temporary."""
+
+    @staticmethod
+    def _chunks(rows: int, dim: int):
+        step = max(1, _PAIR_CHUNK_BYTES // (4 * max(dim, 1)))
+        return [slice(start, start + step) for start in range(0, rows, step)]
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        out = a.new_empty(a.shape[0], dtype=torch.float32)
+        for rows in _RowwiseDot._chunks(*a.shape):
+            torch.linalg.vecdot(a[rows].float(), b[rows].float(), out=out[rows])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a, grad_b = torch.empty_like(a), torch.empty_like(b)
+        for rows in _RowwiseDot._chunks(*a.shape):
+            g = grad[rows, None].float()
+            grad_a[rows] = g * b[rows].float()
+            grad_b[rows] = g * a[rows].float()
+        return grad_a, grad_b
+
+
+def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return _RowwiseDot.apply(a.to(dtype), b.to(dtype))
+
+
 def _check_device(x: torch.Tensor, name: str) -> None:
     if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"impl='triton': {name} is on {x.device}; the kernels need CUDA tensors "
@@ -51,14 +89,14 @@ def contrastive_sums(image, text, logit_scale, *, rows, softmax_negatives=None, 
     text = text.to(dtype)
     if softmax_negatives is not None:
         softmax_negatives = softmax_negatives.to(dtype)
-    local_image, local_text = image[start:stop], text[start:stop]
-
     if stop - start == image.shape[0]:
         # One process: a single sweep gives the row (image->text) and column (text->image) statistics.
         i2t_lse, t2i_lse, positive = contrastive_lse(image, text, softmax_negatives, logit_scale,
                                                      col_stats=True, diag_offset=0)
         t2i_positive = positive
+        local_image = image  # not image[0:b]: a slice's backward allocates a zero-filled full-size gradient
     else:
+        local_image, local_text = image[start:stop], text[start:stop]
         i2t_lse, _, positive = contrastive_lse(local_image, text, softmax_negatives, logit_scale,
                                                diag_offset=start)
         t2i_lse, _, t2i_positive = contrastive_lse(local_text, image, None, logit_scale, diag_offset=start)
@@ -67,7 +105,7 @@ def contrastive_sums(image, text, logit_scale, *, rows, softmax_negatives=None, 
     t2i_sum = (t2i_lse - t2i_positive).sum()
     hni_sum = i2t_sum.new_zeros(())
     if pair_negatives is not None:
-        negative = _upcast(logit_scale) * (_upcast(local_image) * _upcast(pair_negatives)).sum(dim=1)
+        negative = _upcast(logit_scale) * _rowwise_dot(local_image, pair_negatives)
         hni_sum = F.softplus(negative - positive).sum()
     return i2t_sum, t2i_sum, hni_sum
 
@@ -216,6 +254,6 @@ def contrastive_sums_ring(image, text, logit_scale, *, group, negatives=None, ne
     t2i_sum = (col_lse - positive).sum()
     hni_sum = i2t_sum.new_zeros(())
     if pair_negatives:
-        negative = _upcast(logit_scale) * (_upcast(image) * _upcast(negatives)).sum(dim=1)
+        negative = _upcast(logit_scale) * _rowwise_dot(image, negatives)
         hni_sum = F.softplus(negative - positive).sum()
     return i2t_sum, t2i_sum, hni_sum
