@@ -124,8 +124,18 @@ def _gemm_floor(device, dtype, negatives):
     return loss
 
 
+def _hqclip_two_pass(device, dtype, negatives):
+    """impl="triton" with the two-pass backward and 32 MiB panels (no fp32 gradient buffer; see
+    hqclip_kernels.contrastive), set for this case's process only."""
+    from hqclip_kernels import _common
+
+    _common.GPU_TWO_PASS, _common.GPU_PANEL_BYTES = True, 32 << 20
+    return _hqclip("triton")(device, dtype, negatives)
+
+
 IMPLS = {
     "triton": _hqclip("triton"),
+    "triton_2pass": _hqclip_two_pass,
     "chunked": _hqclip("chunked"),
     "reference": _hqclip("reference"),
     "open_clip": _open_clip,

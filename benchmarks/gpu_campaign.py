@@ -67,7 +67,9 @@ def loss_steps(args) -> list[Step]:
     for dim in (args.dims if cuda else [32]):
         for negatives in (False, True):
             # open_clip and Inf-CL have no hard-negative columns: not run with --negatives.
-            impls = "triton,chunked,gemm_floor" if negatives else "triton,chunked,open_clip,inf_cl,gemm_floor"
+            # triton_2pass: the two-pass backward, timed beside the default one-pass form (kernels/contrastive.py).
+            impls = ("triton,triton_2pass,chunked,gemm_floor" if negatives
+                     else "triton,triton_2pass,chunked,open_clip,inf_cl,gemm_floor")
             tag = f"D{dim}-{'neg' if negatives else 'noneg'}"
             out = f"loss/loss-{tag}.json"
             cmd = [_python(), str(BENCH / "bench_loss.py"), "--device", args.device, "--dim", str(dim),

@@ -86,8 +86,9 @@ def test_merged_file_has_issue_8_format(tmp_path):
     want = {c["impl"]: c for c in source["cases"] if c["batch_size"] == 32768}
     for entry in result["loss"]:
         assert set(entry) == {"B", "D", "dtype", "negatives", "ms", "peak_mib", "max_rel_err"}
-        assert set(entry["ms"]) == {"hqclip_triton", "chunked", "open_clip", "inf_cl", "gemm_floor"}
-        assert set(entry["peak_mib"]) == {"hqclip_triton", "open_clip", "inf_cl"}
+        assert set(entry["ms"]) == {"hqclip_triton", "hqclip_triton_2pass", "chunked", "open_clip", "inf_cl",
+                                    "gemm_floor"}
+        assert set(entry["peak_mib"]) == {"hqclip_triton", "hqclip_triton_2pass", "open_clip", "inf_cl"}
     point = next(e for e in result["loss"] if e["B"] == 32768 and not e["negatives"])
     assert point["ms"]["hqclip_triton"] == pytest.approx(want["triton"]["time_ms_median"], rel=1e-3)
     assert point["ms"]["inf_cl"] == pytest.approx(want["inf_cl"]["time_ms_median"], rel=1e-3)
