@@ -16,7 +16,8 @@ row_groups x N1 floats, about sqrt(programs) per axis: O(M + N) whatever the bat
 and column would be O(M N / BLOCK_M), 32 MiB at B = 32768). Rows and columns are rescaled by their own
 running max in base 2 (partials are log2-sum-exp2), so any scale (up to 100 and beyond) is safe however
 poorly rows align. The same sweep stores the positive logits diag[i] = s <q_i, k1_{i + offset}> (the
-InfoNCE targets).
+InfoNCE targets) and, when asked, the pairwise logits of the hard negatives in K2, neg_diag[i] =
+s <q_i, k2_{i + offset2}> (HNI's), whose gradients the backward adds into G like the positives'.
 
 Backward: for panels of the logits, `_grad_logits_kernel` recomputes each tile once and writes
   G = s * (g_row_i P_row_ij + g_col_j P_col_ij + [j = i + offset] g_diag_i),
@@ -69,10 +70,11 @@ __all__ = ["contrastive_lse", "lse_forward", "lse_backward", "sweep_grid", "Swee
 
 @triton.autotune(configs=autotune_configs(), key=["D", "ROW_BLOCKS", "TOTAL_TILES", "COL_STATS"])
 @triton.jit
-def _lse_fwd_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_part_ptr, col_part_ptr, diag_ptr,
+def _lse_fwd_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_part_ptr, col_part_ptr, diag_ptr, diag2_ptr,
                     M, N1, N2, D, stride_q, stride_k1, stride_k2,
-                    ROW_BLOCKS, TILES1, TOTAL_TILES, BLOCKS_PER_GROUP, TILES_PER_GROUP, DIAG_OFFSET,
-                    COL_STATS: tl.constexpr, HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    ROW_BLOCKS, TILES1, TOTAL_TILES, BLOCKS_PER_GROUP, TILES_PER_GROUP, DIAG_OFFSET, DIAG2_OFFSET,
+                    COL_STATS: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_DIAG2: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_r = tl.program_id(0)  # row group: writes col_part[pid_r, its columns]
     pid_c = tl.program_id(1)  # column group: writes row_part[pid_c, its rows]
@@ -106,6 +108,13 @@ def _lse_fwd_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_part_ptr, col_part_ptr
                     in_tile = (row_ok & (rows + DIAG_OFFSET >= t * BLOCK_N)
                                & (rows + DIAG_OFFSET < t * BLOCK_N + BLOCK_N))
                     tl.store(diag_ptr + rows, tl.sum(tl.where(on_diag, x, 0.0), axis=1) * LN2, mask=in_tile)
+            if HAS_DIAG2:
+                if t >= TILES1:  # the pairwise logits s <q_i, k2_{i + offset}> (HNI's hard negatives)
+                    start2 = (t - TILES1) * BLOCK_N
+                    on_diag2 = cols[None, :] == rows[:, None] + DIAG2_OFFSET
+                    in_tile2 = (row_ok & (rows + DIAG2_OFFSET >= start2)
+                                & (rows + DIAG2_OFFSET < start2 + BLOCK_N))
+                    tl.store(diag2_ptr + rows, tl.sum(tl.where(on_diag2, x, 0.0), axis=1) * LN2, mask=in_tile2)
             if COL_STATS:
                 if t < TILES1:
                     # Merge this block's column lse into the row group's running one (log2 units). Only
@@ -126,9 +135,10 @@ def _lse_fwd_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_part_ptr, col_part_ptr
 @triton.autotune(configs=autotune_configs(), key=["D", "TILES1", "N_TILES"])
 @triton.jit
 def _grad_logits_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_lse_ptr, row_g_ptr, col_lse_ptr, col_g_ptr,
-                        diag_g_ptr, g_ptr, ds_part_ptr, M, N1, N2, D, stride_q, stride_k1, stride_k2, stride_g,
-                        TILES1, N_TILES, TILE_START, G_COL_START, DIAG_OFFSET,
-                        COL_STATS: tl.constexpr, HAS_DIAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        diag_g_ptr, diag2_g_ptr, g_ptr, ds_part_ptr, M, N1, N2, D, stride_q, stride_k1, stride_k2,
+                        stride_g, TILES1, N_TILES, TILE_START, G_COL_START, DIAG_OFFSET, DIAG2_OFFSET,
+                        COL_STATS: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_DIAG2: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     # Program (m, t) writes the tile of row block m and column tile TILE_START + t to the panel, whose
     # column 0 is column G_COL_START of [k1; k2]. ds_part is indexed by the panel's own tiles (N_TILES).
@@ -154,6 +164,10 @@ def _grad_logits_kernel(q_ptr, k1_ptr, k2_ptr, scale_ptr, row_lse_ptr, row_g_ptr
         if t < TILES1:
             g_d = tl.load(diag_g_ptr + rows, mask=row_ok, other=0.0)
             grad += tl.where(cols[None, :] == rows[:, None] + DIAG_OFFSET, g_d[:, None], 0.0)
+    if HAS_DIAG2:
+        if t >= TILES1:
+            g_d2 = tl.load(diag2_g_ptr + rows, mask=row_ok, other=0.0)
+            grad += tl.where(cols[None, :] == rows[:, None] + DIAG2_OFFSET, g_d2[:, None], 0.0)
     grad = tl.where(ok, grad, 0.0)
     # d(scale) in two parts: row + positive terms, and column terms (owned by another rank in a ring).
     ds_ptr = ds_part_ptr + 2 * (pid_m * N_TILES + pid_t)
@@ -206,8 +220,10 @@ def _prep(q, k1, k2, tiles):
 
 
 def lse_forward(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scale: torch.Tensor,
-                col_stats: bool, diag_offset: int, tiles: Tiles | None = None, programs: int = 0):
-    """(row_lse (M,), col_lse (N1,) or empty, diag (M,) or empty), fp32. See `contrastive_lse`.
+                col_stats: bool, diag_offset: int, neg_diag_offset: int = -1, tiles: Tiles | None = None,
+                programs: int = 0):
+    """(row_lse (M,), col_lse (N1,) or empty, diag (M,) or empty, neg_diag (M,) or empty), fp32; an offset
+    < 0 leaves its diagonal out. See `contrastive_lse`.
     programs: how many programs the sweep aims for (0: fill the device; tests pass small counts)."""
     q, k1, k2, tiles = _prep(q, k1, k2, tiles)
     M, D = q.shape
@@ -221,16 +237,19 @@ def lse_forward(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scal
     col_part = torch.empty(col_shape, device=q.device, dtype=torch.float32)
     has_diag = diag_offset >= 0
     diag = torch.empty(M if has_diag else 0, device=q.device, dtype=torch.float32)
+    has_diag2 = neg_diag_offset >= 0
+    diag2 = torch.empty(M if has_diag2 else 0, device=q.device, dtype=torch.float32)
     scale = scale.detach().float().reshape(1)
     _lse_fwd_kernel[(grid.row_groups, grid.col_groups)](
-        q, k1, k2, scale, row_part, col_part, diag, M, N1, N2, D, q.stride(0), k1.stride(0), k2.stride(0),
+        q, k1, k2, scale, row_part, col_part, diag, diag2, M, N1, N2, D, q.stride(0), k1.stride(0), k2.stride(0),
         row_blocks, tiles1, total, grid.blocks_per_group, grid.tiles_per_group, max(diag_offset, 0),
-        COL_STATS=col_stats, HAS_DIAG=has_diag, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+        max(neg_diag_offset, 0), COL_STATS=col_stats, HAS_DIAG=has_diag, HAS_DIAG2=has_diag2,
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k, PRECISION=dot_precision(q.dtype))
     # The partials are log2-sum-exp2 values: natural lse = logsumexp(ln 2 * partials), in a fixed order.
     row_lse = torch.logsumexp(row_part.mul_(math.log(2)), dim=0)
     col_lse = torch.logsumexp(col_part.mul_(math.log(2)), dim=0) if col_stats else col_part.new_empty(0)
-    return row_lse, col_lse, diag
+    return row_lse, col_lse, diag, diag2
 
 
 @dataclass(frozen=True)
@@ -281,10 +300,11 @@ PANEL_AXES = ("auto", "rows", "cols", "two_pass")
 
 
 def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag, diag_offset: int, *,
-                 panel_size: int = 0, panel_axis: str = "auto", tiles: Tiles | None = None, accumulate=None):
-    """Gradients (dq, dk1, dk2 or None, dscale_rows, dscale_cols) of
-    sum(grad_row * row_lse) + sum(grad_col * col_lse) + sum(grad_diag * diag); d(scale) is split into the
-    row + positive terms and the column terms (0-d fp32 tensors, their sum is d(scale)).
+                 grad_neg_diag=None, neg_diag_offset: int = -1, panel_size: int = 0, panel_axis: str = "auto",
+                 tiles: Tiles | None = None, accumulate=None):
+    """Gradients (dq, dk1, dk2 or None, dscale_rows, dscale_cols) of sum(grad_row * row_lse) +
+    sum(grad_col * col_lse) + sum(grad_diag * diag) + sum(grad_neg_diag * neg_diag); d(scale) is split into
+    the row, positive and pairwise terms and the column terms (0-d fp32 tensors, their sum is d(scale)).
 
     The logit gradient G is made a panel at a time: `panel_size` rows of q against every key (panel_axis
     "rows") or about `panel_size` keys against every row of q ("cols"); 0 picks the size from the device's
@@ -310,6 +330,8 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
     grad_col = grad_col.float().contiguous() if col_stats else grad_row
     col_lse = col_lse if col_stats else row_lse
     grad_diag = grad_diag.float().contiguous() if has_diag else grad_row
+    has_diag2 = neg_diag_offset >= 0
+    grad_neg_diag = grad_neg_diag.float().contiguous() if has_diag2 else grad_row
     launch = launch_config(q.device, q.dtype)
     if panel_axis == "auto":
         # (A caller that sums over key chunks keeps fp32 buffers anyway: two passes would only cost time.)
@@ -355,9 +377,10 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
         # Panel row r is row r0 + r: its positive sits in column r0 + r + offset.
         _grad_logits_kernel[(row_blocks, panel_tiles)](
             qp, k1, k2, scale32, row_lse[p.r0:p.r1], grad_row[p.r0:p.r1], col_lse, grad_col,
-            grad_diag[p.r0:p.r1], g, ds_part, rows, N1, N2, D, qp.stride(0), k1.stride(0), k2.stride(0),
-            g.stride(0), tiles1, panel_tiles, p.t0, p.c0, p.r0 + max(diag_offset, 0), COL_STATS=col_stats,
-            HAS_DIAG=has_diag, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+            grad_diag[p.r0:p.r1], grad_neg_diag[p.r0:p.r1], g, ds_part, rows, N1, N2, D, qp.stride(0),
+            k1.stride(0), k2.stride(0), g.stride(0), tiles1, panel_tiles, p.t0, p.c0,
+            p.r0 + max(diag_offset, 0), p.r0 + max(neg_diag_offset, 0), COL_STATS=col_stats, HAS_DIAG=has_diag,
+            HAS_DIAG2=has_diag2, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
             PRECISION=dot_precision(q.dtype))
         # The panel's columns split into a k1 part [c0, split) and a k2 part [split, c1).
         split = min(max(p.c0, N1), p.c1)
@@ -380,65 +403,74 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
 # torch.compile sees these as opaque ops with fake (shape-only) implementations: no graph breaks.
 @torch.library.custom_op("hqclip::contrastive_lse", mutates_args=())
 def _contrastive_lse_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scale: torch.Tensor,
-                        col_stats: bool, diag_offset: int, panel_size: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return lse_forward(q, k1, k2, scale, col_stats, diag_offset)
+                        col_stats: bool, diag_offset: int, neg_diag_offset: int, panel_size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return lse_forward(q, k1, k2, scale, col_stats, diag_offset, neg_diag_offset)
 
 
 @_contrastive_lse_op.register_fake
-def _(q, k1, k2, scale, col_stats, diag_offset, panel_size):
+def _(q, k1, k2, scale, col_stats, diag_offset, neg_diag_offset, panel_size):
     f32 = dict(dtype=torch.float32)
     return (q.new_empty(q.shape[0], **f32), q.new_empty(k1.shape[0] if col_stats else 0, **f32),
-            q.new_empty(q.shape[0] if diag_offset >= 0 else 0, **f32))
+            q.new_empty(q.shape[0] if diag_offset >= 0 else 0, **f32),
+            q.new_empty(q.shape[0] if neg_diag_offset >= 0 else 0, **f32))
 
 
 @torch.library.custom_op("hqclip::contrastive_lse_backward", mutates_args=())
 def _contrastive_lse_backward_op(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None,
                                  scale: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor,
                                  grad_row: torch.Tensor, grad_col: torch.Tensor, grad_diag: torch.Tensor,
-                                 diag_offset: int, panel_size: int
-                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk1, dk2, ds_row, ds_col = lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col,
-                                                grad_diag, diag_offset, panel_size=panel_size)
+                                 grad_neg_diag: torch.Tensor, diag_offset: int, neg_diag_offset: int,
+                                 panel_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk1, dk2, ds_row, ds_col = lse_backward(
+        q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag, diag_offset,
+        grad_neg_diag=grad_neg_diag, neg_diag_offset=neg_diag_offset, panel_size=panel_size)
     dk2 = dk2 if dk2 is not None else k1.new_empty(0, k1.shape[1])
     return dq, dk1, dk2, (ds_row + ds_col).to(scale.dtype).reshape(scale.shape)
 
 
 @_contrastive_lse_backward_op.register_fake
-def _(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag, diag_offset, panel_size):
+def _(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_diag, grad_neg_diag, diag_offset,
+      neg_diag_offset, panel_size):
     dk2 = torch.empty_like(k2) if k2 is not None else k1.new_empty(0, k1.shape[1])
     return torch.empty_like(q), torch.empty_like(k1), dk2, torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k1, k2, scale, col_stats, diag_offset, panel_size = inputs
-    row_lse, col_lse, _ = output
+    q, k1, k2, scale, col_stats, diag_offset, neg_diag_offset, panel_size = inputs
+    row_lse, col_lse, _, _ = output
     ctx.save_for_backward(q, k1, k2, scale, row_lse, col_lse)
-    ctx.diag_offset, ctx.panel_size = diag_offset, panel_size
+    ctx.diag_offset, ctx.neg_diag_offset, ctx.panel_size = diag_offset, neg_diag_offset, panel_size
 
 
-def _backward(ctx, grad_row, grad_col, grad_diag):
+def _backward(ctx, grad_row, grad_col, grad_diag, grad_neg_diag):
     q, k1, k2, scale, row_lse, col_lse = ctx.saved_tensors
-    grad_row = torch.zeros_like(row_lse) if grad_row is None else grad_row
-    grad_col = torch.zeros_like(col_lse) if grad_col is None else grad_col
-    if grad_diag is None:
-        grad_diag = row_lse.new_zeros(row_lse.shape[0] if ctx.diag_offset >= 0 else 0)
-    dq, dk1, dk2, dscale = _contrastive_lse_backward_op(q, k1, k2, scale, row_lse, col_lse, grad_row,
-                                                        grad_col, grad_diag, ctx.diag_offset, ctx.panel_size)
-    return dq, dk1, (dk2 if k2 is not None else None), dscale, None, None, None
+
+    def zeros_if_none(grad, size):
+        return row_lse.new_zeros(size) if grad is None else grad
+    M = row_lse.shape[0]
+    dq, dk1, dk2, dscale = _contrastive_lse_backward_op(
+        q, k1, k2, scale, row_lse, col_lse, zeros_if_none(grad_row, M),
+        zeros_if_none(grad_col, col_lse.shape[0]), zeros_if_none(grad_diag, M if ctx.diag_offset >= 0 else 0),
+        zeros_if_none(grad_neg_diag, M if ctx.neg_diag_offset >= 0 else 0), ctx.diag_offset,
+        ctx.neg_diag_offset, ctx.panel_size)
+    return dq, dk1, (dk2 if k2 is not None else None), dscale, None, None, None, None
 
 
 _contrastive_lse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def contrastive_lse(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scale: torch.Tensor, *,
-                    col_stats: bool = False, diag_offset: int | None = None, panel_size: int = 0):
+                    col_stats: bool = False, diag_offset: int | None = None, neg_diag_offset: int | None = None,
+                    panel_size: int = 0):
     """Differentiable statistics of the logits S = s * q @ [k1; k2].T, which are never materialized.
 
-    Returns fp32 (row_lse, col_lse, diag):
-      row_lse[i] = log sum_j exp(S_ij) over all k1 and k2 rows;
-      col_lse[j] = log sum_i exp(S_ij) over all q rows, for the k1 columns (empty unless col_stats);
-      diag[i]    = S_{i, i + diag_offset}, the positive logits (empty when diag_offset is None).
+    Returns fp32 (row_lse, col_lse, diag, neg_diag):
+      row_lse[i]  = log sum_j exp(S_ij) over all k1 and k2 rows;
+      col_lse[j]  = log sum_i exp(S_ij) over all q rows, for the k1 columns (empty unless col_stats);
+      diag[i]     = S_{i, i + diag_offset}, the positive logits (empty when diag_offset is None);
+      neg_diag[i] = s <q_i, k2_{i + neg_diag_offset}>, the pairwise logits of hard negatives given as k2
+                    (empty when neg_diag_offset is None).
     Gradients reach q, k1, k2 and scale (a 0-d tensor). panel_size bounds the backward's logit panel: rows
     of q, or keys when there are more keys than rows (see `lse_backward`; 0: from a memory budget).
     """
@@ -454,5 +486,11 @@ def contrastive_lse(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, 
     if diag_offset is not None and not 0 <= diag_offset <= k1.shape[0] - q.shape[0]:
         raise ValueError(f"diag_offset must put every positive inside k1: 0 <= {diag_offset} <= "
                          f"{k1.shape[0]} - {q.shape[0]}")
+    if neg_diag_offset is not None:
+        n2 = 0 if k2 is None else k2.shape[0]
+        if not 0 <= neg_diag_offset <= n2 - q.shape[0]:
+            raise ValueError(f"neg_diag_offset must put every pairwise negative inside k2: 0 <= "
+                             f"{neg_diag_offset} <= {n2} - {q.shape[0]}")
     offset = -1 if diag_offset is None else diag_offset
-    return _contrastive_lse_op(q, k1, k2, scale.reshape(()), col_stats, offset, panel_size)
+    neg_offset = -1 if neg_diag_offset is None else neg_diag_offset
+    return _contrastive_lse_op(q, k1, k2, scale.reshape(()), col_stats, offset, neg_offset, panel_size)

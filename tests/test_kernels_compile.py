@@ -36,11 +36,11 @@ def compile_all() -> None:
     from hqclip_kernels import contrastive, tag_bce
 
     bf16 = {n: "*bf16" for n in ("q_ptr", "k1_ptr", "k2_ptr", "g_ptr", "f_ptr", "w_ptr", "dz_ptr")}
-    fp32 = {n: "*fp32" for n in ("scale_ptr", "row_part_ptr", "col_part_ptr", "diag_ptr", "row_lse_ptr",
-                                 "row_g_ptr", "col_lse_ptr", "col_g_ptr", "diag_g_ptr", "ds_part_ptr",
+    fp32 = {n: "*fp32" for n in ("scale_ptr", "row_part_ptr", "col_part_ptr", "diag_ptr", "diag2_ptr", "row_lse_ptr",
+                                 "row_g_ptr", "col_lse_ptr", "col_g_ptr", "diag_g_ptr", "diag2_g_ptr", "ds_part_ptr",
                                  "bias_ptr", "part_ptr", "gout_ptr")}
     types = {**bf16, **fp32, "tgt_ptr": "*i64"}
-    flags = dict(COL_STATS=True, HAS_DIAG=True)
+    flags = dict(COL_STATS=True, HAS_DIAG=True, HAS_DIAG2=True)
     compiled = [
         _compile(contrastive._lse_fwd_kernel, types, {**flags, **CONSTS}),
         _compile(contrastive._grad_logits_kernel, types, {**flags, **CONSTS}),

@@ -69,12 +69,41 @@ def test_contrastive_lse_multi_panel_matches_materialized(with_k2, dtype, device
         assert_grad_close(a, b, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("panel_axis", ["rows", "cols", "two_pass"])
+def test_pairwise_negative_logits_from_the_sweep(panel_axis, dtype, device):
+    """neg_diag[i] = s <q_i, k2_{i + offset}> (HNI's pairwise logits) comes out of the same sweep, and its
+    gradient joins the logit gradient: values and every gradient against the materialized reference."""
+    from hqclip_kernels.contrastive import lse_backward
+
+    g = torch.Generator().manual_seed(13)
+    q, k1, k2 = _unit(23, 24, dtype, g, device), _unit(23, 24, dtype, g, device), _unit(31, 24, dtype, g, device)
+    scale = torch.tensor(37.0, device=device, requires_grad=True)
+    row_lse, col_lse, diag, neg_diag = contrastive_lse(q, k1, k2, scale, col_stats=True, diag_offset=0,
+                                                       neg_diag_offset=5, panel_size=16)
+    ref = _reference_stats(q, k1, k2, scale, 0)
+    ref_neg = (scale.double() * (q.double() * k2[5:28].double()).sum(1)).float()
+    for got, want in zip((row_lse, col_lse, diag, neg_diag), (*ref, ref_neg)):
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    weights = [torch.randn(n, generator=g).to(device) for n in (23, 23, 23, 23)]
+    leaves = [q, k1, k2, scale]
+    want = _grads([*ref, ref_neg], weights, leaves)
+    for leaf, a, b in zip(leaves, _grads([row_lse, col_lse, diag, neg_diag], weights, leaves), want):
+        assert_grad_close(a, b, dtype if leaf is not scale else torch.float32)
+    # The same through lse_backward on each panel layout.
+    got = lse_backward(q.detach(), k1.detach(), k2.detach(), scale.detach(), row_lse.detach(), col_lse.detach(),
+                       *weights[:3], 0, grad_neg_diag=weights[3], neg_diag_offset=5, panel_size=16,
+                       panel_axis=panel_axis, tiles=Tiles(16, 16, 16))
+    for leaf, a, b in zip(leaves, [*got[:3], got[3] + got[4]], want):
+        assert_grad_close(a, b, dtype if leaf is not scale else torch.float32)
+
+
 def test_contrastive_lse_rows_only_with_offset(device):
     """A rank's rows against gathered columns: positives sit at column i + offset."""
     g = torch.Generator().manual_seed(2)
     q, k1 = _unit(7, 16, torch.float32, g, device), _unit(23, 16, torch.float32, g, device)
     scale = torch.tensor(100.0, device=device, requires_grad=True)
-    row_lse, col_lse, diag = contrastive_lse(q, k1, None, scale, diag_offset=9)
+    row_lse, col_lse, diag, _ = contrastive_lse(q, k1, None, scale, diag_offset=9)
     assert col_lse.numel() == 0
     ref_row, _, ref_diag = _reference_stats(q, k1, None, scale, 9)
     torch.testing.assert_close(row_lse, ref_row, **TOL[torch.float32])
@@ -250,9 +279,9 @@ def test_tag_bce_multi_panel_matches_materialized(with_bias, dtype, device):
 
 def test_custom_ops_pass_opcheck(device):
     g = torch.Generator().manual_seed(4)
-    q, k1, k2 = (_unit(n, 16, torch.float32, g, device) for n in (7, 7, 5))
+    q, k1, k2 = (_unit(n, 16, torch.float32, g, device) for n in (7, 7, 9))
     scale = torch.tensor(10.0, device=device, requires_grad=True)
-    torch.library.opcheck(torch.ops.hqclip.contrastive_lse.default, (q, k1, k2, scale, True, 0, 0),
+    torch.library.opcheck(torch.ops.hqclip.contrastive_lse.default, (q, k1, k2, scale, True, 0, 2, 0),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     targets = torch.tensor([[0, 3, -1]] * 7, device=device)
     weight = torch.randn(5, 16, device=device, requires_grad=True)
@@ -269,7 +298,7 @@ def test_ops_compile_without_graph_breaks(device):
     scale = torch.tensor(20.0, device=device, requires_grad=True)
 
     def loss_fn(q, k1, weight, scale):
-        row_lse, col_lse, diag = contrastive_lse(q, k1, None, scale, col_stats=True, diag_offset=0)
+        row_lse, col_lse, diag, _ = contrastive_lse(q, k1, None, scale, col_stats=True, diag_offset=0)
         return (row_lse + col_lse - 2 * diag).mean() + tag_bce_sum(q, weight, None, targets) / 35
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
@@ -292,6 +321,10 @@ def test_bad_input_names_the_argument(device):
         contrastive_lse(q, randn(4, 8, dtype=torch.bfloat16), None, one)
     with pytest.raises(ValueError, match="diag_offset"):
         contrastive_lse(q, randn(5, 8), None, one, diag_offset=2)
+    with pytest.raises(ValueError, match="neg_diag_offset"):
+        contrastive_lse(q, q, randn(5, 8), one, neg_diag_offset=2)
+    with pytest.raises(ValueError, match="neg_diag_offset"):
+        contrastive_lse(q, q, None, one, neg_diag_offset=0)
     with pytest.raises(ValueError, match="scale"):
         contrastive_lse(q, q, None, torch.ones(2, device=device))
     with pytest.raises(ValueError, match="targets"):

@@ -89,23 +89,30 @@ def contrastive_sums(image, text, logit_scale, *, rows, softmax_negatives=None, 
     text = text.to(dtype)
     if softmax_negatives is not None:
         softmax_negatives = softmax_negatives.to(dtype)
+    # Hard negatives that are softmax columns are the kernel's k2 block, and (api.py's contract) the pairwise
+    # ones are their rows start:stop: the sweep yields the HNI logits too, and their gradient joins the
+    # logit gradient in the same backward GEMMs.
+    pair_in_sweep = pair_negatives is not None and softmax_negatives is not None
     if stop - start == image.shape[0]:
         # One process: a single sweep gives the row (image->text) and column (text->image) statistics.
-        i2t_lse, t2i_lse, positive = contrastive_lse(image, text, softmax_negatives, logit_scale,
-                                                     col_stats=True, diag_offset=0)
+        i2t_lse, t2i_lse, positive, negative = contrastive_lse(
+            image, text, softmax_negatives, logit_scale, col_stats=True, diag_offset=0,
+            neg_diag_offset=0 if pair_in_sweep else None)
         t2i_positive = positive
         local_image = image  # not image[0:b]: a slice's backward allocates a zero-filled full-size gradient
     else:
         local_image, local_text = image[start:stop], text[start:stop]
-        i2t_lse, _, positive = contrastive_lse(local_image, text, softmax_negatives, logit_scale,
-                                               diag_offset=start)
-        t2i_lse, _, t2i_positive = contrastive_lse(local_text, image, None, logit_scale, diag_offset=start)
+        i2t_lse, _, positive, negative = contrastive_lse(
+            local_image, text, softmax_negatives, logit_scale, diag_offset=start,
+            neg_diag_offset=start if pair_in_sweep else None)
+        t2i_lse, _, t2i_positive, _ = contrastive_lse(local_text, image, None, logit_scale, diag_offset=start)
 
     i2t_sum = (i2t_lse - positive).sum()
     t2i_sum = (t2i_lse - t2i_positive).sum()
     hni_sum = i2t_sum.new_zeros(())
     if pair_negatives is not None:
-        negative = _upcast(logit_scale) * _rowwise_dot(local_image, pair_negatives)
+        if not pair_in_sweep:
+            negative = _upcast(logit_scale) * _rowwise_dot(local_image, pair_negatives)
         hni_sum = F.softplus(negative - positive).sum()
     return i2t_sum, t2i_sum, hni_sum
 
@@ -166,7 +173,7 @@ class _RingContrastive(torch.autograd.Function):
         for step in range(n):
             chunk = (r - step) % n
             pending = ring.shift(current, receive[step % 2], _FEATURES) if step < n - 1 else []
-            rows, col_parts[chunk], diag = lse_forward(
+            rows, col_parts[chunk], diag, _ = lse_forward(
                 image, current[:num_texts], current[num_texts:] if keys.shape[0] > num_texts else None,
                 scale, True, 0 if chunk == r else -1)
             row_lse = rows if row_lse is None else torch.logaddexp(row_lse, rows)
