@@ -45,6 +45,7 @@ import functools
 import importlib
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -75,10 +76,16 @@ class LossOutput:
     stc: torch.Tensor
 
 
+def _import(name: str) -> ModuleType:
+    # An imported module comes from sys.modules: torch.compile reads that without a graph break, while it
+    # cannot trace importlib (so only a step traced before the first import breaks there).
+    return sys.modules.get(name) or importlib.import_module(name)
+
+
 def _load_triton() -> tuple[ModuleType | None, str]:
     """(the fused module, "") or (None, why it cannot be used here)."""
     try:
-        module = importlib.import_module(_IMPLS["triton"])
+        module = _import(_IMPLS["triton"])
     except ImportError as err:
         return None, f"importing {_IMPLS['triton']} failed: {err}"
     is_available = getattr(module, "is_available", None)
@@ -108,7 +115,7 @@ def get_impl(impl: str, device: torch.device) -> ModuleType:
                 return module
             _warn_once(f"hqclip_loss(impl='auto') on {device} uses 'chunked': {why}")
         impl = "chunked"
-    return importlib.import_module(_IMPLS[impl])
+    return _import(_IMPLS[impl])
 
 
 def _check_features(name: str, x, like: torch.Tensor | None = None) -> None:
@@ -182,7 +189,11 @@ def _validate(image_features, text_features, logit_scale, neg_text_features, hni
         if tag_targets.shape[0] != tag_features.shape[0]:
             raise ValueError(f"tag_targets has batch {tag_targets.shape[0]}, tag_features has "
                              f"{tag_features.shape[0]}")
-        if tag_targets.numel() > 0:
+        if tag_targets.numel() > 0 and torch.compiler.is_compiling():
+            # A compiled graph cannot branch on values: the check runs on the device, without a sync.
+            in_range = ((tag_targets >= -1) & (tag_targets < num_tags)).all()
+            torch._assert_async(in_range, f"tag_targets must hold ids in [0, {num_tags}) or -1 for padding")
+        elif tag_targets.numel() > 0:
             low, high = int(tag_targets.min()), int(tag_targets.max())
             if high >= num_tags or low < -1:
                 raise ValueError(f"tag_targets must hold ids in [0, {num_tags}) or -1 for padding, "
