@@ -197,7 +197,36 @@ def _collect(folders, require, allow_cpu, allow_mixed_commits) -> dict:
         raise CollectError(f"no results for required stage(s) {missing} in {[str(p) for p, _ in folders]}; "
                            "run them (gpu_campaign.py --stage ...) or pass --partial")
     result["targets"] = targets(result)
+    result["memory_model_check"] = memory_model_check(result["loss"], RESULTS / "memory_model.json")
     return result
+
+
+# bench_loss impl key -> the memory model's case for the same code path (memory_model.py, H100 layout).
+MODELLED = {"hqclip_triton": ("triton", 1, 128), "hqclip_triton_2pass": ("triton", 2, 32),
+            "open_clip": ("open_clip", None, None)}
+
+
+def memory_model_check(loss: list[dict], model_path: Path) -> list[dict]:
+    """Measured peak extra MiB beside what benchmarks/memory_model.py predicts for the same case, so that the
+    first GPU run tells how far the model (and the figures quoted from it) can be trusted."""
+    if not model_path.exists():
+        return []
+    model = {}
+    for c in _json(model_path)["cases"]:
+        if "skipped" not in c:
+            model[(c["impl"], c.get("backward_passes"), c.get("panel_mib"), c["batch_size"], c["dim"],
+                   c["negatives"])] = c["peak_extra_mib"]
+    rows = []
+    for e in loss:
+        if e["dtype"] != "bfloat16":
+            continue
+        for key, (impl, passes, panel) in MODELLED.items():
+            measured = e["peak_mib"].get(key)
+            modelled = model.get((impl, passes, panel, e["B"], e["D"], e["negatives"]))
+            if measured is not None and modelled is not None:
+                rows.append({"impl": key, "B": e["B"], "D": e["D"], "negatives": e["negatives"],
+                             "measured_mib": measured, "modelled_mib": round(modelled, 2)})
+    return rows
 
 
 def _check_device(name, env, file) -> None:
@@ -315,6 +344,14 @@ def markdown(result: dict) -> str:
             lines.append(f"| {e['model']} | {e['batch']} | {e['image_size']} | {'yes' if e['compile'] else 'no'} | "
                          f"{_fmt(sps['hqclip_fast'], 1)} | {_fmt(sps['open_clip'], 1)} | {ratio} | "
                          f"{_percent(e['mfu'])} | {_fmt(e['hqclip_loss_samples_per_s'], 1)} |")
+        lines.append("")
+    if result.get("memory_model_check"):
+        lines += ["Peak extra MiB, measured here vs modelled by `benchmarks/memory_model.py`:", "",
+                  "| impl | B | D | neg | measured | modelled | measured / modelled |", "|---|---:|---:|---|---:|---:|---:|"]
+        for m in result["memory_model_check"]:
+            lines.append(f"| {m['impl']} | {m['B']} | {m['D']} | {'yes' if m['negatives'] else 'no'} | "
+                         f"{_fmt(m['measured_mib'], 1)} | {_fmt(m['modelled_mib'], 1)} | "
+                         f"{_fmt(m['measured_mib'] / m['modelled_mib'])} |")
         lines.append("")
     if result.get("targets"):
         lines += ["| target | want | measured | met |", "|---|---|---:|---|"]

@@ -31,7 +31,7 @@ campaign = _load("gpu_campaign")
 
 
 def _loss_file(dim, negatives, batches, rng, skip_open_clip_at=None, device=GPU):
-    impls = ["triton", "chunked", "gemm_floor"] + ([] if negatives else ["open_clip", "inf_cl"])
+    impls = ["triton", "triton_2pass", "chunked", "gemm_floor"] + ([] if negatives else ["open_clip", "inf_cl"])
     cases = []
     for batch in batches:
         for impl in impls:
@@ -112,6 +112,16 @@ def test_merged_file_has_issue_8_format(tmp_path):
     assert speedup["met"] == (speedup["value"] >= 2)
     table = collector.markdown(result)
     assert "| 32768 | 768 | bfloat16 | no |" in table and "ViT-B-16" in table
+    # measured peaks beside the committed memory model's prediction for the same code path
+    model = json.loads((collector.RESULTS / "memory_model.json").read_text())["cases"]
+    predicted = next(c["peak_extra_mib"] for c in model if c["impl"] == "triton" and c["batch_size"] == 32768
+                     and c["dim"] == 768 and not c["negatives"] and c["backward_passes"] == 2
+                     and c["panel_mib"] == 32)
+    check = {(m["impl"], m["B"], m["negatives"]): m for m in result["memory_model_check"]}
+    row = check[("hqclip_triton_2pass", 32768, False)]
+    assert row["modelled_mib"] == pytest.approx(predicted, abs=0.01)
+    assert row["measured_mib"] == point["peak_mib"]["hqclip_triton_2pass"]
+    assert ("open_clip", 32768, False) in check and "measured / modelled" in table
 
 
 def test_missing_stage_results_are_an_error(tmp_path):
