@@ -266,7 +266,8 @@ class _Panel:
 
 def _panels(M: int, N1: int, N2: int, tiles: Tiles, axis: str, size: int) -> list[_Panel]:
     """Cut the logits into panels of `size` rows (axis "rows") or about `size` columns ("cols", whole tiles)."""
-    tiles1, n_tiles = triton.cdiv(N1, tiles.block_n), triton.cdiv(N1, tiles.block_n) + triton.cdiv(N2, tiles.block_n)
+    tiles1 = triton.cdiv(N1, tiles.block_n)
+    n_tiles = tiles1 + triton.cdiv(N2, tiles.block_n)
 
     def first_col(t):  # column of [k1; k2] where tile t starts (N1 + N2 for t = n_tiles)
         return min(t * tiles.block_n, N1) if t <= tiles1 else min(N1 + (t - tiles1) * tiles.block_n, N1 + N2)
