@@ -70,8 +70,8 @@ class Launch:
 # other side's gradient sums over panels (bf16, B = 32768 without negatives: 2048 rows, 16 panels).
 GPU_PANEL_BYTES = 128 << 20
 # Two passes trade one more recomputation of the logits for no fp32 gradient buffer (benchmarks/
-# memory_model.py: 128 instead of 288 MiB at B = 32768, D = 768 with 32 MiB panels). Off until the GPU
-# benchmark (bench_loss.py --two-pass) has timed both.
+# memory_model.py, B = 32768, D = 768: 129 MiB with 32 MiB panels, against 289 MiB in one pass with 128 MiB
+# panels). Off until the GPU benchmark (bench_loss.py impl triton_2pass) has timed both.
 GPU_TWO_PASS = False
 
 
@@ -137,6 +137,12 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _ACCUMULATE_CHUNK_BYTES = 16 << 20
 
 
+def row_chunks(rows: int, row_bytes: int, chunk_bytes: int) -> list[slice]:
+    """Slices over `rows` rows of `row_bytes` each, at most `chunk_bytes` a slice (at least one row)."""
+    step = max(1, chunk_bytes // max(row_bytes, 1))
+    return [slice(start, start + step) for start in range(0, rows, step)]
+
+
 def addmm_fp32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """out += a @ b in place, `out` fp32. fp32 inputs: one addmm (beta = 1, no temporary). bf16/fp16 inputs:
     aten cannot add a bf16 product into an fp32 tensor in place (addmm.dtype wants `self` in the inputs'
@@ -144,7 +150,6 @@ def addmm_fp32_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Te
     instead of the size of `out` (96 MiB for a 32768 x 768 key gradient)."""
     if a.dtype == torch.float32:
         return out.addmm_(a, b)
-    rows = max(1, _ACCUMULATE_CHUNK_BYTES // (4 * max(out.shape[1], 1)))
-    for start in range(0, out.shape[0], rows):
-        out[start:start + rows] += mm_fp32(a[start:start + rows], b)
+    for rows in row_chunks(out.shape[0], 4 * out.shape[1], _ACCUMULATE_CHUNK_BYTES):
+        out[rows] += mm_fp32(a[rows], b)
     return out

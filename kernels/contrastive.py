@@ -212,11 +212,12 @@ def sweep_grid(row_blocks: int, col_tiles: int, col_stats: bool, programs: int) 
 
 
 def _prep(q, k1, k2, tiles):
+    """Contiguous inputs (k2 empty when absent), the tiles (given or the device's) and the launch config."""
     check_interpreter()
     q, k1 = q.contiguous(), k1.contiguous()
     k2 = k1[:0] if k2 is None else k2.contiguous()
-    tiles = tiles or launch_config(q.device, q.dtype).tiles
-    return q, k1, k2, tiles
+    launch = launch_config(q.device, q.dtype)
+    return q, k1, k2, tiles or launch.tiles, launch
 
 
 def lse_forward(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scale: torch.Tensor,
@@ -225,13 +226,13 @@ def lse_forward(q: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, scal
     """(row_lse (M,), col_lse (N1,) or empty, diag (M,) or empty, neg_diag (M,) or empty), fp32; an offset
     < 0 leaves its diagonal out. See `contrastive_lse`.
     programs: how many programs the sweep aims for (0: fill the device; tests pass small counts)."""
-    q, k1, k2, tiles = _prep(q, k1, k2, tiles)
+    q, k1, k2, tiles, launch = _prep(q, k1, k2, tiles)
     M, D = q.shape
     N1, N2 = k1.shape[0], k2.shape[0]
     row_blocks = triton.cdiv(M, tiles.block_m)
     tiles1, tiles2 = triton.cdiv(N1, tiles.block_n), triton.cdiv(N2, tiles.block_n)
     total = tiles1 + tiles2
-    grid = sweep_grid(row_blocks, total, col_stats, programs or launch_config(q.device, q.dtype).programs)
+    grid = sweep_grid(row_blocks, total, col_stats, programs or launch.programs)
     row_shape, col_shape = grid.partial_shapes(M, N1, col_stats)
     row_part = torch.empty(row_shape, device=q.device, dtype=torch.float32)
     col_part = torch.empty(col_shape, device=q.device, dtype=torch.float32)
@@ -323,7 +324,7 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
     if panel_axis not in PANEL_AXES:
         raise ValueError(f"panel_axis must be one of {PANEL_AXES}, got {panel_axis!r}")
     has_k2 = k2 is not None
-    q, k1, k2, tiles = _prep(q, k1, k2, tiles)
+    q, k1, k2, tiles, launch = _prep(q, k1, k2, tiles)
     M, D = q.shape
     N1, N2 = k1.shape[0], k2.shape[0]
     col_stats, has_diag = col_lse.numel() > 0, diag_offset >= 0
@@ -333,7 +334,6 @@ def lse_backward(q, k1, k2, scale, row_lse, col_lse, grad_row, grad_col, grad_di
     grad_diag = grad_diag.float().contiguous() if has_diag else grad_row
     has_diag2 = neg_diag_offset >= 0
     grad_neg_diag = grad_neg_diag.float().contiguous() if has_diag2 else grad_row
-    launch = launch_config(q.device, q.dtype)
     if panel_axis == "auto":
         # (A caller that sums over key chunks keeps fp32 buffers anyway: two passes would only cost time.)
         two_pass = launch.two_pass and accumulate is None

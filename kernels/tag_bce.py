@@ -96,19 +96,18 @@ def _prep(features, weight, bias, targets, tiles):
     check_interpreter()
     features, weight, targets = features.contiguous(), weight.contiguous(), targets.contiguous()
     bias_arg = bias.contiguous() if bias is not None else weight[0]  # never read when HAS_BIAS is False
-    tiles = tiles or launch_config(features.device, features.dtype).tiles
-    return features, weight, bias_arg, targets, tiles
+    launch = launch_config(features.device, features.dtype)
+    return features, weight, bias_arg, targets, tiles or launch.tiles, launch
 
 
 def tag_bce_forward(features, weight, bias, targets, tiles: Tiles | None = None) -> torch.Tensor:
     """fp32 0-d sum of BCE-with-logits over the b x V tag logits."""
-    features, weight, bias_arg, targets, tiles = _prep(features, weight, bias, targets, tiles)
+    features, weight, bias_arg, targets, tiles, launch = _prep(features, weight, bias, targets, tiles)
     M, D = features.shape
     V, T = weight.shape[0], targets.shape[1]
     row_blocks, n_tiles = triton.cdiv(M, tiles.block_m), triton.cdiv(V, tiles.block_n)
     # Column groups so that row blocks x groups fill the programs a sweep aims for.
-    programs = launch_config(features.device, features.dtype).programs
-    groups = max(1, min(n_tiles, triton.cdiv(programs, row_blocks)))
+    groups = max(1, min(n_tiles, triton.cdiv(launch.programs, row_blocks)))
     per_group = triton.cdiv(n_tiles, groups)
     groups = triton.cdiv(n_tiles, per_group)
     part = torch.empty(row_blocks, groups, device=features.device, dtype=torch.float32)
@@ -123,11 +122,11 @@ def tag_bce_backward(features, weight, bias, targets, grad_out, *, panel_rows: i
                      tiles: Tiles | None = None):
     """(d features, d weight, d bias or None) of grad_out * tag_bce_forward(...)."""
     has_bias = bias is not None
-    features, weight, bias_arg, targets, tiles = _prep(features, weight, bias, targets, tiles)
+    features, weight, bias_arg, targets, tiles, launch = _prep(features, weight, bias, targets, tiles)
     M, D = features.shape
     V, T = weight.shape[0], targets.shape[1]
     if panel_rows <= 0:
-        budget = launch_config(features.device, features.dtype).panel_bytes // features.element_size()
+        budget = launch.panel_bytes // features.element_size()
         panel_rows = max(tiles.block_m, budget // V // tiles.block_m * tiles.block_m)
     panel_rows = min(panel_rows, M)
     single = panel_rows >= M

@@ -189,15 +189,16 @@ def _validate(image_features, text_features, logit_scale, neg_text_features, hni
         if tag_targets.shape[0] != tag_features.shape[0]:
             raise ValueError(f"tag_targets has batch {tag_targets.shape[0]}, tag_features has "
                              f"{tag_features.shape[0]}")
-        if tag_targets.numel() > 0 and torch.compiler.is_compiling():
-            # A compiled graph cannot branch on values: the check runs on the device, without a sync.
-            in_range = ((tag_targets >= -1) & (tag_targets < num_tags)).all()
-            torch._assert_async(in_range, f"tag_targets must hold ids in [0, {num_tags}) or -1 for padding")
-        elif tag_targets.numel() > 0:
-            low, high = int(tag_targets.min()), int(tag_targets.max())
-            if high >= num_tags or low < -1:
-                raise ValueError(f"tag_targets must hold ids in [0, {num_tags}) or -1 for padding, "
-                                 f"found values in [{low}, {high}]")
+        if tag_targets.numel() > 0:
+            if torch.compiler.is_compiling():
+                # A compiled graph cannot branch on values: the check runs on the device, without a sync.
+                in_range = ((tag_targets >= -1) & (tag_targets < num_tags)).all()
+                torch._assert_async(in_range, f"tag_targets must hold ids in [0, {num_tags}) or -1 for padding")
+            else:
+                low, high = int(tag_targets.min()), int(tag_targets.max())
+                if high >= num_tags or low < -1:
+                    raise ValueError(f"tag_targets must hold ids in [0, {num_tags}) or -1 for padding, "
+                                     f"found values in [{low}, {high}]")
         devices = {tag_features.device, tag_weight.device, tag_targets.device}
         if tag_bias is not None:
             devices.add(tag_bias.device)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .gather import _all_gather_single, group_rank_and_size
 
 try:
-    from hqclip_kernels._common import interpreting
+    from hqclip_kernels._common import interpreting, row_chunks
     from hqclip_kernels.contrastive import contrastive_lse, lse_backward, lse_forward
     from hqclip_kernels.tag_bce import tag_bce_sum as _fused_tag_bce_sum
 except ImportError as err:  # triton missing: api.py reports impl="triton" as unavailable
@@ -46,8 +46,7 @@ class _RowwiseDot(torch.autograd.Function):
 
     @staticmethod
     def _chunks(rows: int, dim: int):
-        step = max(1, _PAIR_CHUNK_BYTES // (4 * max(dim, 1)))
-        return [slice(start, start + step) for start in range(0, rows, step)]
+        return row_chunks(rows, 4 * dim, _PAIR_CHUNK_BYTES)
 
     @staticmethod
     def forward(ctx, a, b):
