@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .prompts import PromptTemplate
 from .special_tokens import SpecialTokenRemover
+from .startup import BackendStartupError
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +35,8 @@ def max_image_tokens(image_processor, max_pixels: int) -> int:
     return max_pixels // (unit * unit)
 
 
-def model_context_length(model: str) -> int:
+def model_context_length(config) -> int:
     """The model's own context length (``max_position_embeddings`` of its text config)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model)
     return getattr(config, "text_config", config).max_position_embeddings
 
 
@@ -89,14 +87,14 @@ def alt_text_budget(
         raise ValueError(f"max_alt_text_tokens must be >= 1, got {max_alt_text_tokens}")
     if max_pixels is None:
         max_pixels = processor.image_processor.size["longest_edge"]
-    text = processor.apply_chat_template(prompt.messages(""), tokenize=False, add_generation_prompt=True)
+    text = processor.apply_chat_template(prompt.template_messages(), tokenize=False, add_generation_prompt=True)
     # The template holds one image placeholder token, which the processor replaces by the image's tokens.
     template_tokens = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1
     image_tokens = max_image_tokens(processor.image_processor, max_pixels)
     fixed = template_tokens + image_tokens + EDGE_MARGIN_TOKENS + answer_tokens
     room = max_model_len - fixed
     if room < 1:
-        raise ValueError(
+        raise BackendStartupError(
             f"max_model_len={max_model_len} leaves no room for alt-text next to the rest of the prompt and the answer: "
             f"{template_tokens} template tokens + {image_tokens} image tokens at max_pixels={max_pixels} + "
             f"{EDGE_MARGIN_TOKENS} margin + {answer_tokens} answer tokens (max_new_tokens) = {fixed}; "

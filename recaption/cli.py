@@ -49,15 +49,47 @@ def _add_run_parser(sub) -> None:
     g.add_argument("--max-model-len", type=int, default=4096,
                    help="engine context; the transformers backend uses the model's own")
     g.add_argument("--load-format", default="auto", help='"dummy" = random weights, for throughput tests')
+    g.add_argument("--kv-cache-memory-bytes", type=int, default=None,
+                   help="KV cache size (default: --gpu-memory-utilization decides on a GPU; 1 GiB on the CPU)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no compilation or CUDA graphs: a faster engine start, slower generation")
 
 
 def _run(args) -> int:
-    from .runner import local_gpu, run_job
+    from .runner import run_job
+    from .shards import expand_shards
+    from .startup import BackendStartupError
 
-    limits = CaptionLimits(
-        max_description_chars=args.max_description_chars, max_tags=args.max_tags, max_tag_chars=args.max_tag_chars
+    schema = caption_schema(
+        CaptionLimits(
+            max_description_chars=args.max_description_chars, max_tags=args.max_tags, max_tag_chars=args.max_tag_chars
+        )
     )
-    schema = caption_schema(limits)
+    try:
+        shards = expand_shards(args.input)  # a wrong pattern must not wait for an engine to start
+        backend = _create_backend(args, schema)
+    except (BackendStartupError, ValueError, ImportError) as exc:  # a missing vLLM too: one line, no traceback
+        print(f"hqclip-recaption: error: {exc}", file=sys.stderr)
+        return 2
+    batch_size = args.batch_size or (512 if args.backend == "vllm" else 8)
+    summary = run_job(
+        shards,
+        args.output,
+        backend,
+        prompt_version=args.prompt_version,
+        schema=schema,
+        batch_size=batch_size,
+        max_pixels=args.max_pixels,
+        rank=args.rank,
+        world_size=args.world_size,
+    )
+    print(json.dumps(summary, indent=2))
+    return 1 if summary["shards_failed"] else 0
+
+
+def _create_backend(args, schema: dict):
+    from .runner import local_gpu
+
     common = dict(
         model=args.model,
         prompt=get_prompt(args.prompt_version),
@@ -72,31 +104,18 @@ def _run(args) -> int:
     if gpu is not None and (args.backend == "vllm" or args.device.startswith("cuda")):
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # one GPU per data-parallel process
     if args.backend == "transformers":
-        backend = create_backend("transformers", device=args.device, dtype=args.dtype, **common)
-    else:
-        backend = create_backend(
-            "vllm",
-            max_num_seqs=args.max_num_seqs,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            max_model_len=args.max_model_len,
-            load_format=args.load_format,
-            dtype=args.dtype,
-            **common,
-        )
-    batch_size = args.batch_size or (512 if args.backend == "vllm" else 8)
-    summary = run_job(
-        args.input,
-        args.output,
-        backend,
-        prompt_version=args.prompt_version,
-        schema=schema,
-        batch_size=batch_size,
-        max_pixels=args.max_pixels,
-        rank=args.rank,
-        world_size=args.world_size,
+        return create_backend("transformers", device=args.device, dtype=args.dtype, **common)
+    return create_backend(
+        "vllm",
+        max_num_seqs=args.max_num_seqs,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        enforce_eager=args.enforce_eager,
+        **common,
     )
-    print(json.dumps(summary, indent=2))
-    return 1 if summary["shards_failed"] else 0
 
 
 def _make_tiny_model(args) -> int:

@@ -14,18 +14,23 @@ class PromptTemplate:
     version: str
     system: str
     user: str  # formatted with alt_text=...
+    user_without_alt_text: str  # for a sample whose alt-text is empty: the image is the main input
 
     def render_user(self, alt_text: str) -> str:
-        return self.user.format(alt_text=alt_text)
+        return self.user.format(alt_text=alt_text) if alt_text else self.user_without_alt_text
 
     def messages(self, alt_text: str) -> list[dict]:
         """Chat messages in the Hugging Face multimodal form; the image goes before the text."""
+        return self._messages(self.render_user(alt_text))
+
+    def template_messages(self) -> list[dict]:
+        """The messages around an alt-text of no tokens: the longer form of the prompt, what the budget counts."""
+        return self._messages(self.user.format(alt_text=""))
+
+    def _messages(self, user_text: str) -> list[dict]:
         return [
             {"role": "system", "content": [{"type": "text", "text": self.system}]},
-            {
-                "role": "user",
-                "content": [{"type": "image"}, {"type": "text", "text": self.render_user(alt_text)}],
-            },
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user_text}]},
         ]
 
 
@@ -33,10 +38,7 @@ _V1_SYSTEM = (
     "You are an expert image annotator. You look carefully at the image and write precise, factual English."
 )
 
-_V1_USER = """The image was published on the web with this alt-text (it may be noisy, incomplete or wrong):
-"{alt_text}"
-
-Write one JSON object with exactly these fields:
+_V1_TASK = """Write one JSON object with exactly these fields:
 - "positive_description": a detailed, faithful description of the image (objects, attributes, counts, colors, \
 spatial relations, text in the image, style). Use the alt-text only where the image confirms it.
 - "negative_description": the positive description with two or three facts changed (e.g. a color, a count, an \
@@ -45,8 +47,17 @@ object, a relation) so that it no longer matches the image; keep everything else
 - "negative_tags": short tags that are plausible for similar images but false for this one.
 Answer with the JSON object only."""
 
+_V1_USER = """The image was published on the web with this alt-text (it may be noisy, incomplete or wrong):
+"{alt_text}"
+
+""" + _V1_TASK
+
+_V1_USER_WITHOUT_ALT_TEXT = "The image was published on the web without alt-text.\n\n" + _V1_TASK
+
 PROMPTS: dict[str, PromptTemplate] = {
-    "v1": PromptTemplate(version="v1", system=_V1_SYSTEM, user=_V1_USER),
+    "v1": PromptTemplate(
+        version="v1", system=_V1_SYSTEM, user=_V1_USER, user_without_alt_text=_V1_USER_WITHOUT_ALT_TEXT
+    ),
 }
 DEFAULT_PROMPT_VERSION = "v1"
 

@@ -111,6 +111,7 @@ class RunStats:
     captioned: int = 0
     alt_text_truncated: int = 0  # samples whose alt-text was cut to the prompt budget (the record keeps it whole)
     alt_text_special_tokens: int = 0  # samples whose alt-text lost special-token strings in the prompt (likewise)
+    alt_text_empty: int = 0  # samples captioned from the image alone (no alt-text, or nothing left of it)
     batches_retried: int = 0  # backend calls that raised and were split to find the failing requests
     generated_tokens: int = 0
     generation_seconds: float = 0.0
@@ -143,7 +144,11 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
 
 def alt_text_flags(alt_text: PromptAltText) -> dict:
     """The record fields telling how the prompt's alt-text differs from the record's, present only when true."""
-    flags = {"alt_text_truncated": alt_text.truncated, "alt_text_special_tokens": alt_text.special_tokens > 0}
+    flags = {
+        "alt_text_truncated": alt_text.truncated,
+        "alt_text_special_tokens": alt_text.special_tokens > 0,
+        "alt_text_empty": not alt_text.text,  # captioned from the image alone
+    }
     return {name: True for name, flag in flags.items() if flag}
 
 
@@ -204,12 +209,8 @@ class Recaptioner:
             return self._error(sample, "missing_image", "no image member for this key")
         if sample.alt_text_error:
             return self._error(sample, "unreadable_alt_text", sample.alt_text_error)
-        if not sample.alt_text:
-            return self._error(sample, "empty_alt_text", "alt-text is empty")
         alt_text = self.backend.prompt_alt_text(sample.alt_text)
         flags = alt_text_flags(alt_text)
-        if not alt_text.text:
-            return self._error(sample, "empty_alt_text", "alt-text holds nothing but special-token strings", **flags)
         try:
             image = decode_image(sample.image, self.max_pixels)
         except Exception as exc:  # PIL raises many types for broken files
@@ -292,7 +293,9 @@ class Recaptioner:
                             shard_stats.captioned += 1
                         shard_stats.alt_text_truncated += record.get("alt_text_truncated", False)
                         shard_stats.alt_text_special_tokens += record.get("alt_text_special_tokens", False)
+                        shard_stats.alt_text_empty += record.get("alt_text_empty", False)
                         out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    out.flush()  # the partial file shows the shard's progress (a rerun rewrites it anyway)
                     shard_stats.samples += len(samples)
                     progress.update(len(samples))
                 out.flush()
@@ -303,8 +306,8 @@ class Recaptioner:
             return False
         finally:
             # Work done on a shard counts in the throughput even when its tar turns out broken halfway.
-            for name in ("samples", "captioned", "alt_text_truncated", "alt_text_special_tokens", "batches_retried",
-                         "generated_tokens", "generation_seconds"):
+            for name in ("samples", "captioned", "alt_text_truncated", "alt_text_special_tokens", "alt_text_empty",
+                         "batches_retried", "generated_tokens", "generation_seconds"):
                 setattr(stats, name, getattr(stats, name) + getattr(shard_stats, name))
             stats.errors.update(shard_stats.errors)
         os.replace(tmp_path, out_path)

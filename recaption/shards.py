@@ -1,5 +1,6 @@
-"""Streaming raw shards in img2dataset's webdataset layout: ``KEY.jpg`` (or png/webp/...) with its alt-text
-in ``KEY.txt`` or in the ``caption`` field of ``KEY.json``.
+"""Streaming raw shards in webdataset layout: ``KEY.jpg`` (or png/webp/...) with its alt-text in ``KEY.txt``
+(img2dataset), or in ``KEY.json``: its ``alt_text`` field (this project's shards: ``hqclip-data synthetic`` and
+``join`` write the annotation record) or its ``caption`` field (img2dataset's metadata).
 
 Samples are yielded with their raw image bytes; decoding is the runner's job, so an unreadable image becomes
 an error record there instead of stopping the stream.
@@ -58,6 +59,9 @@ def _split_member(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem) if directory else stem, ext.lower()
 
 
+JSON_ALT_TEXT_FIELDS = ("alt_text", "caption")  # the first one present is the alt-text
+
+
 def _alt_text(members: dict[str, bytes]) -> tuple[str, str | None]:
     if "txt" in members:
         return members["txt"].decode("utf-8", errors="replace").strip(), None
@@ -66,8 +70,14 @@ def _alt_text(members: dict[str, bytes]) -> tuple[str, str | None]:
             meta = json.loads(members["json"])
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return "", f"unreadable .json: {exc}"
-        caption = meta.get("caption") if isinstance(meta, dict) else None
-        return (caption or "").strip() if isinstance(caption, str) else "", None
+        if not isinstance(meta, dict):
+            return "", f".json holds a {type(meta).__name__}, not an object"
+        field = next((f for f in JSON_ALT_TEXT_FIELDS if meta.get(f) is not None), None)
+        if field is None:
+            return "", None
+        if not isinstance(meta[field], str):
+            return "", f".json field {field!r} is a {type(meta[field]).__name__}, not a string"
+        return meta[field].strip(), None
     return "", None
 
 

@@ -1,6 +1,7 @@
 """Recaptioner pieces that need no model: schema and parsing, prompts, shard reading, rank and shard
 assignment, and the vLLM request/engine/sampling arguments (built without vLLM installed)."""
 
+import importlib.util
 import io
 import json
 import tarfile
@@ -20,6 +21,7 @@ from hqclip_recaption.schema import (
     parse_caption,
 )
 from hqclip_recaption.shards import expand_shards, iter_shard, shard_name
+from hqclip_recaption.startup import BackendStartupError
 
 LIMITS = CaptionLimits(max_description_chars=40, max_tags=3, max_tag_chars=10)
 SCHEMA = caption_schema(LIMITS)
@@ -150,6 +152,42 @@ def test_iter_shard_reads_txt_json_and_missing_members(tmp_path):
     assert shard_name(str(path)) == "shard-000"
 
 
+@pytest.mark.parametrize(
+    "members, alt_text",
+    [
+        # img2dataset: KEY.txt, with its metadata (caption included) in KEY.json
+        ({"txt": b"from txt ", "json": json.dumps({"caption": "from json", "url": "u"}).encode()}, "from txt"),
+        # img2dataset without the txt member
+        ({"json": json.dumps({"caption": " from caption", "url": "u", "status": "success"}).encode()}, "from caption"),
+        # this project's shards: hqclip-data synthetic and join write the annotation record
+        ({"json": json.dumps({"key": "k", "alt_text": "from record", "positive_description": "d"}).encode()},
+         "from record"),
+        ({"json": json.dumps({"alt_text": "alt wins", "caption": "caption"}).encode()}, "alt wins"),
+        ({"json": json.dumps({"alt_text": None, "caption": "caption of a null alt"}).encode()}, "caption of a null alt"),
+        ({"json": json.dumps({"url": "no alt-text at all"}).encode()}, ""),
+    ],
+    ids=["img2dataset-txt", "img2dataset-json", "hqclip-record", "alt_text-before-caption", "null-alt_text",
+         "no-field"],
+)
+def test_alt_text_of_every_layout(tmp_path, members, alt_text):
+    path = tmp_path / "shard.tar"
+    _tar(path, [("k.jpg", b"img")] + [(f"k.{ext}", data) for ext, data in members.items()])
+    (sample,) = iter_shard(str(path))
+    assert (sample.alt_text, sample.alt_text_error) == (alt_text, None)
+
+
+@pytest.mark.parametrize("payload, error", [
+    (b"[1, 2]", "holds a list"),
+    (json.dumps({"alt_text": 7}).encode(), "'alt_text' is a int"),
+    (json.dumps({"caption": ["a"]}).encode(), "'caption' is a list"),
+])
+def test_alt_text_of_the_wrong_type_is_an_error_not_an_empty_alt_text(tmp_path, payload, error):
+    path = tmp_path / "shard.tar"
+    _tar(path, [("k.jpg", b"img"), ("k.json", payload)])
+    (sample,) = iter_shard(str(path))
+    assert sample.alt_text == "" and error in sample.alt_text_error
+
+
 def test_expand_shards_braces_globs_and_missing(tmp_path):
     for i in range(3):
         _tar(tmp_path / f"s-{i}.tar", [])
@@ -203,8 +241,58 @@ def test_vllm_engine_kwargs():
     assert kwargs["mm_processor_kwargs"] == {"max_pixels": 448 * 448}
     assert (kwargs["max_num_seqs"], kwargs["gpu_memory_utilization"], kwargs["load_format"]) == (128, 0.8, "dummy")
     assert kwargs["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
+    assert kwargs["enforce_eager"] is False and "kv_cache_memory_bytes" not in kwargs
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         vllm_backend.engine_kwargs("m", gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="kv_cache_memory_bytes"):
+        vllm_backend.engine_kwargs("m", kv_cache_memory_bytes=0)
+
+
+def test_vllm_cpu_build_differences_live_in_one_place():
+    kwargs = vllm_backend.engine_kwargs("m", dtype="auto")
+    assert vllm_backend.platform_options(kwargs, "cuda") == (kwargs, {})  # the CUDA build: as they are
+    cpu, env = vllm_backend.platform_options(kwargs, "cpu")
+    assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert cpu["kv_cache_memory_bytes"] == vllm_backend.CPU_KV_CACHE_BYTES and cpu["dtype"] == "float32"
+    assert {k: v for k, v in cpu.items() if k not in ("kv_cache_memory_bytes", "dtype")} == {
+        k: v for k, v in kwargs.items() if k != "dtype"
+    }
+    assert "kv_cache_memory_bytes" not in kwargs  # not changed in place
+    given = vllm_backend.engine_kwargs("m", dtype="bfloat16", kv_cache_memory_bytes=123)
+    assert vllm_backend.platform_options(given, "cpu")[0] == given  # what the user gives is kept
+
+
+def test_model_check_names_what_is_wrong_before_anything_starts(tmp_path):
+    from hqclip_recaption.startup import check_model
+    from hqclip_recaption.tiny_model import write_model_dir
+
+    with pytest.raises(BackendStartupError, match="cannot load model"):
+        check_model(str(tmp_path / "no-such-model"))
+    path = write_model_dir(tmp_path / "tiny", arch="tiny", weights=False)
+    assert check_model(str(path)).architectures == ["Qwen2VLForConditionalGeneration"]
+    config = json.loads((path / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackendStartupError, match=r"\['LlamaForCausalLM'\].*Qwen2VLForConditionalGeneration"):
+        check_model(str(path))
+
+
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_cli_start_up_failure_is_one_line_before_any_shard_is_touched(tmp_path, capsys, backend):
+    from hqclip_recaption.cli import main
+
+    shard = tmp_path / "raw.tar"
+    _tar(shard, [("k.jpg", b"img"), ("k.txt", b"alt")])
+    before = shard.read_bytes()
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(shard), "--output", str(out), "--backend", backend]
+    assert main([*argv, "--model", str(tmp_path / "no-such-model")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    reason = "needs vLLM" if backend == "vllm" and importlib.util.find_spec("vllm") is None else "cannot load model"
+    assert len(error) == 1 and error[0].startswith("hqclip-recaption: error: ") and reason in error[0]
+    assert main(["run", "--input", str(tmp_path / "typo-*.tar"), "--output", str(out), "--model", "m"]) == 2
+    assert "matches no shard" in capsys.readouterr().err
+    assert not out.exists() and shard.read_bytes() == before
 
 
 def test_vllm_sampling_kwargs_and_request():
@@ -367,10 +455,12 @@ def tiny_processor(tmp_path_factory):
 
 
 def _prompt_tokens(processor, alt_text):
-    """Tokens of the full prompt with an image at MAX_PIXELS, as the model sees it."""
+    """Tokens of the full prompt with an image at MAX_PIXELS, as the model sees it; for "" the template with an
+    empty alt-text (the longer form, which the budget counts) rather than the prompt for a sample without one."""
     from hqclip_recaption.budget import max_image_tokens
 
-    text = processor.apply_chat_template(get_prompt().messages(alt_text), tokenize=False, add_generation_prompt=True)
+    messages = get_prompt().messages(alt_text) if alt_text else get_prompt().template_messages()
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     pads = 1 + alt_text.count("<|image_pad|>")  # the template's placeholder plus any the alt-text smuggles in
     return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - pads + max_image_tokens(
         processor.image_processor, MAX_PIXELS
@@ -406,10 +496,10 @@ def test_alt_text_budget_honours_the_option_and_refuses_options_that_cannot_fit(
     assert budget.max_tokens == 5
     assert len(tiny_processor.tokenizer(budget.fit("word " * 50), add_special_tokens=False)["input_ids"]) == 5
     template = _prompt_tokens(tiny_processor, "")
-    with pytest.raises(ValueError, match="max_model_len=.*max_new_tokens"):
+    with pytest.raises(BackendStartupError, match="max_model_len=.*max_new_tokens"):
         alt_text_budget(tiny_processor, get_prompt(), max_model_len=template + 100, answer_tokens=100,
                         max_pixels=MAX_PIXELS)
-    with pytest.raises(ValueError, match="max_model_len"):  # a bigger image cap leaves no room either
+    with pytest.raises(BackendStartupError, match="max_model_len"):  # a bigger image cap leaves no room either
         alt_text_budget(tiny_processor, get_prompt(), max_model_len=template + 120, answer_tokens=100,
                         max_pixels=MAX_PIXELS * 4)
     with pytest.raises(ValueError, match="max_alt_text_tokens"):
@@ -563,15 +653,26 @@ def test_runner_counts_alt_text_with_special_tokens_and_keeps_it_in_the_record(t
     shard = _alt_shard(tmp_path / "s-0.tar", alts)
     backend = _FakeBackend(max_alt_text_chars=100)
     summary = Recaptioner(backend, prompt_version="v1", schema=SCHEMA, batch_size=8).run([shard], str(tmp_path / "o"))
-    assert backend.calls == [["plain", "a  b", "x" * 100]]
+    assert backend.calls == [["plain", "a  b", "", "x" * 100]]
     records = _records(tmp_path / "o" / "s-0.jsonl")
     assert [r["alt_text"] for r in records] == alts
     assert [r.get("alt_text_special_tokens") for r in records] == [None, True, True, True]
     assert [r.get("alt_text_truncated") for r in records] == [None, None, None, True]
-    assert [r.get("error") for r in records] == [None, None, "empty_alt_text", None]
-    assert records[2]["error_detail"] == "alt-text holds nothing but special-token strings"
-    assert (summary["alt_text_special_tokens"], summary["alt_text_truncated"]) == (3, 1)
-    assert (summary["captioned"], summary["errors"]) == (3, {"empty_alt_text": 1})
+    # Nothing is left of the third alt-text: captioned from the image alone, and the record says so.
+    assert [r.get("alt_text_empty") for r in records] == [None, None, True, None]
+    assert all({k: r[k] for k in CAPTION_FIELDS} == GOOD for r in records)
+    assert (summary["alt_text_special_tokens"], summary["alt_text_truncated"], summary["alt_text_empty"]) == (3, 1, 1)
+    assert (summary["captioned"], summary["errors"]) == (4, {})
+
+
+def test_prompt_without_alt_text_says_so_and_is_no_longer_than_the_budgeted_template():
+    prompt = get_prompt()
+    without = prompt.messages("")[1]["content"][1]["text"]
+    assert "without alt-text" in without and '""' not in without
+    assert all(f'"{name}"' in without for name in CAPTION_FIELDS)
+    # The alt-text budget counts the template around an empty alt-text; the prompt without one must not be longer.
+    assert len(without) <= len(prompt.template_messages()[1]["content"][1]["text"])
+    assert prompt.messages("a dog")[1]["content"][1]["text"] == prompt.user.format(alt_text="a dog")
 
 
 def test_runner_turns_a_request_the_backend_fails_on_into_one_error_record(tmp_path):

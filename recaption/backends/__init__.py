@@ -5,7 +5,8 @@ constrained decoding) and a token budget: its answer length, and the alt-text le
 within the model's context (``budget.py``), checked at start-up. The runner turns alt-text into a request's
 alt-text with ``prompt_alt_text``, which also removes the tokenizer's special-token strings
 (``special_tokens.py``). ``create_backend`` imports a backend's heavy dependencies (transformers, vLLM) only
-when that backend is asked for.
+when that backend is asked for. Whatever stops a backend from starting is a ``startup.BackendStartupError``,
+raised before any shard is opened.
 """
 
 from __future__ import annotations

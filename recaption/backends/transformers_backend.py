@@ -12,6 +12,7 @@ import torch
 
 from ..budget import DEFAULT_MAX_ALT_TEXT_TOKENS, PromptAltText, alt_text_budget, model_context_length
 from ..prompts import PromptTemplate
+from ..startup import check_model
 from . import CaptionRequest, Generation
 
 
@@ -38,6 +39,7 @@ class TransformersBackend:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        config = check_model(model)
         self.model_name = model
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
@@ -56,7 +58,7 @@ class TransformersBackend:
         self.alt_text_budget = alt_text_budget(
             self.processor,
             prompt,
-            max_model_len=max_model_len or model_context_length(model),
+            max_model_len=max_model_len or model_context_length(config),
             answer_tokens=max_new_tokens,
             max_pixels=max_pixels,
             max_alt_text_tokens=max_alt_text_tokens,
@@ -73,9 +75,10 @@ class TransformersBackend:
         tokenizer_info = xgr.TokenizerInfo.from_huggingface(
             self.tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(self.eos_token_ids)
         )
-        # No free whitespace: a model that likes spaces could otherwise fill its budget between tokens.
+        # Compact JSON, as vLLM's structured outputs write it (disable_any_whitespace): no free whitespace, which a
+        # model that likes spaces could fill its budget with, and no space after separators (xgrammar's default).
         self.grammar = xgr.GrammarCompiler(tokenizer_info).compile_json_schema(
-            json.dumps(schema), any_whitespace=False
+            json.dumps(schema), any_whitespace=False, separators=(",", ":")
         )
         if temperature > 0:
             torch.manual_seed(seed)  # generate() samples from the global generator
