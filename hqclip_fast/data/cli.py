@@ -57,8 +57,8 @@ def _tags_build(args) -> int:
 
     vocab = TagVocab.build(tag_lists(), size=args.size, min_count=args.min_count)
     vocab.save(args.out)
-    print(json.dumps({"tags": len(vocab), "out": args.out, "top": vocab.tags[:10]}))
-    return 0
+    print(json.dumps({"tags": len(vocab), "out": args.out, "top": vocab.tags[:10], "problems": dict(stats)}))
+    return 0 if len(vocab) else 1
 
 
 def _index(args) -> int:

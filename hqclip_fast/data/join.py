@@ -22,11 +22,13 @@ from .synthetic import add_tar_member
 
 
 def annotation_files(paths: list[str] | str) -> list[str]:
-    """Files, folders (their .jsonl/.json files) and glob patterns -> sorted file list; an empty match is an error."""
+    """Files, folders and glob patterns -> sorted file list; an empty match is an error. A folder gives its .jsonl
+    files, the recaptioner's output (its .json files are run summaries, not annotations); a .json annotation
+    file is named by path or pattern."""
     files: list[str] = []
     for path in [paths] if isinstance(paths, str) else paths:
         if os.path.isdir(path):
-            found = [f for ext in ("*.jsonl", "*.json") for f in glob.glob(os.path.join(path, ext))]
+            found = glob.glob(os.path.join(path, "*.jsonl"))
         else:
             found = glob.glob(path) if glob.has_magic(path) else [path]
         if not found:

@@ -3,6 +3,7 @@ samples without ever raising on dirty data (shard-level problems are counted in 
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import tarfile
@@ -17,11 +18,22 @@ SHARD_REASONS = frozenset({"empty_tar", "truncated_tar", "unreadable_shard"})
 
 
 def expand_sources(train_data: str) -> list[list[str]]:
-    """'a-{00..02}.tar::b.tar' -> [['a-00.tar', 'a-01.tar', 'a-02.tar'], ['b.tar']] (one list per source)."""
+    """'a-{00..02}.tar::b.tar' -> [['a-00.tar', 'a-01.tar', 'a-02.tar'], ['b.tar']] (one list per source).
+    Local paths may also be globs ('joined/*.tar', sorted); a glob that matches no file is an error, while a
+    listed shard that turns out unreadable is counted when it is read (one lost shard must not stop a run)."""
     sources = [s.strip() for s in train_data.split("::") if s.strip()]
     if not sources:
         raise ValueError("train_data: no shard pattern given")
-    return [list(braceexpand.braceexpand(s)) for s in sources]
+    return [[url for pattern in braceexpand.braceexpand(s) for url in _glob(pattern)] for s in sources]
+
+
+def _glob(url: str) -> list[str]:
+    if url.startswith("pipe:") or ("://" in url and not url.startswith("file://")) or not glob.has_magic(url):
+        return [url]
+    matches = sorted(glob.glob(url.removeprefix("file://")))
+    if not matches:
+        raise ValueError(f"shard pattern {url!r} matches no file")
+    return matches
 
 
 def open_url(url: str) -> IO[bytes]:

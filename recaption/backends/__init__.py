@@ -42,6 +42,10 @@ class Backend(Protocol):
 
     def generate(self, requests: list[CaptionRequest]) -> list[Generation]: ...
 
+    def close(self) -> None:
+        """Release the engine now rather than at interpreter exit (vLLM's holds a torch.distributed group)."""
+        ...
+
 
 BACKENDS = ("transformers", "vllm")
 

@@ -86,6 +86,9 @@ class TransformersBackend:
     def prompt_alt_text(self, alt_text: str) -> PromptAltText:
         return self.alt_text_budget.prepare(alt_text)
 
+    def close(self) -> None:
+        """Nothing to release: the model is freed with the backend."""
+
     def chat_text(self, alt_text: str) -> str:
         return self.processor.apply_chat_template(
             self.prompt.messages(alt_text), tokenize=False, add_generation_prompt=True

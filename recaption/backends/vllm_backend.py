@@ -240,6 +240,11 @@ class VLLMBackend:
     def prompt_alt_text(self, alt_text: str) -> PromptAltText:
         return self.alt_text_budget.prepare(alt_text)
 
+    def close(self) -> None:
+        """Shut the engine core down (and the torch.distributed group it made) while this process still has
+        what it needs; left to interpreter exit, a process that also trains fails there."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def generate(self, requests: list[CaptionRequest]) -> list[Generation]:
         if not requests:
             return []
