@@ -2,21 +2,21 @@
 
 Both sides train the same architecture on the same random batch on the same device, data loading excluded:
 - ours: `hqclip_fast.train.TrainStep` (the trainer's step: model, HQ-CLIP loss, backward, clipping, fused AdamW,
-  schedule, logit-scale clamp), plain CLIP loss (`--loss clip`, the like-for-like row) and the full HQ-CLIP
-  loss (`--loss hqclip`: negatives in the softmax + HNI + STC; more text to encode per image);
+  schedule, logit-scale clamp) with the plain CLIP loss (the like-for-like row) and with the full HQ-CLIP loss
+  (negatives in the softmax + HNI + STC; twice the text to encode per image);
 - open_clip: `open_clip_train.train.train_one_epoch` (the loop `python -m open_clip_train.main` runs) with
   open_clip's model and ClipLoss, AdamW, grad clipping, the same precision.
 MFU = (FLOPs of one step, counted per model with torch.utils.flop_counter on the actual shapes) x steps/s /
 peak FLOP/s of the device (`--peak-tflops`; 989 by default on CUDA, the H100/H200 SXM bf16 dense figure; none on
 the CPU).
 
-`--batch-size auto` finds the largest batch at which both sides' steps fit (capped at --max-batch): each
-side's peak memory is measured at --probe-batch and twice that, the line through the two points says how
-many samples fit in 85% of the device's memory, and one step of each side at the chosen batch (a multiple of
---probe-batch, cut by a fifth while one runs out of memory) confirms it. The probe runs eager, also with
---compile. A row that runs out of memory at the chosen batch (the HQ-CLIP loss encodes twice the text) is
-recorded as skipped. Each row and the probe are printed as a JSON line when done, so that a run cut off
-at a time cap keeps what it measured.
+`--batch-size auto` finds the largest batch at which both sides' steps fit (capped at --max-batch): after a
+first step, each side's peak memory is measured at --probe-batch and twice that, the line through the two
+points says how many samples fit in 85% of the device's memory, and one step of each side at the chosen batch
+(a multiple of --probe-batch, cut by a fifth while one runs out of memory) confirms it. The probe runs eager,
+also with --compile. A row that runs out of memory at the chosen batch (the HQ-CLIP row) is recorded as
+skipped. Each row and the probe are printed as a JSON line when done, so that a run cut off at a time cap
+keeps what it measured.
 
     python benchmarks/bench_train.py --device cuda --model ViT-B-16 --batch-size auto --precision bf16
     python benchmarks/bench_train.py --device cpu --model hqclip-micro --image-size 32 --batch-size 32  # smoke
@@ -220,6 +220,7 @@ def largest_batch(runners: dict, device, small: int, cap: int) -> dict:
     budget = memory_budget(device)
     sides = {}
     for name, run in runners.items():
+        run(small)  # first-step allocations (optimizer state, library workspaces) out of the way
         low = peak_bytes(device, lambda run=run: run(small))
         high = peak_bytes(device, lambda run=run: run(2 * small))
         per_sample = max(high - low, 1) / small  # a flat line (the CPU's RSS can be) predicts the cap

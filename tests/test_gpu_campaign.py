@@ -314,6 +314,25 @@ def test_a_step_is_killed_at_its_cap_and_none_starts_without_budget(tmp_path):
     assert record["status"] == "not run" and "budget spent" in record["reason"]
 
 
+def test_batch_probe_cuts_the_batch_until_every_side_fits():
+    """bench_train's probe: the prediction (here the cap, since fake steps take no memory) is confirmed by a
+    step of every side, and cut by a fifth, to a multiple of the probe batch, while one runs out of memory."""
+    import torch
+
+    bench_train = _load("bench_train")
+    tried = []
+
+    def fits_40(batch):
+        tried.append(batch)
+        if batch > 40:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    probe = bench_train.largest_batch({"ours": lambda b: None, "theirs": fits_40}, torch.device("cpu"), 4, 64)
+    assert probe["batch_size"] == 36 and [o["batch"] for o in probe["out_of_memory"]] == [64, 48]
+    assert "out of memory" in probe["out_of_memory"][0]["error"]
+    assert tried[-1] == 36 and set(probe["sides"]) == {"ours", "theirs"}
+
+
 def test_the_tree_is_checked_against_the_stamped_commit(tmp_path, monkeypatch):
     """Without .git (as on the device machine) the commit comes from wheels/COMMIT, and only if every file
     still has the content git recorded for it."""
