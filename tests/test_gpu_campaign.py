@@ -314,6 +314,13 @@ def test_a_step_is_killed_at_its_cap_and_none_starts_without_budget(tmp_path):
     assert record["status"] == "not run" and "budget spent" in record["reason"]
 
 
+def test_the_call_selects_tests_that_exist():
+    """A node id pytest cannot find fails the whole tests step on the device, not just that test."""
+    for node in campaign.MAIN_TESTS + campaign.DRY_RUN_TESTS:
+        path, name = node.split("::")
+        assert f"def {name.split('[')[0]}(" in (REPO / path).read_text(), node
+
+
 def test_batch_probe_cuts_the_batch_until_every_side_fits():
     """bench_train's probe: the prediction (here the cap, since fake steps take no memory) is confirmed by a
     step of every side, and cut by a fifth, to a multiple of the probe batch, while one runs out of memory."""
