@@ -24,7 +24,9 @@ mkdir -p "$DEST"
 # The tree travels without .git: gpu_campaign.py checks every file against these blob hashes, so results are
 # stamped with this commit only if the tree measured is this commit.
 { git rev-parse HEAD; git -c core.quotePath=false ls-tree -r HEAD; } >"$DEST/COMMIT"
-git status --porcelain --untracked-files=no | grep -q . && echo "fetch_gpu_wheels.sh: uncommitted changes; the call's results will be marked dirty" >&2
+if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+    echo "fetch_gpu_wheels.sh: uncommitted changes; the call's results will be marked dirty" >&2
+fi
 ls -l "$DEST"
 # What the call carries: tracked and untracked-but-not-ignored files, plus wheels/.
 tree_kib=$(git ls-files -z --cached --others --exclude-standard | du -ck --files0-from=- 2>/dev/null | tail -1 | cut -f1)
