@@ -3,16 +3,18 @@
     python benchmarks/bench_loss.py                                  # CPU, B = 1024..8192, D = 512
     python benchmarks/bench_loss.py --device cuda --dtype bfloat16   # GPU session
 
-GPU sizes of the kernels issue (one result file per D; add --negatives for hard-negative columns + HNI):
-    for D in 512 768 1024; do python benchmarks/bench_loss.py --device cuda --dtype bfloat16 --dim $D \
-        --batch-sizes gpu --impls triton,chunked,reference,open_clip,inf_cl,gemm_floor; done
+The GPU campaign (benchmarks/gpu_campaign.py) runs it at D = 768, B = 32768, 8192, 65536 with --in-process.
 Peers: open_clip ClipLoss (local_loss=True, gather_with_grad=True: one process here), Inf-CL (`pip install
-inf-cl==1.2.1`, both directions, GPU only) and gemm_floor: the cuBLAS time of the matrix products that a
-loss which never stores the logits must do at the same shapes (logits, their recomputation in backward,
-dI = G @ K, dK = G.T @ I; K = [T; N] with negatives). open_clip and Inf-CL have no negative columns and are
-skipped with --negatives.
+inf-cl==1.2.1`, both directions, GPU only) and the GEMM floors: the cuBLAS time of the matrix products that a
+loss which never stores the logits must do at the same shapes. gemm_floor: four products, 8 B N D FLOPs with
+N = B columns (2B with negatives): logits, their recomputation in backward, dI = G @ K, dK = G.T @ I, with
+K = [T; N]. gemm_floor3: the same without the recomputation (the logits are kept), 6 B N D FLOPs. open_clip
+and Inf-CL have no negative columns and are skipped with --negatives.
 
-Every (impl, B) case runs in a fresh subprocess, so one case's allocations cannot hide another's peak.
+By default every (impl, B) case runs in a fresh subprocess, so one case's allocations cannot hide another's
+peak; --in-process runs them one after another in this process (no process starts; on CUDA the peak is
+counted per step from PyTorch's allocator, so earlier cases do not change it; a case that fails, out of
+memory say, is recorded as skipped and the next one runs).
 Time: median wall-clock of --repeats fwd+bwd steps after --warmup steps (CUDA: synchronized); on CPU the
 median process CPU time is recorded too (the CPU may be shared).
 Peak extra memory: what one fwd+bwd step (after warm-up) needs beyond the inputs already allocated.
@@ -20,10 +22,12 @@ Peak extra memory: what one fwd+bwd step (after warm-up) needs beyond the inputs
   cpu:  peak resident set size of the process during the step minus its resident size before it: the
         kernel's high-water mark (VmHWM) is reset through /proc/self/clear_refs, freed heap is returned
         with malloc_trim first. This counts everything the step touches, not just tensors.
-        `peak_extra_mib` is measured in a separate process with glibc's mmap threshold fixed at 128 KiB
-        (MALLOC_MMAP_THRESHOLD_), so every large buffer goes back to the OS when freed and the number is
-        the memory the algorithm holds at once; `peak_extra_mib_default_malloc` is the same measurement in
-        the timing process with glibc's defaults (it adds the allocator's retained free memory).
+        Without --in-process, `peak_extra_mib` is measured in a separate process with glibc's mmap threshold
+        fixed at 128 KiB (MALLOC_MMAP_THRESHOLD_), so every large buffer goes back to the OS when freed and
+        the number is the memory the algorithm holds at once; `peak_extra_mib_default_malloc` is the same
+        measurement in the timing process with glibc's defaults (it adds the allocator's retained free memory).
+Error (--check): each impl's loss and gradients against impl="chunked" in float64 on the first --check-rows
+samples of the case's inputs (a subsample, so that the check stays cheap at every B).
 Results: JSON (device, versions, git commit, date, load, cases) and a Markdown table under --out.
 
 To add an implementation, add a builder to IMPLS: name -> builder(device, dtype, negatives) returning a
@@ -34,6 +38,7 @@ A builder raises Unavailable to skip.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
@@ -44,6 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -108,7 +114,7 @@ class _GemmFloor(torch.autograd.Function):
     def forward(ctx, image, keys):
         ctx.save_for_backward(image, keys)
         logits = image @ keys.T
-        return logits[0, 0].clone().float()  # a copy: the B x B logits are freed here
+        return logits[0, 0].clone().float()  # a copy: the B x N logits are freed here
 
     @staticmethod
     def backward(ctx, grad):
@@ -117,31 +123,58 @@ class _GemmFloor(torch.autograd.Function):
         return logits @ keys, logits.T @ image
 
 
-def _gemm_floor(device, dtype, negatives):
-    def loss(image, text, scale, neg):
-        keys = torch.cat([text, neg]) if neg is not None else text
-        return _GemmFloor.apply(image, keys) * scale
-    return loss
+class _GemmFloor3(torch.autograd.Function):
+    """The three products of a loss that keeps its logits: S = I @ K.T saved for backward, then dI, dK."""
+
+    @staticmethod
+    def forward(ctx, image, keys):
+        logits = image @ keys.T
+        ctx.save_for_backward(image, keys, logits)
+        return logits[0, 0].clone().float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        image, keys, logits = ctx.saved_tensors
+        return logits @ keys, logits.T @ image
 
 
-def _hqclip_two_pass(device, dtype, negatives):
-    """impl="triton" with the two-pass backward and 32 MiB panels (no fp32 gradient buffer; see
-    hqclip_kernels.contrastive), set for this case's process only."""
+def _gemm_floor(products: type[torch.autograd.Function]):
+    def build(device, dtype, negatives):
+        def loss(image, text, scale, neg):
+            keys = torch.cat([text, neg]) if neg is not None else text
+            return products.apply(image, keys) * scale
+        return loss
+    return build
+
+
+@contextlib.contextmanager
+def _launch(impl: str):
+    """triton_2pass is impl="triton" with the two-pass backward and 32 MiB panels (no fp32 gradient buffer;
+    see hqclip_kernels.contrastive): set for the case (its backward reads them too), then restored."""
+    if impl != "triton_2pass":
+        yield
+        return
     from hqclip_kernels import _common
 
+    saved = _common.GPU_TWO_PASS, _common.GPU_PANEL_BYTES
     _common.GPU_TWO_PASS, _common.GPU_PANEL_BYTES = True, 32 << 20
-    return _hqclip("triton")(device, dtype, negatives)
+    try:
+        yield
+    finally:
+        _common.GPU_TWO_PASS, _common.GPU_PANEL_BYTES = saved
 
 
 IMPLS = {
     "triton": _hqclip("triton"),
-    "triton_2pass": _hqclip_two_pass,
+    "triton_2pass": _hqclip("triton"),  # with _launch("triton_2pass")
     "chunked": _hqclip("chunked"),
     "reference": _hqclip("reference"),
     "open_clip": _open_clip,
     "inf_cl": _inf_cl,
-    "gemm_floor": _gemm_floor,
+    "gemm_floor": _gemm_floor(_GemmFloor),
+    "gemm_floor3": _gemm_floor(_GemmFloor3),
 }
+FLOORS = ("gemm_floor", "gemm_floor3")  # matrix products only, not a loss: no error to check
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -204,13 +237,13 @@ def _make_inputs(batch: int, dim: int, device, dtype, negatives: bool, seed: int
     return image, text, scale, neg
 
 
-def relative_errors(loss_fn, inputs: tuple, negatives: bool) -> dict:
-    """Error of one fwd+bwd against impl="chunked" in float64 on the same (already rounded) inputs: for the
-    loss and each gradient, max |got - want| / max |want|. Chunked never holds the B x B logits, so this
-    reference fits at every batch size."""
+def relative_errors(loss_fn, inputs: tuple, negatives: bool, rows: int) -> dict:
+    """Error of one fwd+bwd on the first `rows` samples against impl="chunked" in float64 on the same (already
+    rounded) inputs: for the loss and each gradient, max |got - want| / max |want|."""
     from hqclip_fast.loss import hqclip_loss
 
-    image, text, scale, neg = (x.detach().clone().requires_grad_() if x is not None else None for x in inputs)
+    image, text, scale, neg = (None if x is None else (x if x.dim() == 0 else x[:rows]).detach().clone()
+                               .requires_grad_() for x in inputs)
     got = loss_fn(image, text, scale, neg)
     got.backward()
     want_leaves = [x.detach().double().requires_grad_() if x is not None else None for x in (image, text, scale, neg)]
@@ -225,7 +258,7 @@ def relative_errors(loss_fn, inputs: tuple, negatives: bool) -> dict:
 
 
 def run_case(impl: str, batch: int, dim: int, device: str, dtype: str, warmup: int, repeats: int,
-             negatives: bool = False, check: bool = False) -> dict:
+             negatives: bool = False, check_rows: int = 0) -> dict:
     device, dtype = torch.device(device), getattr(torch, dtype)
     case = {"impl": impl, "batch_size": batch, "dim": dim, "negatives": negatives}
     try:
@@ -244,22 +277,29 @@ def run_case(impl: str, batch: int, dim: int, device: str, dtype: str, warmup: i
             torch.cuda.synchronize()
         return loss
 
-    for _ in range(warmup):
-        step()
-    for x in inputs:
-        x.grad = None
-    with PeakMemory(device) as memory:
-        loss = step()
-    wall, cpu = ([], []) if repeats else ([float("nan")], [float("nan")])
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        step()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    errors = {}
-    if check and impl != "gemm_floor":  # the floor is matrix products only, not a loss
-        errors = relative_errors(loss_fn, (image, text, scale, neg), negatives)
-        errors = {"rel_err_vs_fp64": errors, "max_rel_err": max(errors.values())}
+    with _launch(impl):
+        for _ in range(warmup):
+            step()
+        for x in inputs:
+            x.grad = None
+        with PeakMemory(device) as memory:
+            loss = step()
+        wall, cpu = ([], []) if repeats else ([float("nan")], [float("nan")])
+        for _ in range(repeats):
+            w0, c0 = time.perf_counter(), time.process_time()
+            step()
+            wall.append(time.perf_counter() - w0)
+            cpu.append(time.process_time() - c0)
+        if impl.startswith("triton"):  # the backward's layout, so that the memory model can be matched to it
+            from hqclip_kernels._common import launch_config
+
+            layout = launch_config(device, dtype)
+            case["launch"] = {"two_pass": layout.two_pass, "panel_mib": layout.panel_bytes / 2**20}
+        errors = {}
+        if check_rows and impl not in FLOORS:
+            errors = relative_errors(loss_fn, (image, text, scale, neg), negatives, check_rows)
+            errors = {"rel_err_vs_fp64": errors, "max_rel_err": max(errors.values()),
+                      "check_rows": min(check_rows, batch)}
     return {
         **case,
         **errors,
@@ -269,6 +309,22 @@ def run_case(impl: str, batch: int, dim: int, device: str, dtype: str, warmup: i
         "cpu_time_ms_median": 1e3 * statistics.median(cpu) if device.type == "cpu" else None,
         "peak_extra_mib": memory.extra_bytes / 2**20,
     }
+
+
+def run_case_here(impl: str, batch: int, args) -> dict:
+    """run_case in this process (--in-process): a failure, out of memory say, is recorded as the case's skip
+    reason and the next case still runs; what the case allocated is released before the next one."""
+    try:
+        return run_case(impl, batch, args.dim, args.device, args.dtype, args.warmup, args.repeats,
+                        args.negatives, args.check_rows if args.check else 0)
+    except Exception as err:  # noqa: BLE001 - one failed case must not lose the cases after it
+        last = traceback.format_exception_only(type(err), err)[-1].strip()
+        return {"impl": impl, "batch_size": batch, "dim": args.dim, "negatives": args.negatives,
+                "skipped": f"failed: {last[-500:]}"}
+    finally:
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -282,6 +338,8 @@ def _run_subprocess(cmd: list[str], args, env=None) -> dict:
 
 
 def _git_commit() -> tuple[str | None, bool | None]:
+    """HEAD and whether the code is modified; without .git (a tree copied to a GPU machine), the commit that
+    gpu_campaign.py verified the tree against (HQCLIP_COMMIT), dirty unknown."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -289,7 +347,7 @@ def _git_commit() -> tuple[str | None, bool | None]:
                                cwd=REPO, capture_output=True, text=True, check=True).stdout.strip() != ""
         return commit, dirty
     except (OSError, subprocess.CalledProcessError):
-        return None, None
+        return os.environ.get("HQCLIP_COMMIT"), None
 
 
 def _device_name(device: str) -> str:
@@ -332,7 +390,7 @@ def markdown_table(result: dict) -> str:
             continue
         cpu = f"{c['cpu_time_ms_median']:.0f}" if c.get("cpu_time_ms_median") is not None else "-"
         vs_floor = f"{c['time_ms_median'] / floor[c['batch_size']]:.2f}" if c["batch_size"] in floor else "-"
-        loss = "-" if c["impl"] == "gemm_floor" else f"{c['loss']:.5f}"
+        loss = "-" if c["impl"] in FLOORS else f"{c['loss']:.5f}"
         default_malloc = c.get("peak_extra_mib_default_malloc")
         default_malloc = f"{default_malloc:.1f}" if default_malloc is not None else "-"
         error = f"{c['max_rel_err']:.1e}" if "max_rel_err" in c else "-"
@@ -357,6 +415,10 @@ def main(argv=None) -> None:
     parser.add_argument("--check", action="store_true",
                         help="also record each impl's relative error (loss and gradients) against impl=chunked "
                              "in float64 on the same inputs (after timing; not counted in time or memory)")
+    parser.add_argument("--check-rows", type=int, default=8192,
+                        help="--check runs on the first CHECK_ROWS samples of each case's inputs")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every case in this process (no process starts; see the memory notes above)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/loss-DEVICE-DATE.json)")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
@@ -367,7 +429,7 @@ def main(argv=None) -> None:
     if args.case:
         impl, batch = args.case.split(":")
         print(json.dumps(run_case(impl, int(batch), args.dim, args.device, args.dtype, args.warmup,
-                                  args.repeats, args.negatives, args.check)))
+                                  args.repeats, args.negatives, args.check_rows if args.check else 0)))
         return
 
     impls = args.impls.split(",")
@@ -385,9 +447,13 @@ def main(argv=None) -> None:
         "threads": args.threads or torch.get_num_threads(), "warmup": args.warmup, "repeats": args.repeats,
         "versions": _versions(), "git_commit": commit, "git_dirty": dirty,
         "date": now.isoformat(timespec="seconds"), "load_average": [round(x, 2) for x in os.getloadavg()],
+        "in_process": args.in_process,
         "memory_method": (
-            "torch.cuda.max_memory_allocated() minus memory_allocated() before the step, fresh process"
+            "torch.cuda.max_memory_allocated() minus memory_allocated() before the step"
+            + (", all cases in one process" if args.in_process else ", fresh process")
             if args.device == "cuda" else
+            "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the step, all cases in one "
+            "process with glibc's default malloc" if args.in_process else
             "peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the step, fresh process "
             "with MALLOC_MMAP_THRESHOLD_=131072; '(default malloc)': the same in the timing process with "
             "glibc's default (adaptive) thresholds"),
@@ -400,10 +466,14 @@ def main(argv=None) -> None:
     if args.negatives:
         base_cmd += ["--negatives"]
     if args.check:
-        base_cmd += ["--check"]
+        base_cmd += ["--check", "--check-rows", str(args.check_rows)]
     batch_sizes = GPU_BATCH_SIZES if args.batch_sizes == "gpu" else args.batch_sizes
     for batch in [int(b) for b in batch_sizes.split(",")]:
         for impl in impls:
+            if args.in_process:
+                result["cases"].append(run_case_here(impl, batch, args))
+                print(json.dumps(result["cases"][-1]), flush=True)
+                continue
             case = _run_subprocess(base_cmd + ["--case", f"{impl}:{batch}"], args)
             if args.device == "cpu" and "skipped" not in case:
                 memory_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}

@@ -2,20 +2,30 @@
 
 Both sides train the same architecture on the same random batch on the same device, data loading excluded:
 - ours: `hqclip_fast.train.TrainStep` (the trainer's step: model, HQ-CLIP loss, backward, clipping, fused AdamW,
-  schedule, logit-scale clamp), plain CLIP loss (`--loss clip`, the like-for-like row) and the full HQ-CLIP
-  loss (`--loss hqclip`: negatives in the softmax + HNI + STC; more text to encode per image);
+  schedule, logit-scale clamp) with the plain CLIP loss (the like-for-like row) and with the full HQ-CLIP loss
+  (negatives in the softmax + HNI + STC; twice the text to encode per image);
 - open_clip: `open_clip_train.train.train_one_epoch` (the loop `python -m open_clip_train.main` runs) with
   open_clip's model and ClipLoss, AdamW, grad clipping, the same precision.
 MFU = (FLOPs of one step, counted per model with torch.utils.flop_counter on the actual shapes) x steps/s /
-peak FLOP/s of the device (`--peak-tflops`; H100 SXM bf16 dense = 989 by default on CUDA; none on the CPU).
+peak FLOP/s of the device (`--peak-tflops`; 989 by default on CUDA, the H100/H200 SXM bf16 dense figure; none on
+the CPU).
 
-    python benchmarks/bench_train.py --device cuda --model ViT-B-16 --batch-size 256 --precision bf16 --compile
+`--batch-size auto` finds the largest batch at which both sides' steps fit (capped at --max-batch): after a
+first step, each side's peak memory is measured at --probe-batch and twice that, the line through the two
+points says how many samples fit in 85% of the device's memory, and one step of each side at the chosen batch
+(a multiple of --probe-batch, cut by a fifth while one runs out of memory) confirms it. The probe runs eager,
+also with --compile. A row that runs out of memory at the chosen batch (the HQ-CLIP row) is recorded as
+skipped. Each row and the probe are printed as a JSON line when done, so that a run cut off at a time cap
+keeps what it measured.
+
+    python benchmarks/bench_train.py --device cuda --model ViT-B-16 --batch-size auto --precision bf16
     python benchmarks/bench_train.py --device cpu --model hqclip-micro --image-size 32 --batch-size 32  # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -113,8 +123,9 @@ def time_ours(args, device, loss_kind: str) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - start)
 
 
-def time_open_clip(args, device) -> float:
-    """open_clip_train.train.train_one_epoch over `steps` identical batches (after a warm-up epoch)."""
+def build_open_clip(args, device):
+    """open_clip's model, ClipLoss and AdamW; returns run(steps, batch_size): `open_clip_train.train.
+    train_one_epoch` (the loop `python -m open_clip_train.main` runs) over `steps` identical batches."""
     import open_clip
     from open_clip_train.train import train_one_epoch
 
@@ -132,28 +143,123 @@ def time_open_clip(args, device) -> float:
     if args.compile:
         model = torch.compile(model)
     context = model.context_length if hasattr(model, "context_length") else 77
-    batch = random_batch(args, device, context, negatives=False, tags=False, batch_size=args.batch_size)
     loss = open_clip.ClipLoss(cache_labels=True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "logit" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n and "logit" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.2}, {"params": rest, "weight_decay": 0.0}],
                                   lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
-    oc_args = SimpleNamespace(
-        device=str(device), precision="amp_bf16" if args.precision == "bf16" else "fp32", distill=False,
-        accum_freq=1, skip_scheduler=True, horovod=False, grad_clip_norm=1.0, batch_size=args.batch_size,
-        world_size=1, rank=0, local_rank=0, log_every_n_steps=10**9, wandb=False)
 
-    def epoch(n: int) -> None:
-        loader = _Loader([(batch["images"], batch["pos_tokens"])] * n, args.batch_size)
+    def run(steps: int, batch_size: int) -> None:
+        batch = random_batch(args, device, context, negatives=False, tags=False, batch_size=batch_size)
+        oc_args = SimpleNamespace(
+            device=str(device), precision="amp_bf16" if args.precision == "bf16" else "fp32", distill=False,
+            accum_freq=1, skip_scheduler=True, horovod=False, grad_clip_norm=1.0, batch_size=batch_size,
+            world_size=1, rank=0, local_rank=0, log_every_n_steps=10**9, wandb=False)
+        loader = _Loader([(batch["images"], batch["pos_tokens"])] * steps, batch_size)
         data = {"train": SimpleNamespace(dataloader=loader, set_epoch=lambda e: None)}
         train_one_epoch(model, data, loss, 0, optimizer, None, None, None, oc_args)
+    return run
 
-    epoch(args.warmup)
+
+def time_open_clip(args, device) -> float:
+    """open_clip's training loop over `steps` identical batches, after a warm-up epoch."""
+    run = build_open_clip(args, device)
+    run(args.warmup, args.batch_size)
     _sync(device)
     start = time.perf_counter()
-    epoch(args.steps)
+    run(args.steps, args.batch_size)
     _sync(device)
     return args.steps * args.batch_size / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------- batch probe
+def _rss_field(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def peak_bytes(device, fn) -> int:
+    """Peak memory while fn runs, everything held included (model, optimizer, activations): the allocator's
+    peak on CUDA; on the CPU the resident set's high-water mark (reset through /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return _rss_field("VmHWM")
+
+
+def memory_budget(device) -> int:
+    """85% of the GPU (the rest for the allocator's fragmentation and library workspaces); on the CPU what is
+    held now plus half of what the system says is available."""
+    if device.type == "cuda":
+        return int(0.85 * torch.cuda.get_device_properties(device).total_memory)
+    with open("/proc/meminfo") as f:
+        available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    return _rss_field("VmRSS") + available // 2
+
+
+def _out_of_memory(runners: dict, batch: int) -> str | None:
+    """One step of every side at `batch`; the first out-of-memory message, or None. Returning (not raising)
+    drops the exception's frames, and with them the step's tensors, before the caller retries."""
+    try:
+        for run in runners.values():
+            run(batch)
+    except torch.OutOfMemoryError as err:
+        return str(err).splitlines()[0]
+    return None
+
+
+def largest_batch(runners: dict, device, small: int, cap: int) -> dict:
+    """The largest multiple of `small`, at most `cap`, at which one step of every runner (batch -> None)
+    fits; see the module docstring."""
+    budget = memory_budget(device)
+    sides = {}
+    for name, run in runners.items():
+        run(small)  # first-step allocations (optimizer state, library workspaces) out of the way
+        low = peak_bytes(device, lambda run=run: run(small))
+        high = peak_bytes(device, lambda run=run: run(2 * small))
+        per_sample = max(high - low, 1) / small  # a flat line (the CPU's RSS can be) predicts the cap
+        fixed = low - per_sample * small
+        sides[name] = {"peak_mib_at_probe": [round(low / 2**20, 1), round(high / 2**20, 1)],
+                       "mib_per_sample": round(per_sample / 2**20, 3),
+                       "predicted_max": int((budget - fixed) // per_sample)}
+    batch = min(cap, *(side["predicted_max"] for side in sides.values())) // small * small
+    out_of_memory = []
+    while batch >= small:
+        why = _out_of_memory(runners, batch)
+        if why is None:
+            break
+        out_of_memory.append({"batch": batch, "error": why})
+        _free(device)
+        batch = int(0.8 * batch) // small * small
+    if batch < small:
+        raise RuntimeError(f"no batch from {small} up fits: {out_of_memory}")
+    return {"batch_size": batch, "budget_mib": budget // 2**20, "probe_batch": small, "cap": cap,
+            "sides": sides, "out_of_memory": out_of_memory}
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def probe_batch(args, device) -> dict:
+    """largest_batch for our step (CLIP loss) and open_clip's, both eager. Their models are freed on return."""
+    eager = SimpleNamespace(**{**vars(args), "compile": False})
+    train_step, context = build_ours(eager, device, "clip")
+    open_clip_run = build_open_clip(eager, device)
+    runners = {
+        "hqclip_fast": lambda b: train_step(random_batch(args, device, context, negatives=False, tags=False,
+                                                         batch_size=b)),
+        "open_clip_train": lambda b: open_clip_run(1, b),
+    }
+    return largest_batch(runners, device, args.probe_batch, args.max_batch)
 
 
 class _Loader:
@@ -166,20 +272,41 @@ class _Loader:
         return iter(self.batches)
 
 
-def _git_commit() -> str:
+def _git_commit() -> str | None:
+    """HEAD; without .git (a tree copied to a GPU machine), the commit gpu_campaign.py verified it against."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("HQCLIP_COMMIT")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ROWS = (("hqclip-fast, CLIP loss", "clip"), ("open_clip_train", "clip"), ("hqclip-fast, HQ-CLIP loss", "hqclip"))
+
+
+def measure_row(args, device, name: str, loss_kind: str, peak_tflops: float | None) -> dict:
+    """One row: samples/s and MFU, or why it was skipped (out of memory at this batch)."""
+    try:
+        flops = count_step_flops(args, device, loss_kind) / args.batch_size  # per sample
+        samples_per_s = time_open_clip(args, device) if name == "open_clip_train" else time_ours(args, device, loss_kind)
+    except torch.OutOfMemoryError as err:
+        return {"name": name, "skipped": f"out of memory at batch {args.batch_size}: {str(err).splitlines()[0]}"}
+    finally:
+        _free(device)
+    mfu = flops * samples_per_s / (peak_tflops * 1e12) if peak_tflops else None
+    return {"name": name, "samples_per_s": samples_per_s, "flops_per_sample": flops, "mfu": mfu}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", default="256", help="an integer, or 'auto': the largest that fits")
+    parser.add_argument("--max-batch", type=int, default=4096, help="--batch-size auto: the cap")
+    parser.add_argument("--probe-batch", type=int, default=64,
+                        help="--batch-size auto: the small batch measured (and its double); the batch found "
+                             "is a multiple of it")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile both sides")
     parser.add_argument("--loss-impl", default="auto")
@@ -187,10 +314,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="device peak for MFU (default: 989 = H100 SXM bf16 dense on CUDA; none on CPU)")
+                        help="device peak for MFU (default: 989 = H100/H200 SXM bf16 dense on CUDA; none on CPU)")
     parser.add_argument("--out", default=None, help="result JSON (default: results/bench_train_<device>.json)")
     parser.add_argument("--note", default="", help="free text stored in the result (conditions of the run)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -198,19 +325,20 @@ def main() -> None:
         parser.error("--device cuda: no CUDA device here")
     peak = args.peak_tflops if args.peak_tflops is not None else (989.0 if device.type == "cuda" else None)
 
+    probe = None
+    if args.batch_size == "auto":
+        probe = probe_batch(args, device)
+        _free(device)
+        print(json.dumps({"probe": probe}), flush=True)
+    args.batch_size = probe["batch_size"] if probe else int(args.batch_size)
     rows = []
-    for name, timer, loss_kind in (("hqclip-fast, CLIP loss", lambda: time_ours(args, device, "clip"), "clip"),
-                                   ("open_clip_train", lambda: time_open_clip(args, device), "clip"),
-                                   ("hqclip-fast, HQ-CLIP loss", lambda: time_ours(args, device, "hqclip"),
-                                    "hqclip")):
-        flops = count_step_flops(args, device, loss_kind) / args.batch_size  # per sample
-        samples_per_s = timer()
-        mfu = flops * samples_per_s / (peak * 1e12) if peak else None
-        rows.append({"name": name, "samples_per_s": samples_per_s, "flops_per_sample": flops, "mfu": mfu})
-        print(f"{name:28s} {samples_per_s:10.1f} samples/s  {flops / 1e9:8.2f} GFLOP/sample  "
-              f"MFU {'n/a' if mfu is None else f'{mfu:.1%}'}", flush=True)
-    speedup = rows[0]["samples_per_s"] / rows[1]["samples_per_s"]
-    print(f"speed-up over open_clip_train (same loss): {speedup:.2f}x")
+    for name, loss_kind in ROWS:
+        rows.append(measure_row(args, device, name, loss_kind, peak))
+        print(json.dumps(rows[-1]), flush=True)
+    rate = {row["name"]: row.get("samples_per_s") for row in rows}
+    speedup = (rate["hqclip-fast, CLIP loss"] / rate["open_clip_train"]
+               if rate["hqclip-fast, CLIP loss"] and rate["open_clip_train"] else None)
+    print(f"speed-up over open_clip_train (same loss): {speedup:.2f}x" if speedup else "speed-up: not measured")
 
     result = {
         "benchmark": "bench_train",
@@ -222,11 +350,12 @@ def main() -> None:
         "git_commit": _git_commit(),
         "load_average_1min": os.getloadavg()[0],
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "note")},
+        "batch_probe": probe,
         "peak_tflops": peak,
         "rows": rows,
         "speedup_vs_open_clip": speedup,
         "note": args.note,
-        "targets": "H100, ViT-B-16 224px bf16: >= 1.3x open_clip's samples/s and MFU >= 50% (GPU only)",
+        "targets": "ViT-B-16 224px bf16: >= 1.3x open_clip's samples/s and MFU >= 50% (GPU only)",
     }
     out = Path(args.out) if args.out else RESULTS / f"bench_train_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,18 @@
-"""Merge the GPU campaign's result files into benchmarks/results/<date>-<gpu>.json (issue 8's format) and a
-Markdown table; optionally put the table into the README.
+"""Turn one GPU campaign call's tarball (with the optional second call's) into benchmarks/results/<date>-<gpu>.json
+(issue 8's format plus the rest) and a Markdown table; optionally put the table into the README.
 
-    python benchmarks/collect_gpu_results.py CALL1.tar.gz CALL2.tar.gz CALL3.tar.gz      # the device calls' tarballs
-    python benchmarks/collect_gpu_results.py /tmp/hqclip-campaign --partial --out x.json # one call, stages may lack
-    python benchmarks/collect_gpu_results.py ... --readme README.md                      # also update the README
+    python benchmarks/collect_gpu_results.py /tmp/gpu-campaign/campaign-main.tar.gz --readme README.md
+    python benchmarks/collect_gpu_results.py campaign-main.tar.gz campaign-extra.tar.gz --readme README.md
+    python benchmarks/collect_gpu_results.py /tmp/hqclip-campaign --partial --out x.json   # cut-off or dry run
 
-Inputs are campaign work folders or the tarballs gpu_campaign.py packs them into. Each holds env.json (device,
-versions, commit), campaign.json (the steps and their status) and per-stage folders of the benchmark scripts'
-own JSON files. The merged file keeps issue 8's keys (loss, train) and adds tests, towers, loader, profile,
-targets and sources. Every input must come from the same device and commit (several device calls may land on
-different machines); a required section without results, or a CPU run, is an error unless asked for.
+Inputs are campaign work folders or the tarballs gpu_campaign.py packs them into: env.json (device, versions,
+commit), campaign.json (the steps and how they ended) and one folder per step with the scripts' own files.
+Refused, writing nothing: inputs from different devices, versions or commits; a result file measured on
+another device or commit than its call's env.json; an unknown commit or a tree that differs from it (dirty); a
+CPU run; a required section (loss, train) without results. --partial accepts the last four (one call's view,
+a cut-off call, the CPU dry run). Every target is reported as met, missed, or not measured with the reason:
+the step that did not run or finish, the case that was skipped, or no GPU data at all.
+Standard library only: gpu_campaign.py runs it after every step.
 """
 
 from __future__ import annotations
@@ -20,21 +23,23 @@ import re
 import sys
 import tarfile
 import tempfile
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LOSS_MS_KEYS = {"triton": "hqclip_triton", "triton_2pass": "hqclip_triton_2pass", "chunked": "chunked",
-                "open_clip": "open_clip", "inf_cl": "inf_cl", "gemm_floor": "gemm_floor"}  # bench_loss impl -> issue 8 key
-LOSS_PEAK_KEYS = {"triton": "hqclip_triton", "triton_2pass": "hqclip_triton_2pass", "open_clip": "open_clip",
-                  "inf_cl": "inf_cl"}
+# bench_loss impl -> issue 8's key
+LOSS_KEYS = {"triton": "hqclip_triton", "triton_2pass": "hqclip_triton_2pass", "chunked": "chunked",
+             "open_clip": "open_clip", "inf_cl": "inf_cl", "gemm_floor": "gemm_floor", "gemm_floor3": "gemm_floor3"}
+FLOOR_PRODUCTS = {"gemm_floor": 4, "gemm_floor3": 3}  # B x D by D x N products, 2 B N D FLOPs each
 TRAIN_ROWS = {"hqclip-fast, CLIP loss": "hqclip_fast", "open_clip_train": "open_clip"}
+HQ_ROW = "hqclip-fast, HQ-CLIP loss"
 TARGET_POINT = {"B": 32768, "D": 768, "dtype": "bfloat16", "negatives": False}
+STEPS = {"loss": ("loss",), "train": ("train", "train_compile"), "towers": ("towers",), "loader": ("loader",)}
 README_START, README_END = "<!-- gpu-results:start -->", "<!-- gpu-results:end -->"
+TEST_LINE = re.compile(r"^(?P<test>tests/\S+::\S+) (?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 
 
 class CollectError(ValueError):
-    """The inputs cannot make an honest result file (missing section, mixed devices or commits, CPU run)."""
+    """The inputs cannot make an honest result file (mixed devices or commits, dirty tree, CPU run, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -42,7 +47,7 @@ def _open_input(path: Path, scratch: Path) -> Path:
     if path.is_dir():
         return path
     if path.name.endswith((".tar.gz", ".tgz", ".tar")):
-        target = scratch / str(len(list(scratch.iterdir())))  # calls' tarballs often share a name
+        target = scratch / str(len(list(scratch.iterdir())))  # calls' tarballs can share a name
         with tarfile.open(path) as tar:
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(target, filter="data")  # no absolute paths or links out of the folder
@@ -60,7 +65,7 @@ def _json(path: Path):
 
 
 def loss_entries(result: dict, source: str, skipped: list) -> list[dict]:
-    """bench_loss.py result (one D, one negatives setting, several B) -> issue 8 loss entries, one per B."""
+    """bench_loss.py result (one D, one negatives setting, several B) -> one entry per B."""
     by_batch: dict[int, dict] = {}
     for case in result["cases"]:
         by_batch.setdefault(case["batch_size"], {})[case["impl"]] = case
@@ -68,52 +73,77 @@ def loss_entries(result: dict, source: str, skipped: list) -> list[dict]:
     for batch in sorted(by_batch):
         cases = by_batch[batch]
         entry = {"B": batch, "D": result["dim"], "dtype": result["dtype"], "negatives": result["negatives"],
-                 "ms": {}, "peak_mib": {}, "max_rel_err": None}
-        for impl, key in LOSS_MS_KEYS.items():
+                 "ms": {}, "peak_mib": {}, "rel_err": {}, "launch": {}, "check_rows": None, "max_rel_err": None}
+        for impl, key in LOSS_KEYS.items():
             case = cases.get(impl)
             measured = case is not None and "skipped" not in case
             entry["ms"][key] = round(case["time_ms_median"], 4) if measured else None
-            if impl in LOSS_PEAK_KEYS:
-                entry["peak_mib"][LOSS_PEAK_KEYS[impl]] = round(case["peak_extra_mib"], 2) if measured else None
+            entry["peak_mib"][key] = round(case["peak_extra_mib"], 2) if measured else None
+            entry["rel_err"][key] = case.get("max_rel_err") if measured else None
+            if measured and "launch" in case:
+                entry["launch"][key] = case["launch"]
+            if measured and case.get("check_rows"):
+                entry["check_rows"] = case["check_rows"]
             if case is not None and not measured:
                 skipped.append({"section": "loss", "B": batch, "D": result["dim"], "negatives": result["negatives"],
-                                "impl": impl, "reason": case["skipped"], "source": source})
-        triton = cases.get("triton")
-        if triton is not None and "max_rel_err" in triton:
-            entry["max_rel_err"] = triton["max_rel_err"]
+                                "impl": key, "reason": case["skipped"], "source": source})
+        entry["max_rel_err"] = entry["rel_err"]["hqclip_triton"]  # issue 8's key: the fused loss's error
         entries.append(entry)
     return entries
+
+
+def attach_memory_model(entries: list[dict], model: dict | None) -> None:
+    """Beside each measured peak, what benchmarks/memory_model.py predicts for the same case (the fused loss
+    with the backward passes and panel size it ran with), or None where the model has no such case."""
+    modelled = {}
+    for c in (model or {}).get("cases", []):
+        if "skipped" not in c:
+            modelled[(c["impl"], c.get("backward_passes"), c.get("panel_mib"), c["batch_size"], c["dim"],
+                      c["negatives"])] = round(c["peak_extra_mib"], 2)
+    for e in entries:
+        e["modelled_peak_mib"] = {}
+        for impl, key in LOSS_KEYS.items():
+            if e["ms"][key] is None or model is None or model.get("dtype") != e["dtype"]:
+                e["modelled_peak_mib"][key] = None
+                continue
+            launch = e["launch"].get(key)
+            passes, panel = (2 if launch["two_pass"] else 1, launch["panel_mib"]) if launch else (None, None)
+            name = "triton" if impl.startswith("triton") else impl
+            e["modelled_peak_mib"][key] = modelled.get((name, passes, panel, e["B"], e["D"], e["negatives"]))
 
 
 def train_entry(result: dict) -> dict:
     rows = {row["name"]: row for row in result["rows"]}
     settings = result["settings"]
+
+    def rate(name):
+        row = rows.get(name, {})
+        return round(row["samples_per_s"], 2) if "samples_per_s" in row else None
+
     ours = rows.get("hqclip-fast, CLIP loss", {})
+    probe = result.get("batch_probe") or {}
     return {"model": settings["model"], "batch": settings["batch_size"], "image_size": settings["image_size"],
-            "samples_per_s": {key: (round(rows[name]["samples_per_s"], 2) if name in rows else None)
-                              for name, key in TRAIN_ROWS.items()},
+            "samples_per_s": {key: rate(name) for name, key in TRAIN_ROWS.items()},
             "mfu": round(ours["mfu"], 4) if ours.get("mfu") is not None else None,
-            # beyond issue 8's keys: what the row was measured with, and the full HQ-CLIP loss step
+            # beyond issue 8's keys: how the row was measured, the full HQ-CLIP loss step, the batch probe
             "compile": settings.get("compile", False), "precision": settings.get("precision"),
-            "hqclip_loss_samples_per_s": (round(rows["hqclip-fast, HQ-CLIP loss"]["samples_per_s"], 2)
-                                          if "hqclip-fast, HQ-CLIP loss" in rows else None)}
+            "hqclip_loss_samples_per_s": rate(HQ_ROW),
+            "largest_batch_predicted": {side: v["predicted_max"] for side, v in probe.get("sides", {}).items()},
+            "skipped": {name: row["skipped"] for name, row in rows.items() if "skipped" in row}}
 
 
-def tests_summary(xml_path: Path) -> dict:
-    root = ET.parse(xml_path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    summary = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "not_passed": []}
-    for suite in suites:
-        for key in ("tests", "failures", "errors", "skipped"):
-            summary[key] += int(suite.get(key, 0))
-        for case in suite.iter("testcase"):
-            for tag in ("failure", "error", "skipped"):
-                node = case.find(tag)
-                if node is not None:
-                    summary["not_passed"].append({"test": f"{case.get('classname')}::{case.get('name')}",
-                                                  "outcome": tag, "message": (node.get("message") or "")[:300]})
-    summary["passed"] = summary["tests"] - summary["failures"] - summary["errors"] - summary["skipped"]
-    return summary
+def tests_summary(log: Path) -> dict:
+    """pytest -v's one line per finished test; `complete` says whether pytest got to its final summary (a
+    run stopped at its cap has only the tests before the cut)."""
+    text = log.read_text(errors="replace")
+    outcomes = {}
+    for line in text.splitlines():
+        match = TEST_LINE.match(line)
+        if match:
+            outcomes[match["test"]] = match["outcome"].lower()
+    counts = {k: sum(v == k for v in outcomes.values()) for k in ("passed", "failed", "error", "skipped")}
+    return {**counts, "complete": bool(re.search(r"^=+ .* in [\d.]+s", text, re.M)),
+            "not_passed": {test: outcome for test, outcome in outcomes.items() if outcome != "passed"}}
 
 
 def towers_summary(result: dict, source: str) -> dict:
@@ -130,171 +160,191 @@ def loader_summary(result: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- merging
 def collect(inputs: list[Path], *, require=("loss", "train"), allow_cpu: bool = False,
-            allow_mixed_commits: bool = False) -> dict:
-    """Read campaign folders/tarballs and return the merged result (issue 8's format plus extras)."""
+            allow_dirty: bool = False) -> dict:
+    """Read campaign folders/tarballs and return the merged result."""
     if not inputs:
         raise CollectError("no inputs given")
     with tempfile.TemporaryDirectory() as scratch:
-        folders = [(path, _open_input(path, Path(scratch))) for path in inputs]
-        return _collect(folders, require, allow_cpu, allow_mixed_commits)
+        folders = [(Path(path), _open_input(Path(path), Path(scratch))) for path in inputs]
+        return _collect(folders, require, allow_cpu, allow_dirty)
 
 
-def _collect(folders, require, allow_cpu, allow_mixed_commits) -> dict:
-    envs, sources, skipped = [], [], []
-    merged: dict = {"loss": {}, "train": {}, "towers": [], "loader": None, "tests": None, "profile": [],
-                    "incomplete": [], "steps_not_ok": []}
-    for path, folder in folders:
-        env_path = folder / "env.json"
-        if not env_path.exists():
-            raise CollectError(f"{path}: no env.json (not a gpu_campaign.py work folder?)")
-        env = _json(env_path)
-        envs.append((path, env))
-        campaign = _json(folder / "campaign.json") if (folder / "campaign.json").exists() else {"steps": []}
-        sources.append({"input": Path(path).name, "date": env.get("date"), "stages": campaign.get("stages"),
-                        "steps": [{"name": s["name"], "status": s["status"], "seconds": s.get("seconds")}
-                                  for s in campaign["steps"]]})
-        merged["steps_not_ok"] += [{"input": Path(path).name, "name": s["name"], "status": s["status"],
-                                    "reason": s.get("reason") or s.get("log_tail", "")[-300:]}
-                                   for s in campaign["steps"] if s["status"] != "ok"]
-        for file in sorted(folder.glob("loss/*.json")):
-            result = _json(file)
-            _check_device(result.get("device_name"), env, file)
-            if result.get("incomplete"):
-                merged["incomplete"].append(f"{path.name}:{file.name}: {result.get('note', 'incomplete')}")
-            for entry in loss_entries(result, f"{path.name}:{file.name}", skipped):
-                merged["loss"][(entry["B"], entry["D"], entry["dtype"], entry["negatives"])] = entry
-        for file in sorted(folder.glob("train/*.json")):
-            result = _json(file)
-            _check_device(result.get("device"), env, file)
-            if result.get("incomplete"):
-                merged["incomplete"].append(f"{path.name}:{file.name}: {result.get('note', 'incomplete')}")
-            entry = train_entry(result)
-            merged["train"][(entry["model"], entry["batch"], entry["image_size"], entry["compile"])] = entry
-        for file in sorted(folder.glob("towers/*.json")):
-            result = _json(file)
-            _check_device(result["env"].get("device"), env, file)
-            merged["towers"].append(towers_summary(result, f"{path.name}:{file.name}"))
-        if (folder / "loader" / "loader.json").exists():
-            result = _json(folder / "loader" / "loader.json")
-            _check_device(result["env"].get("device"), env, folder / "loader" / "loader.json")
-            merged["loader"] = loader_summary(result)
-        if (folder / "tests" / "pytest.xml").exists():
-            merged["tests"] = tests_summary(folder / "tests" / "pytest.xml")
-        merged["profile"] += [f"{path.name}:{p.relative_to(folder)}" for p in sorted(folder.glob("profile/*"))]
+def read_call(path: Path, folder: Path) -> dict:
+    """One call's folder: its env.json, steps and results (each file checked against env.json)."""
+    if not (folder / "env.json").exists():
+        raise CollectError(f"{path}: no env.json (not a gpu_campaign.py work folder?)")
+    env = _json(folder / "env.json")
+    campaign = _json(folder / "campaign.json") if (folder / "campaign.json").exists() else {"steps": []}
+    call = {"env": env, "skipped": [], "incomplete": [], "loss": [], "train": [], "towers": [], "loader": None,
+            "tests": None, "record": {
+                "input": path.name, "call": campaign.get("call"), "date": env.get("date"),
+                "budget_s": campaign.get("budget_s"),
+                "steps": [{"name": s["name"], "status": s["status"], "seconds": s.get("seconds"),
+                           "reason": s.get("reason") or s.get("log_tail", "")[-300:] or None}
+                          for s in campaign["steps"]]}}
 
-    device, torch_version, triton_version, commit, date = _agree(envs, allow_cpu, allow_mixed_commits)
+    def read(file, device_key="device"):
+        return _read(file, env, device_key, call["incomplete"], f"{path.name}:{file.relative_to(folder)}")
+
+    model_file = folder / "memory" / "memory_model.json"
+    model = read(model_file, device_key=None) if model_file.exists() else None
+    for file in sorted(folder.glob("loss*/loss-*.json")):
+        entries = loss_entries(read(file, "device_name"), f"{path.name}:{file.relative_to(folder)}", call["skipped"])
+        attach_memory_model(entries, model)
+        call["loss"] += entries
+    call["train"] = [train_entry(read(file)) for file in sorted(folder.glob("train*/train-*.json"))]
+    call["towers"] = [towers_summary(read(file), f"{path.name}:{file.relative_to(folder)}")
+                      for file in sorted(folder.glob("towers/*.json"))]
+    if (folder / "loader" / "loader.json").exists():
+        call["loader"] = loader_summary(read(folder / "loader" / "loader.json"))
+    if (folder / "tests" / "tests.log").exists():
+        call["tests"] = tests_summary(folder / "tests" / "tests.log")
+    call["profile"] = [f"{path.name}:{p.relative_to(folder)}" for p in sorted(folder.glob("profile/*"))]
+    return call
+
+
+def _collect(folders, require, allow_cpu, allow_dirty) -> dict:
+    calls = [read_call(path, folder) for path, folder in folders]
+    env = _agree([(path, call["env"]) for (path, _), call in zip(folders, calls)], allow_cpu, allow_dirty)
+    loss = {(e["B"], e["D"], e["dtype"], e["negatives"]): e for call in calls for e in call["loss"]}
+    train = {(e["model"], e["batch"], e["image_size"], e["compile"]): e for call in calls for e in call["train"]}
+    records = [call["record"] for call in calls]
     result = {
-        "device": device, "torch": torch_version, "triton": triton_version, "commit": commit, "date": date,
-        "loss": sorted(merged["loss"].values(), key=lambda e: (e["D"], e["negatives"], e["B"], e["dtype"])),
-        "train": sorted(merged["train"].values(), key=lambda e: (e["model"], e["batch"], e["compile"])),
-        "tests": merged["tests"], "towers": merged["towers"], "loader": merged["loader"],
-        "profile_files": merged["profile"], "skipped": skipped, "incomplete": merged["incomplete"],
-        "steps_not_ok": merged["steps_not_ok"], "sources": sources,
-        "versions": {k: envs[0][1].get(k) for k in ("python", "open_clip", "inf_cl", "xformers", "nvidia_smi")},
+        "device": env["device"], "device_type": env["device_type"], "torch": env["torch"], "triton": env["triton"],
+        "commit": env["commit"], "dirty": env["dirty"], "date": min(call["env"]["date"] for call in calls)[:10],
+        "versions": {k: env.get(k) for k in ("python", "numpy", "open_clip", "inf_cl", "xformers", "nvidia_smi")},
+        "calls": records,
+        "loss": sorted(loss.values(), key=lambda e: (e["D"], e["negatives"], e["dtype"], e["B"])),
+        "train": sorted(train.values(), key=lambda e: (e["model"], e["batch"], e["compile"])),
+        "tests": next((call["tests"] for call in calls if call["tests"]), None),
+        "towers": [t for call in calls for t in call["towers"]],
+        "loader": next((call["loader"] for call in calls if call["loader"]), None),
+        "profile_files": [f for call in calls for f in call["profile"]],
+        "skipped": [s for call in calls for s in call["skipped"]],
+        "incomplete": [s for call in calls for s in call["incomplete"]],
+        "not_run": [{"input": c["input"], "step": s["name"], "status": s["status"], "reason": s["reason"]}
+                    for c in records for s in c["steps"] if s["status"] != "ok"],
     }
     missing = [section for section in require if not result.get(section)]
     if missing:
-        raise CollectError(f"no results for required stage(s) {missing} in {[str(p) for p, _ in folders]}; "
-                           "run them (gpu_campaign.py --stage ...) or pass --partial")
+        raise CollectError(f"no results for required section(s) {missing} in {[str(p) for p, _ in folders]}; "
+                           "pass --partial to keep what there is")
     result["targets"] = targets(result)
-    result["memory_model_check"] = memory_model_check(result["loss"], RESULTS / "memory_model.json")
     return result
 
 
-# bench_loss impl key -> the memory model's case for the same code path (memory_model.py, H100 layout).
-MODELLED = {"hqclip_triton": ("triton", 1, 128), "hqclip_triton_2pass": ("triton", 2, 32),
-            "open_clip": ("open_clip", None, None)}
+def _read(file: Path, env: dict, device_key: str | None, incomplete: list, label: str) -> dict:
+    """A result file, checked against its call's env.json: it must come from the same device and commit
+    (where it names them; bench_towers and bench_loader keep theirs under "env")."""
+    result = _json(file)
+    where = result.get("env", result)
+    _check_file(file, where.get(device_key) if device_key else None, where.get("git_commit"), env)
+    if result.get("incomplete"):
+        incomplete.append(f"{label}: {result.get('note', 'incomplete')}")
+    return result
 
 
-def memory_model_check(loss: list[dict], model_path: Path) -> list[dict]:
-    """Measured peak extra MiB beside what benchmarks/memory_model.py predicts for the same case, so that the
-    first GPU run tells how far the model (and the figures quoted from it) can be trusted."""
-    if not model_path.exists():
-        return []
-    model = {}
-    for c in _json(model_path)["cases"]:
-        if "skipped" not in c:
-            model[(c["impl"], c.get("backward_passes"), c.get("panel_mib"), c["batch_size"], c["dim"],
-                   c["negatives"])] = c["peak_extra_mib"]
-    rows = []
-    for e in loss:
-        if e["dtype"] != "bfloat16":
-            continue
-        for key, (impl, passes, panel) in MODELLED.items():
-            measured = e["peak_mib"].get(key)
-            modelled = model.get((impl, passes, panel, e["B"], e["D"], e["negatives"]))
-            if measured is not None and modelled is not None:
-                rows.append({"impl": key, "B": e["B"], "D": e["D"], "negatives": e["negatives"],
-                             "measured_mib": measured, "modelled_mib": round(modelled, 2)})
-    return rows
+def _check_file(file: Path, device, commit, env) -> None:
+    if env.get("device_type") == "cuda" and device is not None and device != env["device"]:
+        raise CollectError(f"{file}: measured on {device!r}, but its call ran on {env['device']!r}")
+    if commit and env.get("commit") and commit != env["commit"]:
+        raise CollectError(f"{file}: made at commit {commit}, but its call ran at {env['commit']}")
 
 
-def _check_device(name, env, file) -> None:
-    """Each result file must have been measured on the device its call's env.json names."""
-    if env.get("device_type") == "cuda" and name is not None and name != env["device"]:
-        raise CollectError(f"{file}: measured on {name!r}, but its campaign ran on {env['device']!r}")
-
-
-def _agree(envs, allow_cpu, allow_mixed_commits):
+def _agree(envs, allow_cpu, allow_dirty) -> dict:
     first_path, first = envs[0]
     for path, env in envs:
         if env.get("device_type") != "cuda" and not allow_cpu:
             raise CollectError(f"{path}: a {env.get('device_type')} run ({env.get('device')}); GPU result files "
-                               "take GPU runs only (--allow-cpu is for dry runs)")
-        for key in ("device", "torch", "triton"):
+                               "take GPU runs only (--partial is for dry runs)")
+        if not allow_dirty and (not env.get("commit") or env.get("dirty") is not False):
+            raise CollectError(f"{path}: the tree measured is not a known commit (commit {env.get('commit')}, "
+                               f"changed {env.get('changed_files')}); commit, run fetch_gpu_wheels.sh, call again")
+        for key in ("device", "torch", "triton", "commit"):
             if env.get(key) != first.get(key):
                 raise CollectError(f"inputs disagree on {key}: {first_path} has {first.get(key)!r}, {path} has "
-                                   f"{env.get(key)!r}; ratios across machines are not comparable, collect them "
-                                   "separately")
-        if env.get("commit") != first.get("commit") and not allow_mixed_commits:
-            raise CollectError(f"inputs come from different commits ({first.get('commit')} in {first_path}, "
-                               f"{env.get('commit')} in {path}); pass --allow-mixed-commits if that is intended")
-    commits = sorted({env.get("commit") or "unknown" for _, env in envs})
-    date = min(env["date"] for _, env in envs)[:10]
-    return first["device"], first["torch"], first["triton"], commits[0] if len(commits) == 1 else commits, date
+                                   f"{env.get(key)!r}; results from different machines or code are not comparable")
+    return first
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def _why_step(result: dict, section: str) -> str | None:
+    """None if a step of this section finished in some call, else why not."""
+    steps = [(c["call"], s) for c in result["calls"] for s in c["steps"] if s["name"] in STEPS[section]]
+    if any(s["status"] == "ok" for _, s in steps):
+        return None
+    if not steps:
+        return f"step {'/'.join(STEPS[section])} is not in the call(s) collected (the optional second call)"
+    return "; ".join(f"step {s['name']} {s['status']}" + (f" ({s['reason'][:120]})" if s.get("reason") else "")
+                     for _, s in steps)
 
 
 def targets(result: dict) -> list[dict]:
-    """The issues' speed targets, each with its measured value (None: not measured in these inputs)."""
+    """Issue 14's targets, each met, missed or not measured (value None, with the reason)."""
+    gpu = result["device_type"] == "cuda"
     point = next((e for e in result["loss"] if all(e[k] == v for k, v in TARGET_POINT.items())), None)
-    ms = point["ms"] if point else {}
-    peak = point["peak_mib"] if point else {}
+    at = "B=32768, D=768, bf16"
 
-    def ratio(a, b):
-        return round(a / b, 3) if a is not None and b not in (None, 0) else None
+    def loss_ratio(top, bottom, field="ms"):
+        if point is None or point[field][top] is None or point[field][bottom] is None:
+            for key in (top, bottom):
+                reason = next((s["reason"] for s in result["skipped"] if s["impl"] == key and s["B"] == 32768
+                               and s["D"] == 768 and not s["negatives"]), None)
+                if reason:
+                    return None, f"{key} at {at}: {reason[:160]}"
+            return None, _why_step(result, "loss") or f"no {top} and {bottom} result at {at}"
+        return round(point[field][top] / point[field][bottom], 4), None
 
-    rows = [
-        ("loss: hqclip_triton / gemm_floor at B=32768, D=768, bf16", "<= 1.3",
-         ratio(ms.get("hqclip_triton"), ms.get("gemm_floor")), lambda v: v <= 1.3),
-        ("loss: open_clip / hqclip_triton (speed-up)", ">= 2", ratio(ms.get("open_clip"), ms.get("hqclip_triton")),
-         lambda v: v >= 2),
-        ("loss: inf_cl / hqclip_triton (speed-up)", ">= 3", ratio(ms.get("inf_cl"), ms.get("hqclip_triton")),
-         lambda v: v >= 3),
-        ("loss: hqclip_triton peak extra memory / open_clip's", "<= 0.02",
-         ratio(peak.get("hqclip_triton"), peak.get("open_clip")), lambda v: v <= 0.02),
-        # The two-pass backward (no fp32 gradient buffer), measured beside the default to choose between them.
-        ("loss: hqclip_triton_2pass / gemm_floor", "<= 1.3",
-         ratio(ms.get("hqclip_triton_2pass"), ms.get("gemm_floor")), lambda v: v <= 1.3),
-        ("loss: hqclip_triton_2pass peak extra memory / open_clip's", "<= 0.02",
-         ratio(peak.get("hqclip_triton_2pass"), peak.get("open_clip")), lambda v: v <= 0.02),
-    ]
-    vit = [e for e in result["train"] if e["model"] == "ViT-B-16" and e["image_size"] == 224]
-    best = max(vit, key=lambda e: e["samples_per_s"]["hqclip_fast"] or 0, default=None)
-    rows += [
-        ("train: ViT-B-16 samples/s, hqclip_fast / open_clip (best measured row)", ">= 1.3",
-         ratio(best["samples_per_s"]["hqclip_fast"], best["samples_per_s"]["open_clip"]) if best else None,
-         lambda v: v >= 1.3),
-        ("train: ViT-B-16 MFU (same row)", ">= 0.5", best["mfu"] if best else None, lambda v: v >= 0.5),
-    ]
+    vit = [e for e in result["train"] if (e["model"], e["image_size"], e["precision"]) == ("ViT-B-16", 224, "bf16")]
+    best = max((e for e in vit if e["samples_per_s"]["hqclip_fast"]), default=None,
+               key=lambda e: e["samples_per_s"]["hqclip_fast"])
+
+    def train_value(kind):
+        if best is None:
+            return None, _why_step(result, "train") or "no ViT-B-16 224 px bf16 training row"
+        where = f" (batch {best['batch']}, {'compiled' if best['compile'] else 'eager'})"
+        if kind == "mfu":
+            return best["mfu"], None if best["mfu"] is not None else "no MFU (no device peak)" + where
+        ours, theirs = best["samples_per_s"]["hqclip_fast"], best["samples_per_s"]["open_clip"]
+        if not theirs:
+            return None, f"open_clip_train: {best['skipped'].get('open_clip_train', 'no row')}" + where
+        return round(ours / theirs, 4), None
+
     tower = [t["speedup_vs_open_clip"].get("model") for t in result["towers"]
              if t["model"] == "ViT-B-16" and t["speedup_vs_open_clip"].get("model") is not None]
-    rows.append(("towers: ViT-B-16 whole model, best hqclip / open_clip samples/s", ">= 1.3",
-                 max(tower) if tower else None, lambda v: v >= 1.3))
-    loader = result["loader"] or {}
-    rows.append(("loader: GPU decode samples/s / ViT-B-16 step samples/s", ">= 1.5",
-                 loader.get("gpu_decode_over_vit_step"), lambda v: v >= 1.5))
-    return [{"target": name, "want": want, "value": value, "met": None if value is None else bool(check(value))}
-            for name, want, value, check in rows]
+    loader = (result["loader"] or {}).get("gpu_decode_over_vit_step")
+    rows = [
+        (f"loss speed-up over open_clip ClipLoss (open_clip ms / triton ms), {at}", ">= 2",
+         loss_ratio("open_clip", "hqclip_triton"), lambda v: v >= 2),
+        (f"loss speed-up over Inf-CL 1.2.1 (inf_cl ms / triton ms), {at}", ">= 3",
+         loss_ratio("inf_cl", "hqclip_triton"), lambda v: v >= 3),
+        (f"loss time / GEMM floor (four cuBLAS GEMMs), {at}", "<= 1.3",
+         loss_ratio("hqclip_triton", "gemm_floor"), lambda v: v <= 1.3),
+        (f"loss peak extra memory / open_clip's, {at}", "<= 0.02",
+         loss_ratio("hqclip_triton", "open_clip", "peak_mib"), lambda v: v <= 0.02),
+        # The two-pass backward (no fp32 gradient buffer), timed beside the default to choose between them.
+        (f"two-pass backward: loss time / GEMM floor, {at}", "<= 1.3",
+         loss_ratio("hqclip_triton_2pass", "gemm_floor"), lambda v: v <= 1.3),
+        (f"two-pass backward: peak extra memory / open_clip's, {at}", "<= 0.02",
+         loss_ratio("hqclip_triton_2pass", "open_clip", "peak_mib"), lambda v: v <= 0.02),
+        ("training samples/s, hqclip-fast / open_clip_train, ViT-B-16 224 px bf16 (best row)", ">= 1.3",
+         train_value("ratio"), lambda v: v >= 1.3),
+        ("training MFU, ViT-B-16 224 px bf16 (same row; 989 TFLOP/s peak)", ">= 0.5",
+         train_value("mfu"), lambda v: v >= 0.5),
+        ("towers: ViT-B-16 whole model, best hqclip / open_clip samples/s", ">= 1.3",
+         (max(tower), None) if tower else (None, _why_step(result, "towers") or "no ViT-B-16 tower row"),
+         lambda v: v >= 1.3),
+        ("loader: GPU decode samples/s / ViT-B-16 step samples/s", ">= 1.5",
+         (loader, None) if loader is not None else (None, _why_step(result, "loader") or "no GPU decode figure"),
+         lambda v: v >= 1.5),
+    ]
+    out = []
+    for name, want, (value, why), check in rows:
+        if not gpu:  # a CPU run's numbers say nothing about these targets
+            value, why = None, "no GPU data: a CPU run (dry run of the campaign)"
+        status = "not measured" if value is None else ("met" if check(value) else "missed")
+        out.append({"target": name, "want": want, "value": value, "status": status, "why": why})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -302,70 +352,62 @@ def _fmt(value, digits=2):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _sci(value):
-    return "-" if value is None else f"{value:.1e}"
-
-
-def _percent(value):
-    return "-" if value is None else f"{value:.1%}"
-
-
 def markdown(result: dict) -> str:
-    commit = result["commit"] if isinstance(result["commit"], str) else ", ".join(result["commit"])
-    lines = [f"### Campaign results: {result['device']}, {result['date']}", "",
-             f"torch {result['torch']}, triton {result['triton']}, commit `{commit[:12]}`; "
-             f"{len(result['sources'])} campaign call(s); generated by `benchmarks/collect_gpu_results.py`.", ""]
+    commit = (result["commit"] or "unknown")[:12] + (" (dirty)" if result["dirty"] is not False else "")
+    steps = "; ".join(f"{c['call']}: " + ", ".join(f"{s['name']} {s['status']}" + (f" {s['seconds']:.0f} s"
+                                                                                   if s.get("seconds") else "")
+                                                  for s in c["steps"]) for c in result["calls"])
+    v = result["versions"]
+    lines = [f"### GPU campaign: {result['device']}, {result['date']}", "",
+             f"torch {result['torch']}, triton {result['triton']}, open_clip {v['open_clip']}, inf_cl {v['inf_cl']}; "
+             f"commit `{commit}`. Steps ({steps}). Written by `benchmarks/collect_gpu_results.py`.", "",
+             "| target | want | measured | status |", "|---|---|---:|---|"]
+    for t in result["targets"]:
+        status = t["status"] if t["status"] != "missed" else "**missed**"
+        lines.append(f"| {t['target']} | {t['want']} | {_fmt(t['value'], 3)} | {status}"
+                     + (f": {t['why']}" if t["why"] else "") + " |")
+    lines.append("")
     if result["loss"]:
-        lines += ["Loss forward+backward, ms (median); peak extra MiB; max relative error of hqclip_triton "
-                  "against float64 (loss and gradients).", "",
-                  "| B | D | dtype | neg | hqclip_triton | hqclip_triton_2pass | chunked | open_clip | inf_cl "
-                  "| GEMM floor | triton/floor | open_clip/triton | inf_cl/triton | peak MiB triton "
-                  "| peak MiB triton_2pass | peak MiB open_clip | max rel err |",
-                  "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["Loss forward+backward per case: median ms; its ratio to the four-GEMM floor; the floors' "
+                  "achieved TFLOP/s (8 or 6 B N D FLOPs); peak extra MiB measured and as `memory_model.py` "
+                  "predicts it; max relative error of loss and gradients against fp64 on the first rows.", "",
+                  "| B | D | dtype | neg | impl | ms | x floor | GEMM TFLOP/s | peak MiB | modelled MiB | rel err "
+                  "(rows) |", "|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for e in result["loss"]:
-            ms, peak = e["ms"], e["peak_mib"]
-
-            def over(a, b, ms=ms):
-                return _fmt(ms[a] / ms[b]) if ms[a] is not None and ms[b] else "-"
-            lines.append(f"| {e['B']} | {e['D']} | {e['dtype']} | {'yes' if e['negatives'] else 'no'} | "
-                         + " | ".join(_fmt(ms[k], 3) for k in LOSS_MS_KEYS.values())
-                         + f" | {over('hqclip_triton', 'gemm_floor')} | {over('open_clip', 'hqclip_triton')} | "
-                         f"{over('inf_cl', 'hqclip_triton')} | {_fmt(peak['hqclip_triton'], 1)} | "
-                         f"{_fmt(peak['hqclip_triton_2pass'], 1)} | {_fmt(peak['open_clip'], 1)} | "
-                         f"{_sci(e['max_rel_err'])} |")
+            floor = e["ms"]["gemm_floor"]
+            columns = e["B"] * (2 if e["negatives"] else 1)
+            for impl, key in LOSS_KEYS.items():
+                ms = e["ms"][key]
+                if ms is None:
+                    continue
+                tflops = (f"{FLOOR_PRODUCTS[impl] * 2 * e['B'] * columns * e['D'] / ms / 1e9:.0f}"
+                          if impl in FLOOR_PRODUCTS else "")
+                error = "" if e["rel_err"][key] is None else f"{e['rel_err'][key]:.1e} ({e['check_rows']})"
+                lines.append(f"| {e['B']} | {e['D']} | {e['dtype']} | {'yes' if e['negatives'] else 'no'} | {key} | "
+                             f"{ms:.3f} | {_fmt(ms / floor if floor else None)} | {tflops} | "
+                             f"{_fmt(e['peak_mib'][key], 1)} | {_fmt(e['modelled_peak_mib'][key], 1)} | {error} |")
         lines.append("")
     if result["train"]:
-        lines += ["Training step (model, loss, backward, optimizer), samples/s:", "",
-                  "| model | batch | image | compile | hqclip_fast | open_clip_train | ratio | MFU | HQ-CLIP loss |",
-                  "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+        lines += ["Training step (model, loss, backward, optimizer) at the largest batch that fits both sides, "
+                  "samples/s:", "",
+                  "| model | image | batch | compile | hqclip-fast | open_clip_train | ratio | MFU | HQ-CLIP loss "
+                  "| largest batch predicted |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
         for e in result["train"]:
             sps = e["samples_per_s"]
             ratio = _fmt(sps["hqclip_fast"] / sps["open_clip"]) if sps["hqclip_fast"] and sps["open_clip"] else "-"
-            lines.append(f"| {e['model']} | {e['batch']} | {e['image_size']} | {'yes' if e['compile'] else 'no'} | "
+            predicted = ", ".join(f"{side} {n}" for side, n in e["largest_batch_predicted"].items())
+            lines.append(f"| {e['model']} | {e['image_size']} | {e['batch']} | {'yes' if e['compile'] else 'no'} | "
                          f"{_fmt(sps['hqclip_fast'], 1)} | {_fmt(sps['open_clip'], 1)} | {ratio} | "
-                         f"{_percent(e['mfu'])} | {_fmt(e['hqclip_loss_samples_per_s'], 1)} |")
-        lines.append("")
-    if result.get("memory_model_check"):
-        lines += ["Peak extra MiB, measured here vs modelled by `benchmarks/memory_model.py`:", "",
-                  "| impl | B | D | neg | measured | modelled | measured / modelled |", "|---|---:|---:|---|---:|---:|---:|"]
-        for m in result["memory_model_check"]:
-            lines.append(f"| {m['impl']} | {m['B']} | {m['D']} | {'yes' if m['negatives'] else 'no'} | "
-                         f"{_fmt(m['measured_mib'], 1)} | {_fmt(m['modelled_mib'], 1)} | "
-                         f"{_fmt(m['measured_mib'] / m['modelled_mib'])} |")
-        lines.append("")
-    if result.get("targets"):
-        lines += ["| target | want | measured | met |", "|---|---|---:|---|"]
-        for t in result["targets"]:
-            met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
-            lines.append(f"| {t['target']} | {t['want']} | {_fmt(t['value'], 3)} | {met} |")
+                         f"{'-' if e['mfu'] is None else format(e['mfu'], '.1%')} | "
+                         f"{_fmt(e['hqclip_loss_samples_per_s'], 1)} | {predicted} |")
         lines.append("")
     if result["tests"]:
-        tests = result["tests"]
-        lines.append(f"GPU tests: {tests['passed']} passed, {tests['failures'] + tests['errors']} failed, "
-                     f"{tests['skipped']} skipped.")
-    if result["steps_not_ok"]:
-        lines.append("Steps that did not finish: " + "; ".join(f"{s['name']} ({s['status']})"
-                                                               for s in result["steps_not_ok"]) + ".")
+        t = result["tests"]
+        lines.append(f"Tests on the device: {t['passed']} passed, {t['failed'] + t['error']} failed, {t['skipped']} "
+                     f"skipped{'' if t['complete'] else ', stopped at the step cap before the rest'}.")
+    if result["not_run"]:
+        lines.append("Not run or not finished: " + "; ".join(f"{s['step']} ({s['status']})" for s in result["not_run"])
+                     + ".")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -392,14 +434,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None,
                         help="result JSON (default benchmarks/results/<date>-<gpu>.json); Markdown beside it")
     parser.add_argument("--require", default="loss,train", help="sections that must have results")
-    parser.add_argument("--partial", action="store_true", help="allow missing sections and CPU runs (one call's view)")
-    parser.add_argument("--allow-cpu", action="store_true", help="accept CPU dry-run inputs")
-    parser.add_argument("--allow-mixed-commits", action="store_true")
+    parser.add_argument("--partial", action="store_true",
+                        help="accept missing sections, CPU runs and dirty or unknown commits (dry runs, one call's view)")
     parser.add_argument("--readme", type=Path, default=None, help="also put the table into this README")
     args = parser.parse_args(argv)
     try:
         result = collect(args.inputs, require=() if args.partial else tuple(filter(None, args.require.split(","))),
-                         allow_cpu=args.allow_cpu or args.partial, allow_mixed_commits=args.allow_mixed_commits)
+                         allow_cpu=args.partial, allow_dirty=args.partial)
     except CollectError as err:
         print(f"collect_gpu_results: {err}", file=sys.stderr)
         return 2

@@ -1,22 +1,32 @@
-"""The GPU campaign of issue 8 in a few device calls: GPU tests, loss/tower/training/loader benchmarks, profile.
+"""The GPU campaign in one device call of at most 7 minutes, the headline numbers first.
 
 Run it through benchmarks/gpu_campaign.sh, which installs the carried wheels and puts the project on the path:
 
-    bash benchmarks/gpu_campaign.sh --stage tests,loss,profile --dims 768     # call 1 (the targets' D)
-    bash benchmarks/gpu_campaign.sh --stage train,towers,loader               # call 2
-    bash benchmarks/gpu_campaign.sh --stage loss --dims 512,1024              # call 3
-    bash benchmarks/gpu_campaign.sh --stage extras                            # call 4, if time is left
-    bash benchmarks/gpu_campaign.sh --device cpu --stage all                  # tiny CPU smoke run, a few minutes
+    bash benchmarks/gpu_campaign.sh                                  # call 1: the one to make (400 s budget)
+    bash benchmarks/gpu_campaign.sh --call extra --budget-s 240      # call 2: only if 5 minutes are left
+    bash benchmarks/gpu_campaign.sh --device cpu                     # call 1 on the CPU at tiny sizes
 
-Every step is a subprocess with its own time cap, clipped to what is left of --budget-s, so one call ends
-inside the device tool's 10 minutes and still returns what finished. A step that times out or fails is recorded
-(return code, log tail) and the campaign goes on. bench_loss.py prints each case and bench_train.py each row as
-it finishes; when one is cut off, its result file is rebuilt from those lines and marked incomplete.
+Call `main`, in order of value; each step has a hard cap (seconds, killed there) and runs only if the budget
+still holds what it needs:
+    tests          60  the kernel and loss tests against the fp64 reference, on CUDA (MAIN_TESTS)
+    loss          150  bench_loss.py, fwd+bwd, bf16, D=768, B = 32768, 8192, 65536: triton, gemm_floor,
+                       open_clip, inf_cl, triton_2pass, gemm_floor3; error against fp64 on 8192 samples; peak
+                       extra memory
+    memory         30  memory_model.py: the modelled peak of the same cases (no GPU used)
+    train         130  bench_train.py: ViT-B-16, 224 px, bf16, the largest batch that fits, hqclip-fast against
+                       open_clip_train in one process, eager
+    train_compile rest the same with torch.compile, only if 120 s are left
+Call `extra` (CUDA only): compiled training, the loss profile (torch.profiler, ncu), towers SDPA vs xformers,
+the loss with hard negatives, the loader, the loss at D = 512 and 1024.
+With --device cpu the same steps run at tiny sizes (Triton's interpreter); steps that need CUDA are listed
+as not run. tests/test_gpu_campaign.py runs that in `make test`, so this call cannot rot.
 
-Everything lands in a work folder (default /tmp/hqclip-campaign): env.json, campaign.json (the steps run),
-one folder per stage with the scripts' JSON/Markdown/logs. At the end the folder is packed into
-OUT/campaign-<stages>.tar.gz (the device tool returns at most 8 files) and collect_gpu_results.py writes
-OUT/partial.json/.md over what this call produced. Merge the calls afterwards with collect_gpu_results.py.
+Each step is a subprocess in its own process group, killed at its cap. A step that fails or is cut off is
+recorded (status, log tail) and the next one runs; bench_loss.py and bench_train.py print each case as a
+JSON line, and a cut-off run's result file is rebuilt from those lines (marked incomplete). After every step
+the work folder (env.json, campaign.json, one folder per step) is packed into OUT/campaign-<call>.tar.gz,
+the log copied to OUT/campaign.log and collect_gpu_results.py writes OUT/partial.json and partial.md, so a call
+stopped anywhere still returns what it measured (the device tool returns at most 8 files).
 """
 
 from __future__ import annotations
@@ -24,10 +34,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
+import hashlib
+import importlib.metadata
 import json
 import os
 import platform
-import re
 import shlex
 import shutil
 import subprocess
@@ -39,126 +50,96 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "benchmarks"
-STAGES = ("tests", "loss", "profile", "train", "towers", "loader", "extras")
-GPU_LOSS_BATCHES = "32768,4096,16384,65536"  # the targets' B first: a cut-off run still has it
+sys.path.insert(0, str(BENCH))
+import collect_gpu_results  # noqa: E402  (stdlib only: cheap to run after every step)
+
 TARBALL_LIMIT = 15 * 2**20  # the device tool returns files up to 16 MiB
-RESERVE_S = 25  # kept back from the budget for packing and the partial collection
+RESERVE_S = 10  # kept back from the budget for the last packing
+MIN_STEP_S = 20  # a step with less time than this left is not started
+
+# The kernel and loss tests that need CUDA to say something, most valuable first (pytest keeps this order):
+# every term at B = 4099 against the fp64 reference, then the small odd shapes of every option and dtype.
+MAIN_TESTS = [
+    "tests/test_kernels_loss.py::test_realistic_shape_on_gpu",
+    "tests/test_kernels_loss.py::test_every_term_together_matches_reference",
+    "tests/test_kernels_loss.py::test_contrastive_terms_match_reference",
+    "tests/test_kernels_loss.py::test_pair_negatives_in_row_chunks_match_reference",
+    "tests/test_kernels_loss.py::test_scale_100_with_poorly_aligned_rows",
+    "tests/test_kernels_loss.py::test_triton_is_deterministic",
+    "tests/test_kernels_ops.py::test_backward_panels_on_either_axis_match_materialized",
+    "tests/test_kernels_ops.py::test_pairwise_negative_logits_from_the_sweep",
+    "tests/test_kernels_ops.py::test_forward_sweep_across_groups_matches_materialized",
+]
+# The interpreter takes seconds per kernel test: the dry run keeps two (the first skips without CUDA).
+DRY_RUN_TESTS = MAIN_TESTS[:1] + ["tests/test_kernels_loss.py::test_contrastive_terms_match_reference[7-16-none-fp32]"]
+LOSS_IMPLS = "triton,gemm_floor,open_clip,inf_cl,triton_2pass,gemm_floor3"
 
 
 @dataclass
 class Step:
-    """One subprocess of the campaign."""
+    """One subprocess of the campaign; cmd None: not run on this device (`why`)."""
 
-    stage: str
     name: str
-    cmd: list[str]
-    cap_s: float  # its own time cap; clipped to the budget left
-    outputs: list[str] = field(default_factory=list)  # result files it should write, relative to the work dir
-    env: dict = field(default_factory=dict)
+    cmd: list[str] | None
+    cap_s: float | None  # None: whatever the budget has left
+    outputs: list[str] = field(default_factory=list)  # result files it writes, relative to the work folder
+    min_left_s: float = MIN_STEP_S
+    why: str = ""
 
 
 def _python() -> str:
     return sys.executable
 
 
-def loss_steps(args) -> list[Step]:
+def _cuda_only(name: str, what: str) -> Step:
+    return Step(name, None, 0, why=f"needs CUDA ({what})")
+
+
+# ------------------------------------------------------------------------------------------------ plans
+def loss_step(args, name: str, *, dim: int, batches: str, impls: str, negatives: bool = False,
+              cap_s: float = 150) -> Step:
+    out = f"{name}/loss-D{dim}{'-neg' if negatives else ''}.json"
+    cmd = [_python(), str(BENCH / "bench_loss.py"), "--device", args.device, "--in-process", "--dim", str(dim),
+           "--impls", impls, "--check", "--out", str(args.work / out)]
+    if args.device == "cuda":
+        cmd += ["--dtype", "bfloat16", "--batch-sizes", batches, "--check-rows", "8192", "--warmup", "2",
+                "--repeats", "10"]
+    else:
+        cmd += ["--dtype", "float32", "--batch-sizes", batches, "--check-rows", "16", "--warmup", "0",
+                "--repeats", "1", "--threads", "1"]
+    return Step(name, cmd + (["--negatives"] if negatives else []), cap_s, [out])
+
+
+def train_step(args, name: str, *, compiled: bool, cap_s: float | None, min_left_s: float = MIN_STEP_S) -> Step:
+    out = f"{name}/train-{'compile' if compiled else 'eager'}.json"
+    cmd = [_python(), str(BENCH / "bench_train.py"), "--device", args.device, "--batch-size", "auto",
+           "--out", str(args.work / out)]
+    if args.device == "cuda":
+        cmd += ["--model", "ViT-B-16", "--image-size", "224", "--precision", "bf16", "--max-batch", "4096",
+                "--probe-batch", "64", "--steps", "15", "--warmup", "3"]
+    else:
+        cmd += ["--model", "hqclip-micro", "--image-size", "32", "--max-batch", "16", "--probe-batch", "4",
+                "--steps", "2", "--warmup", "1", "--threads", "1"]
+    return Step(name, cmd + (["--compile"] if compiled else []), cap_s, [out], min_left_s)
+
+
+def main_plan(args) -> list[Step]:
     cuda = args.device == "cuda"
-    steps = []
-    for dim in (args.dims if cuda else [32]):
-        for negatives in (False, True):
-            # open_clip and Inf-CL have no hard-negative columns: not run with --negatives.
-            # triton_2pass: the two-pass backward, timed beside the default one-pass form (kernels/contrastive.py).
-            impls = ("triton,triton_2pass,chunked,gemm_floor" if negatives
-                     else "triton,triton_2pass,chunked,open_clip,inf_cl,gemm_floor")
-            tag = f"D{dim}-{'neg' if negatives else 'noneg'}"
-            out = f"loss/loss-{tag}.json"
-            cmd = [_python(), str(BENCH / "bench_loss.py"), "--device", args.device, "--dim", str(dim),
-                   "--impls", impls, "--check", "--out", str(args.work / out)]
-            if cuda:
-                cmd += ["--dtype", "bfloat16", "--batch-sizes", args.loss_batches, "--warmup", "2", "--repeats", "10"]
-            else:
-                cmd += ["--dtype", "float32", "--batch-sizes", "33", "--warmup", "0", "--repeats", "1",
-                        "--threads", "1"]
-            if negatives:
-                cmd.append("--negatives")
-            steps.append(Step("loss", f"bench_loss {tag}", cmd, 330 if cuda else 240, [out]))
-    return steps
-
-
-def tests_steps(args) -> list[Step]:
-    files = ["tests/test_kernels_loss.py", "tests/test_kernels_compile.py", "tests/test_model_attention.py"]
-    cmd = [_python(), "-m", "pytest", *files, "-m", "not distributed", "-k", "gpu or cuda or sm90", "-rA", "-q",
-           "-p", "no:cacheprovider", "--junitxml", str(args.work / "tests/pytest.xml")]
-    return [Step("tests", "pytest (tests that need CUDA)", cmd, 300, ["tests/pytest.xml"])]
-
-
-def profile_steps(args) -> list[Step]:
-    if args.device != "cuda":
-        return []  # profile_loss.py refuses to run without CUDA: the interpreter says nothing about a GPU
-    shape = ["--batch", "32768", "--dim", "768", "--dtype", "bf16", "--negatives", "--tags", "4096"]
-    folder = args.work / "profile"
-    steps = [Step("profile", "torch.profiler", [_python(), str(BENCH / "profile_loss.py"), *shape,
-                                                 "--out", str(folder)], 180,
-                  ["profile/loss_triton_B32768_D768_bf16.json"])]
-    ncu_path = shutil.which("ncu") or next(iter(sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"))
-                                                + sorted(glob.glob("/usr/local/cuda*/bin/ncu"))), None)
-    if ncu_path:
-        # Only the step after warm-up (profile_loss.py brackets it with cudaProfilerStart/Stop): fused kernels,
-        # cuBLAS products and elementwise ops alike. The report is then printed as CSV for reading anywhere.
-        ncu = [ncu_path, "--profile-from-start", "off", "--launch-count", "40", "-f", "-o", str(folder / "loss_ncu")]
-        for section in ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "Occupancy",
-                        "LaunchStats"):
-            ncu += ["--section", section]
-        steps.append(Step("profile", "ncu", ncu + [_python(), str(BENCH / "profile_loss.py"), *shape,
-                                                    "--no-profiler", "--warmup", "3", "--steps", "1"],
-                          240, ["profile/loss_ncu.ncu-rep"]))
-        export = f"{ncu_path} --import {folder / 'loss_ncu.ncu-rep'} --csv --page details > {folder / 'ncu.csv'}"
-        steps.append(Step("profile", "ncu csv", ["bash", "-c", export], 60, ["profile/ncu.csv"]))
-    return steps
-
-
-def train_steps(args) -> list[Step]:
-    if args.device != "cuda":
-        out = "train/train-hqclip-micro-b8-eager.json"
-        return [Step("train", "bench_train smoke", [_python(), str(BENCH / "bench_train.py"), "--device", "cpu",
-                     "--model", "hqclip-micro", "--image-size", "32", "--batch-size", "8", "--steps", "2",
-                     "--warmup", "1", "--threads", "1", "--out", str(args.work / out)], 180, [out])]
-    return [_train_step(args, 256, compiled=False), _train_step(args, 256, compiled=True)]
-
-
-def _train_step(args, batch: int, *, compiled: bool) -> Step:
-    """bench_train.py on ViT-B-16 224 px bf16; compiled: both sides torch.compile'd (three compiles)."""
-    mode = "compile" if compiled else "eager"
-    out = f"train/train-ViT-B-16-b{batch}-{mode}.json"
-    cmd = [_python(), str(BENCH / "bench_train.py"), "--device", "cuda", "--model", "ViT-B-16", "--image-size", "224",
-           "--batch-size", str(batch), "--precision", "bf16", "--steps", "20", "--warmup", "5",
-           "--out", str(args.work / out)] + (["--compile"] if compiled else [])
-    return Step("train", f"bench_train b{batch} {mode}", cmd, 420 if compiled else 180, [out])
-
-
-def towers_steps(args) -> list[Step]:
-    if args.device != "cuda":
-        out = "towers/towers-hqclip-micro-b4-fp32.json"
-        return [Step("towers", "bench_towers smoke", [_python(), str(BENCH / "bench_towers.py"), "--device", "cpu",
-                     "--model", "hqclip-micro", "--batch", "4", "--steps", "1", "--warmup", "1", "--rounds", "1",
-                     "--threads", "1", "--backends", "sdpa", "--out", str(args.work / out)], 120, [out])]
-    backends = "sdpa,xformers" if xformers_works(args.work / "towers" / "xformers_probe.log") else "sdpa"
-    return [_towers_step(args, backends, compiled=False)]
-
-
-def _towers_step(args, backends: str, *, compiled: bool) -> Step:
-    mode = "compile" if compiled else "eager"
-    out = f"towers/towers-ViT-B-16-b256-bf16-{mode}.json"
-    cmd = [_python(), str(BENCH / "bench_towers.py"), "--device", "cuda", "--model", "ViT-B-16", "--batch", "256",
-           "--dtype", "bf16", "--backends", backends, "--out", str(args.work / out)] + (["--compile"] if compiled else [])
-    return Step("towers", f"bench_towers {mode}", cmd, 300 if compiled else 240, [out])
-
-
-def extras_steps(args) -> list[Step]:
-    """What a fourth call adds when device time is left: a larger training batch and compiled towers."""
-    if args.device != "cuda":
-        return []
-    return [_train_step(args, 512, compiled=True), _towers_step(args, "sdpa", compiled=True)]
+    tests = MAIN_TESTS if cuda else DRY_RUN_TESTS
+    pytest = [_python(), "-m", "pytest", *tests, "-v", "-p", "no:cacheprovider"]
+    dims, batches = ("768", "32768,8192,65536") if cuda else ("32", "24,8")
+    memory = [_python(), str(BENCH / "memory_model.py"), "--batch-sizes", batches, "--dims", dims,
+              "--dtype", "bfloat16" if cuda else "float32", "--impls", "triton,open_clip,gemm_floor,gemm_floor3",
+              "--passes", "1,2", "--panel-mib", "32,128", "--out", str(args.work / "memory" / "memory_model")]
+    return [
+        Step("tests", pytest, 60),
+        loss_step(args, "loss", dim=int(dims), batches=batches, impls=LOSS_IMPLS),
+        Step("memory", memory, 30, ["memory/memory_model.json"]),
+        train_step(args, "train", compiled=False, cap_s=130),
+        # A compile of both sides can take minutes: only with time to spare, and cut off at the budget.
+        train_step(args, "train_compile", compiled=True, cap_s=None, min_left_s=120) if cuda
+        else _cuda_only("train_compile", "a CPU compile of both models takes minutes"),
+    ]
 
 
 XFORMERS_PROBE = """
@@ -169,38 +150,51 @@ xops.memory_efficient_attention(q, q, q, attn_bias=xops.LowerTriangularMask()).s
 packed = q.detach()[:1, :60].requires_grad_()
 mask = BlockDiagonalCausalMask.from_seqlens([25, 35])
 xops.memory_efficient_attention(packed, packed, packed, attn_bias=mask).sum().backward()
-print("xformers", xops.__name__, "ran forward and backward on CUDA")
+print("xformers ran forward and backward on CUDA")
 """
 
 
-def xformers_works(log: Path) -> bool:
-    """bench_towers.py has no per-backend error handling: a carried xformers wheel that imports but cannot run
-    on this torch would take the SDPA and open_clip rows down with it. Try its two calls first (log kept)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        probe = subprocess.run([_python(), "-c", XFORMERS_PROBE], capture_output=True, text=True, timeout=180)
-        text, ok = probe.stdout + probe.stderr, probe.returncode == 0
-    except subprocess.TimeoutExpired:
-        text, ok = "timed out after 180 s", False
-    log.write_text(("ok\n" if ok else "FAILED: towers run with sdpa only\n") + text)
-    print(f"[campaign] xformers probe: {'ok' if ok else 'failed, towers run with sdpa only'} ({log})", flush=True)
-    return ok
+def extra_plan(args) -> list[Step]:
+    """What a second call measures when the first left time: compiled training first (the MFU target may
+    need it), then what explains a missed loss target, then the rest."""
+    steps = [train_step(args, "train_compile", compiled=True, cap_s=300, min_left_s=120)]
+    shape = ["--batch", "32768", "--dim", "768", "--dtype", "bf16"]
+    folder = args.work / "profile"
+    steps.append(Step("profile", [_python(), str(BENCH / "profile_loss.py"), *shape, "--out", str(folder)], 90,
+                      ["profile/loss_triton_B32768_D768_bf16.json"]))
+    ncu = shutil.which("ncu") or next(iter(sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu"))
+                                           + sorted(glob.glob("/usr/local/cuda*/bin/ncu"))), None)
+    if ncu:
+        # Only the step after warm-up (profile_loss.py brackets it with cudaProfilerStart/Stop), then the report
+        # as CSV, readable anywhere.
+        sections = [a for s in ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "Occupancy",
+                                "LaunchStats") for a in ("--section", s)]
+        report = folder / "loss_ncu"
+        run = shlex.join([ncu, "--profile-from-start", "off", "--launch-count", "40", "-f", "-o", str(report),
+                          *sections, _python(), str(BENCH / "profile_loss.py"), *shape, "--no-profiler",
+                          "--warmup", "3", "--steps", "1"])
+        export = f"{shlex.quote(ncu)} --import {report}.ncu-rep --csv --page details > {folder / 'ncu.csv'}"
+        steps.append(Step("ncu", ["bash", "-c", f"{run} && {export}"], 180, ["profile/ncu.csv"]))
+    else:
+        steps.append(Step("ncu", None, 0, why="no ncu on this machine"))
+    towers_out = args.work / "towers" / "towers-ViT-B-16-b256-bf16.json"
+    towers = (f"{shlex.quote(_python())} -c {shlex.quote(XFORMERS_PROBE)} && backends=sdpa,xformers "
+              f"|| backends=sdpa; exec {shlex.quote(_python())} {BENCH / 'bench_towers.py'} --device cuda "
+              f"--model ViT-B-16 --batch 256 --dtype bf16 --backends $backends --out {towers_out}")
+    steps.append(Step("towers", ["bash", "-c", towers], 180, ["towers/towers-ViT-B-16-b256-bf16.json"]))
+    steps.append(loss_step(args, "loss_negatives", dim=768, batches="32768,65536", negatives=True,
+                           impls="triton,triton_2pass,chunked,gemm_floor,gemm_floor3", cap_s=120))
+    steps.append(Step("loader", [_python(), str(BENCH / "bench_loader.py"), "--device", "cuda", "--vit-step",
+                                 "--num-samples", "4000", "--batch-size", "128", "--batches", "10", "--workers", "4",
+                                 "8", "16", "--out", str(args.work / "loader" / "loader.json")],
+                      120, ["loader/loader.json"]))
+    for dim in (512, 1024):
+        steps.append(loss_step(args, f"loss_D{dim}", dim=dim, batches="32768,8192,65536", impls=LOSS_IMPLS,
+                               cap_s=120))
+    return steps
 
 
-def loader_steps(args) -> list[Step]:
-    out = "loader/loader.json"
-    if args.device != "cuda":
-        cmd = [_python(), str(BENCH / "bench_loader.py"), "--device", "cpu", "--num-samples", "64", "--source-size",
-               "64", "--image-size", "32", "--batch-size", "8", "--batches", "2", "--workers", "0",
-               "--tokenizer-captions", "200", "--out", str(args.work / out)]
-        return [Step("loader", "bench_loader smoke", cmd, 120, [out])]
-    cmd = [_python(), str(BENCH / "bench_loader.py"), "--device", "cuda", "--vit-step", "--num-samples", "4000",
-           "--batch-size", "128", "--batches", "10", "--workers", "4", "8", "16", "--out", str(args.work / out)]
-    return [Step("loader", "bench_loader", cmd, 240, [out])]
-
-
-BUILDERS = {"tests": tests_steps, "loss": loss_steps, "profile": profile_steps, "train": train_steps,
-            "towers": towers_steps, "loader": loader_steps, "extras": extras_steps}
+PLANS = {"main": main_plan, "extra": extra_plan}
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -209,65 +203,74 @@ def _tail(path: Path, chars: int = 1500) -> str:
     return text[-chars:]
 
 
-def salvage_bench_loss(log: Path, out: Path, step: Step) -> bool:
-    """bench_loss.py was cut off before writing its file: rebuild it from the case lines it printed."""
-    cases = []
+def _json_lines(log: Path) -> list[dict]:
+    """The JSON objects a benchmark printed one per line (a line cut off mid-write is dropped)."""
+    found = []
     for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{") and '"impl"' in line:
+        if line.startswith("{"):
             try:
-                cases.append(json.loads(line))
+                found.append(json.loads(line))
             except json.JSONDecodeError:
                 pass
+    return found
+
+
+def _arg(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
+
+
+def salvage_bench_loss(log: Path, out: Path, step: Step, device: str) -> bool:
+    """bench_loss.py was cut off before writing its file: rebuild it from the case lines it printed."""
+    cases = [c for c in _json_lines(log) if "impl" in c]
     if not cases:
         return False
     cmd = step.cmd
     result = {"benchmark": "loss fwd+bwd (CLIP part: image/text features + logit_scale)", "incomplete": True,
               "note": "bench_loss.py was stopped at its time cap; cases rebuilt from its printed lines",
-              "device": cmd[cmd.index("--device") + 1], "dim": int(cmd[cmd.index("--dim") + 1]),
-              "dtype": cmd[cmd.index("--dtype") + 1], "negatives": "--negatives" in cmd, "cases": cases}
+              "device": _arg(cmd, "--device"), "device_name": device, "dim": int(_arg(cmd, "--dim")),
+              "dtype": _arg(cmd, "--dtype"), "negatives": "--negatives" in cmd,
+              "git_commit": os.environ.get("HQCLIP_COMMIT"), "cases": cases}
     out.write_text(json.dumps(result, indent=2) + "\n")
     return True
 
 
-TRAIN_ROW = re.compile(r"^(?P<name>\S.*?)\s+(?P<rate>[\d.]+) samples/s\s+(?P<gflop>[\d.]+) GFLOP/sample\s+"
-                       r"MFU (?P<mfu>n/a|[\d.]+%)$")
-
-
 def salvage_bench_train(log: Path, out: Path, step: Step, device: str) -> bool:
     """bench_train.py was cut off (a compile can be slow): rebuild its file from the rows it printed."""
-    rows = []
-    for line in log.read_text(errors="replace").splitlines():
-        match = TRAIN_ROW.match(line.strip())
-        if match:
-            mfu = match["mfu"]
-            rows.append({"name": match["name"].strip(), "samples_per_s": float(match["rate"]),
-                         "flops_per_sample": float(match["gflop"]) * 1e9,
-                         "mfu": None if mfu == "n/a" else float(mfu[:-1]) / 100})
+    lines = _json_lines(log)
+    rows = [line for line in lines if "name" in line]
+    probe = next((line["probe"] for line in lines if "probe" in line), None)
     if not rows:
         return False
     cmd = step.cmd
     result = {"benchmark": "bench_train", "incomplete": True, "device": device,
               "note": "bench_train.py was stopped at its time cap; rows rebuilt from its printed lines",
-              "settings": {"model": cmd[cmd.index("--model") + 1], "batch_size": int(cmd[cmd.index("--batch-size") + 1]),
-                           "image_size": int(cmd[cmd.index("--image-size") + 1]), "compile": "--compile" in cmd,
-                           "precision": cmd[cmd.index("--precision") + 1] if "--precision" in cmd else "bf16"},
+              "git_commit": os.environ.get("HQCLIP_COMMIT"), "batch_probe": probe,
+              "settings": {"model": _arg(cmd, "--model"), "batch_size": probe and probe["batch_size"],
+                           "image_size": int(_arg(cmd, "--image-size")), "compile": "--compile" in cmd,
+                           "precision": _arg(cmd, "--precision") if "--precision" in cmd else "bf16"},
               "rows": rows}
     out.write_text(json.dumps(result, indent=2) + "\n")
     return True
 
 
+SALVAGE = {"bench_loss.py": salvage_bench_loss, "bench_train.py": salvage_bench_train}
+
+
 def run_step(step: Step, work: Path, deadline: float, log, device: str = "") -> dict:
     left = deadline - time.monotonic()
-    record = {"stage": step.stage, "name": step.name, "cmd": shlex.join(step.cmd), "outputs": step.outputs}
-    if left < 30:
-        record.update(status="not run", reason=f"campaign budget spent ({left:.0f} s left)")
-        print(f"[campaign] {step.name}: not run, budget spent", file=log, flush=True)
+    record = {"name": step.name, "cmd": shlex.join(step.cmd) if step.cmd else None, "outputs": step.outputs,
+              "cap_s": step.cap_s}
+    if step.cmd is None:
+        record.update(status="not run", reason=step.why)
+    elif left < step.min_left_s:
+        record.update(status="not run", reason=f"budget spent ({left:.0f} s left, the step needs {step.min_left_s:.0f})")
+    if "status" in record:
+        print(f"[campaign] {step.name}: not run: {record['reason']}", file=log, flush=True)
         return record
-    timeout = min(step.cap_s, left)
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in step.name)
-    step_log = work / step.stage / f"{safe}.log"
+    timeout = left if step.cap_s is None else min(step.cap_s, left)
+    step_log = work / step.name / f"{step.name}.log"
     step_log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **step.env}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     print(f"[campaign] {step.name}: start (cap {timeout:.0f} s): {record['cmd']}", file=log, flush=True)
     start = time.monotonic()
     with open(step_log, "w") as out:
@@ -277,17 +280,16 @@ def run_step(step: Step, work: Path, deadline: float, log, device: str = "") -> 
             rc = proc.wait(timeout=timeout)
             status = "ok" if rc == 0 else "failed"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # the step and its children (bench_loss runs one process per case)
+            os.killpg(proc.pid, 9)  # the step and its children (ncu's target, the xformers probe)
             proc.wait()
             rc, status = None, "timed out"
     record.update(status=status, returncode=rc, seconds=round(time.monotonic() - start, 1),
                   log=str(step_log.relative_to(work)))
     if status != "ok":
         record["log_tail"] = _tail(step_log)
-        if step.stage == "loss" and not (work / step.outputs[0]).exists():
-            record["salvaged"] = salvage_bench_loss(step_log, work / step.outputs[0], step)
-        if step.name.startswith("bench_train") and not (work / step.outputs[0]).exists():
-            record["salvaged"] = salvage_bench_train(step_log, work / step.outputs[0], step, device)
+        script = next((Path(a).name for a in step.cmd if Path(a).name in SALVAGE), None)
+        if script and not (work / step.outputs[0]).exists():
+            record["salvaged"] = SALVAGE[script](step_log, work / step.outputs[0], step, device)
     record["missing_outputs"] = [o for o in step.outputs if not (work / o).exists()]
     print(f"[campaign] {step.name}: {status} in {record['seconds']} s" +
           (f", missing {record['missing_outputs']}" if record["missing_outputs"] else ""), file=log, flush=True)
@@ -295,34 +297,47 @@ def run_step(step: Step, work: Path, deadline: float, log, device: str = "") -> 
     return record
 
 
+# ------------------------------------------------------------------------------------------------ provenance
+def _blob_sha(path: Path) -> str:
+    data = path.read_bytes()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 def git_commit() -> dict:
-    """The commit being measured: git when the tree travels with .git, else HQCLIP_COMMIT or wheels/COMMIT
-    (benchmarks/fetch_gpu_wheels.sh writes it)."""
+    """The commit being measured, and whether the tree differs from it. With .git: HEAD and `git status`.
+    Without (the device tool copies the working tree, not .git): the commit that fetch_gpu_wheels.sh stamped
+    into wheels/COMMIT, checked file by file against the blob hashes stamped with it, so that a tree which is
+    not that commit (edited since, or another checkout) is reported dirty, with the files that differ."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
-        return {"commit": sha, "dirty": dirty, "commit_source": "git"}
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                 capture_output=True, text=True, check=True).stdout.split("\n")
+        changed = [line[3:] for line in changed if line.strip()]
+        return {"commit": sha, "dirty": bool(changed), "changed_files": changed[:20], "commit_source": "git"}
     except (OSError, subprocess.CalledProcessError):
         pass
-    if os.environ.get("HQCLIP_COMMIT"):
-        return {"commit": os.environ["HQCLIP_COMMIT"], "dirty": None, "commit_source": "HQCLIP_COMMIT"}
     stamp = REPO / "wheels" / "COMMIT"
-    if stamp.exists():
-        lines = stamp.read_text().split()
-        return {"commit": lines[0], "dirty": "dirty" in lines[1:], "commit_source": "wheels/COMMIT"}
-    return {"commit": None, "dirty": None, "commit_source": "unknown"}
+    if not stamp.exists():
+        return {"commit": None, "dirty": None, "changed_files": [], "commit_source": "unknown"}
+    sha, *tree = stamp.read_text().splitlines()
+    changed = []
+    for line in tree:  # `git ls-tree -r HEAD`: "<mode> blob <sha>\t<path>"
+        meta, path = line.split("\t", 1)
+        mode, _, blob = meta.split()
+        if mode.startswith("100") and (not (REPO / path).is_file() or _blob_sha(REPO / path) != blob):
+            changed.append(path)
+    return {"commit": sha, "dirty": bool(changed), "changed_files": changed[:20], "commit_source": "wheels/COMMIT"}
 
 
 def environment(device: str) -> dict:
-    """Device, versions, commit. Called in a child process (--print-env) so that this driver never holds a
+    """Device and versions. Called in a child process (--print-env) so that this driver never holds a
     CUDA context (its memory would be missing from every benchmark)."""
     import torch
 
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device_type": device, "python": platform.python_version(), "torch": torch.__version__,
-           "hostname": platform.node(), "cpu_count": os.cpu_count(), **git_commit()}
+           "hostname": platform.node(), "cpu_count": os.cpu_count()}
     if device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch sees no CUDA device (use --device cpu for the dry run)")
@@ -333,105 +348,43 @@ def environment(device: str) -> dict:
         env["capability"] = list(torch.cuda.get_device_capability())
     else:
         env["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    for module in ("triton", "open_clip", "inf_cl", "xformers", "flash_attn", "webdataset", "omegaconf"):
+    # Installed versions, read without importing (open_clip alone takes seconds to import).
+    for key, dist in (("triton", "triton"), ("open_clip", "open_clip_torch"), ("inf_cl", "inf-cl"),
+                      ("xformers", "xformers"), ("numpy", "numpy")):
         try:
-            env[module] = getattr(__import__(module), "__version__", "installed")
-        except Exception as err:  # noqa: BLE001 - an optional package that fails to import is recorded, not fatal
-            env[module] = None if isinstance(err, ImportError) else f"import error: {err}"
+            env[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            env[key] = None
     if shutil.which("nvidia-smi"):
         env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
                                             "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
     return env
 
 
-def pack(work: Path, out: Path, tag: str, log) -> Path:
-    """One tar.gz of the work folder, under the device tool's per-file limit (large traces dropped first)."""
-    tarball = out / f"campaign-{tag}.tar.gz"
-    exclude: set[str] = set()
+# ------------------------------------------------------------------------------------------------ packing
+def pack(work: Path, out: Path, call: str, log) -> None:
+    """One tar.gz of the work folder under the device tool's per-file limit (the largest files dropped first),
+    the log beside it, and this call's results in the collector's format (partial.json, partial.md)."""
+    tarball = out / f"campaign-{call}.tar.gz"
+    exclude: set[Path] = set()
     while True:
         with tarfile.open(tarball, "w:gz") as tar:
             for path in sorted(work.rglob("*")):
-                rel = path.relative_to(work)
-                if path.is_file() and str(rel) not in exclude:
-                    tar.add(path, arcname=str(rel))
+                if path.is_file() and path not in exclude:
+                    tar.add(path, arcname=str(path.relative_to(work)))
         if tarball.stat().st_size <= TARBALL_LIMIT:
             break
-        files = sorted((p for p in work.rglob("*") if p.is_file() and str(p.relative_to(work)) not in exclude),
-                       key=lambda p: p.stat().st_size)
-        biggest = files[-1]
-        exclude.add(str(biggest.relative_to(work)))
+        biggest = max((p for p in work.rglob("*") if p.is_file() and p not in exclude), key=lambda p: p.stat().st_size)
+        exclude.add(biggest)
         print(f"[campaign] {biggest.name} ({biggest.stat().st_size >> 20} MiB) left out of the tarball (size limit)",
               file=log, flush=True)
-    return tarball
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", default="all", help=f"comma-separated from {list(STAGES)}, or 'all'")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cuda: the campaign; cpu: every stage at tiny sizes (a dry run of the plumbing)")
-    parser.add_argument("--dims", default="768,512,1024", help="loss stage: feature sizes D (cuda)")
-    parser.add_argument("--loss-batches", default=GPU_LOSS_BATCHES, help="loss stage: batch sizes B (cuda)")
-    parser.add_argument("--budget-s", type=float, default=560,
-                        help="wall-clock budget of this call; steps are capped to what is left")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/hqclip-campaign"), help="work folder (emptied)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where the tarball and partial results go (default: $OUT, else WORK-out)")
-    parser.add_argument("--print-env", action="store_true", help=argparse.SUPPRESS)  # internal, see environment()
-    args = parser.parse_args(argv)
-    if args.print_env:
-        print(json.dumps(environment(args.device)))
-        return 0
-    deadline = time.monotonic() + args.budget_s - RESERVE_S
-    stages = list(STAGES) if args.stage == "all" else [s for s in args.stage.split(",") if s]
-    unknown = sorted(set(stages) - set(STAGES))
-    if unknown:
-        parser.error(f"--stage: unknown {unknown}; known {list(STAGES)}")
-    args.dims = [int(d) for d in args.dims.split(",")]
-    if args.device == "cuda":
-        os.environ.pop("TRITON_INTERPRET", None)  # real kernels on the GPU
-    else:
-        os.environ["TRITON_INTERPRET"] = "1"  # Triton's CPU interpreter, as in the CPU test suite
-    out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else args.work.with_name(args.work.name + "-out"))
-    probe = subprocess.run([_python(), __file__, "--print-env", "--device", args.device], capture_output=True,
-                           text=True)
-    if probe.returncode != 0:
-        print(probe.stdout + probe.stderr, file=sys.stderr)
-        return 2
-    env = json.loads(probe.stdout.strip().splitlines()[-1])
-
-    shutil.rmtree(args.work, ignore_errors=True)
-    args.work.mkdir(parents=True)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "-".join(stages) if args.stage != "all" else "all"
-    if args.device == "cuda" and "loss" in stages:
-        tag += "-D" + "_".join(map(str, args.dims))
-    with open(args.work / "campaign.log", "w") as log_file:
-        log = _Tee(log_file)
-        (args.work / "env.json").write_text(json.dumps(env, indent=2) + "\n")
-        print(f"[campaign] {json.dumps(env)}", file=log, flush=True)
-        steps = [step for stage in stages for step in BUILDERS[stage](args)]
-        records = []
-        campaign = {"stages": stages, "device_type": args.device, "argv": sys.argv[1:], "steps": records}
-        for step in steps:
-            records.append(run_step(step, args.work, deadline, log, env["device"]))
-            (args.work / "campaign.json").write_text(json.dumps(campaign, indent=2) + "\n")
-            # Packed after every step: if the call is killed anyway, what finished still comes back.
-            pack(args.work, out, tag, log)
-            shutil.copy(args.work / "campaign.log", out / "campaign.log")
-
-        summary = [f"{r['name']}: {r['status']}" + (f" ({r.get('seconds')} s)" if "seconds" in r else "")
-                   for r in records]
-        print("[campaign] summary:\n  " + "\n  ".join(summary), file=log, flush=True)
-        collect = subprocess.run([_python(), str(BENCH / "collect_gpu_results.py"), str(args.work), "--partial",
-                                  "--out", str(out / "partial.json")], capture_output=True, text=True)
-        print(f"[campaign] partial collection (rc {collect.returncode}):\n{collect.stdout[-4000:]}{collect.stderr[-3000:]}",
-              file=log, flush=True)
-    tarball = pack(args.work, out, tag, sys.stdout)
-    shutil.copy(args.work / "campaign.log", out / "campaign.log")
-    print(f"[campaign] wrote {tarball} ({tarball.stat().st_size / 2**20:.2f} MiB), {out / 'campaign.log'}")
-    failed = [r for r in records if r["status"] != "ok"]
-    return 1 if failed else 0
+    try:
+        result = collect_gpu_results.collect([work], require=(), allow_cpu=True, allow_dirty=True)
+        (out / "partial.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "partial.md").write_text(collect_gpu_results.markdown(result))
+    except Exception as err:  # noqa: BLE001 - the measurements are in the tarball whatever the collector says
+        print(f"[campaign] partial collection failed: {type(err).__name__}: {err}", file=log, flush=True)
+    shutil.copy(work / "campaign.log", out / "campaign.log")
 
 
 class _Tee:
@@ -447,6 +400,62 @@ class _Tee:
     def flush(self):
         self.file.flush()
         sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--call", choices=sorted(PLANS), default="main")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda: the campaign; cpu: the same steps at tiny sizes (a dry run of the plumbing)")
+    parser.add_argument("--budget-s", type=float, default=400,
+                        help="wall-clock budget of this call; each step is capped to what is left")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/hqclip-campaign"), help="work folder (emptied)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the tarball, log and partial results go (default: $OUT, else WORK-out)")
+    parser.add_argument("--print-env", action="store_true", help=argparse.SUPPRESS)  # internal, see environment()
+    args = parser.parse_args(argv)
+    if args.print_env:
+        print(json.dumps(environment(args.device)))
+        return 0
+    if args.call == "extra" and args.device != "cuda":
+        parser.error("--call extra measures what only a GPU can say; the dry run is of --call main")
+    deadline = time.monotonic() + args.budget_s - RESERVE_S
+    args.work = args.work.resolve()
+    if args.device == "cuda":
+        os.environ.pop("TRITON_INTERPRET", None)  # real kernels on the GPU
+    else:
+        os.environ["TRITON_INTERPRET"] = "1"  # Triton's CPU interpreter, as in the CPU test suite
+    out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else args.work.with_name(args.work.name + "-out"))
+    provenance = git_commit()
+    if provenance["commit"]:
+        os.environ["HQCLIP_COMMIT"] = provenance["commit"]  # the benchmarks record it when there is no .git
+    probe = subprocess.run([_python(), __file__, "--print-env", "--device", args.device], capture_output=True,
+                           text=True)
+    if probe.returncode != 0:
+        print(probe.stdout + probe.stderr, file=sys.stderr)
+        return 2
+    env = {**json.loads(probe.stdout.strip().splitlines()[-1]), **provenance}
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(args.work / "campaign.log", "w") as log_file:
+        log = _Tee(log_file)
+        (args.work / "env.json").write_text(json.dumps(env, indent=2) + "\n")
+        print(f"[campaign] {json.dumps(env)}", file=log, flush=True)
+        records = []
+        campaign = {"call": args.call, "device_type": args.device, "budget_s": args.budget_s,
+                    "argv": sys.argv[1:], "steps": records}
+        for step in PLANS[args.call](args):
+            records.append(run_step(step, args.work, deadline, log, env["device"]))
+            (args.work / "campaign.json").write_text(json.dumps(campaign, indent=2) + "\n")
+            pack(args.work, out, args.call, log)  # so that a call killed later still returns this step
+        summary = [f"{r['name']}: {r['status']}" + (f" ({r['seconds']} s)" if "seconds" in r else "")
+                   for r in records]
+        print("[campaign] summary:\n  " + "\n  ".join(summary), file=log, flush=True)
+        print(f"[campaign] wrote {sorted(p.name for p in out.iterdir())} to {out}", file=log, flush=True)
+    pack(args.work, out, args.call, sys.stdout)
+    return 1 if any(r["status"] in ("failed", "timed out") for r in records) else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU campaign on the device machine (torch and triton there, no network): install the carried wheels
 # (benchmarks/fetch_gpu_wheels.sh fills wheels/ here), put the project on the path, run gpu_campaign.py.
-#   bash benchmarks/gpu_campaign.sh --stage tests,loss,profile --dims 768
-#   PYTHON=.venv/bin/python bash benchmarks/gpu_campaign.sh --device cpu --stage all     # dry run on a CPU
+#   bash benchmarks/gpu_campaign.sh                                   # the one call (see benchmarks/README.md)
+#   PYTHON=.venv/bin/python bash benchmarks/gpu_campaign.sh --device cpu   # the same call on a CPU, tiny sizes
 # Arguments go to benchmarks/gpu_campaign.py (see its --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
