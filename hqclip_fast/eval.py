@@ -479,6 +479,8 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="test", help="the split of clip_benchmark sets (default: test)")
     parser.add_argument("--suite", help="YAML list of clip_benchmark sets (e.g. configs/eval/datacomp.yaml)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--amp", action="store_true", help="autocast the towers (bf16 on the CPU, fp16 on CUDA), "
+                                                           "as clip_benchmark does without --no_amp (default: fp32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -514,12 +516,13 @@ def cli(argv: list[str] | None = None) -> None:
         device, ranks = runtime.device, EvalRanks.current(runtime.device)
     model, tokenizer = model.to(device), ClipTokenizer(context_length=context_length)
     try:
-        if args.suite:
-            report = print if ranks.rank == 0 else (lambda line: None)
-            results = {"sets": run_suite(suite_sets, model, tokenizer, device, image_size=image_size,
-                                         batch_size=args.batch_size, ranks=ranks, report=report)}
-        else:
-            results = suite.run(model, tokenizer, device, ranks=ranks)
+        with torch.autocast(device.type, enabled=args.amp):
+            if args.suite:
+                report = print if ranks.rank == 0 else (lambda line: None)
+                results = {"sets": run_suite(suite_sets, model, tokenizer, device, image_size=image_size,
+                                             batch_size=args.batch_size, ranks=ranks, report=report)}
+            else:
+                results = suite.run(model, tokenizer, device, ranks=ranks)
     finally:
         if ranks.distributed:
             shutdown_runtime()

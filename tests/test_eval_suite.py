@@ -106,5 +106,10 @@ def test_suite_reports_every_set_and_matches_single_set_runs(sets, model, tmp_pa
     single = json.loads(capsys.readouterr().out)
     for key in ("zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class_recall", "image_to_text_R@1"):
         assert single[key] == results["zs" if key.startswith("zeroshot") else "ret"][key], key
+    # --amp autocasts as clip_benchmark does by default (bf16 here): the same set, rounding-level changes.
+    eval_cli(["--model", MODEL, "--pretrained", str(tmp_path / "export" / "open_clip_pytorch_model.bin"),
+              "--zeroshot", sets["zeroshot"], "--batch-size", "8", "--amp"])
+    amp = json.loads(capsys.readouterr().out)
+    assert amp["zeroshot_samples"] == 24 and abs(amp["zeroshot_top5"] - single["zeroshot_top5"]) <= 0.25
     with pytest.raises(ValueError, match="is a classification set, not a retrieval set"):
         EvalSuite.from_config(EvalConfig(image_text=sets["zeroshot"]), SIZE)
