@@ -2,8 +2,13 @@
 
 Layout of a checkpoint folder `<dir>/step_00000100/`:
 - the DCP shards and `.metadata` of {"model": ..., "optim": ...} (sharded under FSDP2: each rank writes its part);
-- `rank{r}`: one byte blob per rank with what differs between ranks and is not a tensor to reshard: the
-  learning-rate schedule, the data loader's position, the RNG states and the step.
+- `rank{r}.json`: per rank, what differs between ranks and is not a tensor to reshard: the learning-rate
+  schedule, the data loader's position, the RNG states (ints, floats and base64 bytes: they round-trip
+  exactly) and the step.
+
+Loading runs no code from the folder: DCP unpickles `.metadata` and the optimizer's non-tensor entries with
+plain pickle, so `.metadata` is first read with only DCP's own metadata classes allowed, and the non-tensor
+entries are checked with `weights_only=True` (hqclip_fast.serialization); a refused file is an UnsafeFileError.
 
 Atomicity: every rank writes into `<dir>/.tmp-step_00000100/`; once all ranks are done, rank 0 renames it to
 `step_00000100`. A folder named `step_*` is therefore always complete, and a run killed mid-write (SIGKILL
@@ -12,7 +17,9 @@ included) leaves only a `.tmp-*` folder, which the next run deletes. Only the la
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import random
 import re
 import shutil
@@ -24,6 +31,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -31,8 +40,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from hqclip_fast.serialization import UnsafeFileError, restricted_load, weights_only_load
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
+# What DCP's `.metadata` pickle may name: its own metadata classes, torch.Size, dtypes, layouts, paths.
+_METADATA_GLOBALS = frozenset(
+    {("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")}
+    | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+       ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+    | {(module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "WindowsPath")}
+    | {("torch", name) for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)}
+)
 
 
 def _distributed() -> bool:
@@ -51,10 +72,36 @@ def _dcp_save(state: dict, path: Path) -> None:
         dcp.save(state, checkpoint_id=str(path), no_dist=not _distributed())
 
 
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, except that a non-tensor entry (the optimizer's hyperparameters) must load with
+    weights_only=True before DCP unpickles it (DCP itself allows any object there)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        weights_only_load(value, f"checkpoint entry {read_item.dest_index.fqn}")
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def _check_metadata(path: Path) -> None:
+    """Refuse a `.metadata` that names anything but DCP's metadata types (DCP reads it with plain pickle)."""
+    try:
+        with open(path / ".metadata", "rb") as f:
+            restricted_load(f, _METADATA_GLOBALS, f"{path / '.metadata'}")
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {path} has no .metadata: not a complete DCP checkpoint") from None
+
+
 def _dcp_load(state: dict, path: Path, *, no_dist: bool) -> None:
+    _check_metadata(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-        dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
+        try:
+            dcp.load(state, checkpoint_id=str(path), planner=_WeightsOnlyLoadPlanner(), no_dist=no_dist)
+        except CheckpointException as err:  # DCP wraps each rank's error; a refusal should read as one
+            refused = [exc for exc, _ in err.failures.values() if isinstance(exc, UnsafeFileError)]
+            if refused:
+                raise refused[0] from None
+            raise
 
 
 def _barrier() -> None:
@@ -62,32 +109,39 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _tensor_to_text(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _text_to_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The Python, numpy, torch (and CUDA) RNG states as JSON values that restore them exactly."""
+    version, internal, gauss = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": numpy_state["state"]["key"].tolist(), "pos": int(numpy_state["state"]["pos"])}
+    state = {"python": [version, list(internal), gauss], "numpy": numpy_state,
+             "torch": _tensor_to_text(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = _tensor_to_text(torch.cuda.get_rng_state())
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state({**numpy_state, "state": {"key": np.array(numpy_state["state"]["key"], dtype=np.uint32),
+                                                  "pos": numpy_state["state"]["pos"]}})
+    torch.set_rng_state(_text_to_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(_text_to_tensor(state["cuda"]))
 
 
-def _to_bytes(obj: Any) -> io.BytesIO:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    buffer.seek(0)
-    return buffer
-
-
-def _from_bytes(buffer: io.BytesIO) -> Any:
-    buffer.seek(0)
-    # Our own blob (schedule, loader position, RNG states: plain Python and numpy objects), not user input.
-    return torch.load(buffer, weights_only=False)
+def _rank_file(path: Path, rank: int) -> Path:
+    return path / f"rank{rank}.json"
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -131,12 +185,12 @@ class Checkpointer:
         final = self.directory / f"step_{step:08d}"
         tmp = self.directory / f"{TMP_PREFIX}{final.name}"
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        per_rank = {"step": step, "world_size": self.world_size, "rng": rng_state(), **trainer_state}
-        state = {"model": model_sd, "optim": optim_sd, f"rank{self.rank}": _to_bytes(per_rank)}
+        per_rank = json.dumps({"step": step, "world_size": self.world_size, "rng": rng_state(), **trainer_state})
         if self.rank == 0 and tmp.exists():
             shutil.rmtree(tmp)
         _barrier()
-        _dcp_save(state, tmp)
+        _dcp_save({"model": model_sd, "optim": optim_sd}, tmp)
+        _rank_file(tmp, self.rank).write_text(per_rank + "\n")
         _barrier()
         if self.rank == 0:
             if final.exists():  # a previous run saved this step already; ours is just as complete
@@ -150,26 +204,22 @@ class Checkpointer:
     def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Restore model and optimizer in place, set the RNG states, and return this rank's trainer state."""
         path = Path(path)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        key = f"rank{self.rank}"
-        state = {"model": model_sd, "optim": optim_sd, key: io.BytesIO()}
-        saved_ranks = _saved_world_size(path)
+        saved_ranks = sum(1 for p in path.iterdir() if re.fullmatch(r"rank\d+\.json", p.name))
+        if saved_ranks == 0:
+            raise ValueError(f"checkpoint {path} has no rank*.json trainer state: not a checkpoint of this "
+                             "version of hqclip-fast (older ones kept that state in a pickle, no longer loaded)")
         if saved_ranks != self.world_size:
             raise ValueError(
-                f"checkpoint {path} was written by {saved_ranks} ranks; resuming it exactly needs the same "
-                f"world size, got {self.world_size}"
+                f"checkpoint {path} holds the state of {saved_ranks} ranks (rank*.json); resuming it exactly "
+                f"needs the same world size, got {self.world_size}"
             )
+        per_rank = json.loads(_rank_file(path, self.rank).read_text())
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
         _dcp_load(state, path, no_dist=not _distributed())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        per_rank = _from_bytes(state[key])
         set_rng_state(per_rank.pop("rng"))
         return per_rank
-
-
-def _saved_world_size(path: Path) -> int:
-    """Number of per-rank blobs in a checkpoint's metadata."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    return sum(1 for key in metadata.state_dict_metadata if re.fullmatch(r"rank\d+", key))
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:

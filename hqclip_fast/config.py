@@ -21,7 +21,7 @@ class ModelConfig:
     name: str = "hqclip-tiny"  # open_clip config name (ViT-B-16, ...) or an hqclip-* CPU config
     # create_model keyword overrides: image_size, context_length, attn_backend, pack_text, vision_cfg, text_cfg...
     overrides: dict[str, Any] = field(default_factory=dict)
-    pretrained: str | None = None  # open_clip checkpoint file to start from
+    pretrained: str | None = None  # open_clip weights to start from (.safetensors, or .bin/.pt: weights_only)
     # Tag vocabulary (tags.json from `hqclip-data tags build` or the synthetic set): the size of the short-tag
     # head and the ids the loader emits. Used when loss.stc_weight > 0.
     tag_vocab: str | None = None

@@ -3,9 +3,19 @@
 The metric functions take a model with open_clip's `encode_image` / `encode_text` and batches of tensors, so
 they run unchanged on our model (plain or FSDP2-sharded) and on an open_clip model. Given `ranks`
 (hqclip_fast.eval_ranks.EvalRanks), the ranks of a process group share the work: each encodes its share of the
-samples and prompts, and every rank gets the metrics one process computes on the whole set. Zero-shot follows
-open_clip's recipe: per class, the mean of the normalized embeddings of the prompt templates, renormalized; an
-image's prediction is the class of highest cosine similarity.
+samples and prompts, and every rank gets the metrics one process computes on the whole set.
+
+The conventions are clip_benchmark's (and open_clip's), so that the numbers equal those of
+`clip_benchmark eval --no_amp` on the same model and set (tests/test_clip_benchmark.py):
+- zero-shot: per class, the mean of the normalized embeddings of its prompts, renormalized; a prompt template
+  holds the class name as `{c}` (clip_benchmark's files) or `{}`; an image's prediction is the class of highest
+  cosine similarity; top-5 is reported only with 5 classes or more; the per-class mean recall averages the
+  top-1 recall of the classes that have images (sklearn's balanced accuracy, as clip_benchmark computes it);
+- retrieval: an image may have several captions; text->image R@k is over captions (is the caption's image
+  among the k best images), image->text R@k over images (is any of its captions among the k best captions);
+- exact ties (duplicated images or captions, a collapsed model) are broken by position in the set, the lower
+  index ranking first, as a stable sort would. clip_benchmark takes torch.topk's pick among ties, which has no
+  fixed order; counting ties in the target's favour instead would give a collapsed model perfect recall.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hqclip_fast.data.benchmark_sets import BenchmarkSet, read_benchmark_set
 from hqclip_fast.eval_ranks import EvalRanks
 
 TopK = (1, 5)
@@ -53,6 +64,20 @@ def encode_texts(model, tokenizer: Callable, texts: Sequence[str], device, batch
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
+def ranks_of(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Rank (0 = first) of column target[i] in row i of `scores`: the columns scoring higher, plus the columns
+    tied with it at a lower index."""
+    target = target.view(-1, 1)
+    score = scores.gather(1, target)
+    columns = torch.arange(scores.shape[1]).view(1, -1)
+    return (scores > score).sum(dim=1) + ((scores == score) & (columns < target)).sum(dim=1)
+
+
+def format_prompt(template: str, classname: str) -> str:
+    """A prompt from a template holding the class name as `{c}` (clip_benchmark) or `{}` (open_clip)."""
+    return template.format(classname, c=classname)
+
+
 @torch.no_grad()
 def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], templates: Sequence[str],
                          device, *, ranks: EvalRanks | None = None) -> torch.Tensor:
@@ -64,9 +89,9 @@ def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], 
     if not templates:
         raise ValueError("templates is empty")
     for template in templates:
-        if "{}" not in template:
-            raise ValueError(f"templates: each needs a '{{}}' for the class name, got {template!r}")
-    prompts = [template.format(name) for name in classnames for template in templates]
+        if "{}" not in template and "{c}" not in template:
+            raise ValueError(f"templates: each needs a '{{c}}' or '{{}}' for the class name, got {template!r}")
+    prompts = [format_prompt(template, name) for name in classnames for template in templates]
     embeddings = ranks.gather(encode_texts(model, tokenizer, list(ranks.share(prompts)), device, ranks=ranks))
     per_class = embeddings.reshape(len(classnames), len(templates), -1).mean(dim=1)
     return _normalized(per_class).T
@@ -75,46 +100,64 @@ def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], 
 @torch.no_grad()
 def zero_shot_accuracy(model, classifier: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                        device, *, ranks: EvalRanks | None = None, image_size: int | None = None) -> dict[str, float]:
-    """Top-1/top-5 accuracy of `classifier` (D, K) over (images, labels) batches. With `ranks`: the batches
-    are this rank's share, the counts are summed over ranks; `image_size` is then needed (see EvalRanks)."""
+    """Top-1/top-5 accuracy and per-class mean recall of `classifier` (D, K) over (images, labels) batches.
+    With `ranks`: the batches are this rank's share, the counts are summed over ranks; `image_size` is then
+    needed (see EvalRanks)."""
     ranks = ranks or EvalRanks()
     blank = _blank_images(ranks, image_size)
     num_classes = classifier.shape[1]
-    correct = dict.fromkeys(TopK, 0)
-    total = 0
+    top_k = [k for k in TopK if k <= num_classes]
+    correct = dict.fromkeys(top_k, 0)
+    class_hits, class_images = torch.zeros(num_classes, dtype=torch.int64), torch.zeros(num_classes, dtype=torch.int64)
     encoded = ranks.lockstep(batches, lambda batch: (_encode_images(model, batch[0], device), batch[1]),
                              blank=lambda: (blank(), None))
     for features, labels in encoded:
-        logits = features @ classifier
-        ranked = logits.topk(min(max(TopK), num_classes), dim=1).indices
-        hits = ranked == labels.view(-1, 1)
-        for k in TopK:
-            correct[k] += int(hits[:, :k].any(dim=1).sum())
-        total += labels.numel()
-    *summed, total = (int(n) for n in ranks.sum([*correct.values(), total]))
-    correct = dict(zip(correct, summed))
+        rank = ranks_of(features @ classifier, labels)
+        for k in top_k:
+            correct[k] += int((rank < k).sum())
+        class_images += torch.bincount(labels, minlength=num_classes)
+        class_hits += torch.bincount(labels[rank == 0], minlength=num_classes)
+    summed = ranks.sum([*correct.values(), *class_hits.tolist(), *class_images.tolist()])
+    correct = dict(zip(correct, summed[:len(top_k)]))
+    class_hits = torch.tensor(summed[len(top_k):len(top_k) + num_classes], dtype=torch.float64)
+    class_images = torch.tensor(summed[len(top_k) + num_classes:], dtype=torch.float64)
+    total = int(class_images.sum())
     if total == 0:
         raise ValueError("zero-shot evaluation got no images")
-    result = {f"zeroshot_top{k}": correct[k] / total for k in TopK}
+    present = class_images > 0
+    result = {f"zeroshot_top{k}": correct[k] / total for k in top_k}
+    result["zeroshot_mean_per_class_recall"] = float((class_hits[present] / class_images[present]).mean())
     result["zeroshot_samples"] = total
     result["chance_top1"] = 1.0 / num_classes
     return result
 
 
-def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor) -> dict[str, float]:
-    """R@1/5/10 both ways for n paired (image_i, text_i): the pair's partner ranks in the top k.
+def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor,
+                     text_image: torch.Tensor | None = None) -> dict[str, float]:
+    """R@1/5/10 both ways. Text t is a caption of image text_image[t] (default: of image t, n pairs).
 
-    The rank is the number of candidates scoring strictly higher (exact ties, rare with float features,
-    count in the partner's favour)."""
-    sims = image_features @ text_features.T
-    target = torch.arange(sims.shape[0]).view(-1, 1)
+    text_to_image: the share of texts whose image ranks among the k best images; image_to_text: the share of
+    images that have one of their texts among the k best texts (an image without text never does). Ties are
+    broken by index (see the module docstring). Scores are computed a block of rows at a time."""
+    num_images, num_texts = image_features.shape[0], text_features.shape[0]
+    if text_image is None:
+        if num_images != num_texts:
+            raise ValueError(f"retrieval: {num_images} images and {num_texts} texts need text_image")
+        text_image = torch.arange(num_texts)
+    block = max(1, (1 << 22) // max(num_images, num_texts, 1))
+    text_rank = torch.cat([ranks_of(text_features[s:s + block] @ image_features.T, text_image[s:s + block])
+                           for s in range(0, num_texts, block)])
+    image_rank = []
+    for start in range(0, num_images, block):
+        scores = image_features[start:start + block] @ text_features.T
+        own = text_image.view(1, -1) == torch.arange(start, start + scores.shape[0]).view(-1, 1)
+        best = scores.masked_fill(~own, -torch.inf).argmax(dim=1)  # the image's best text (first of equals)
+        image_rank.append(torch.where(own.any(dim=1), ranks_of(scores, best), torch.iinfo(torch.int64).max))
+    image_rank = torch.cat(image_rank)
     result = {}
-    for direction, scores in (("image_to_text", sims), ("text_to_image", sims.T)):
-        # rank of the partner = number of candidates scoring strictly higher
-        partner = scores.gather(1, target)
-        rank = (scores > partner).sum(dim=1)
+    for direction, rank in (("image_to_text", image_rank), ("text_to_image", text_rank)):
         for k in RecallK:
-            result[f"{direction}_R@{k}"] = float((rank < k).float().mean())
+            result[f"{direction}_R@{k}"] = int((rank < k).sum()) / len(rank)
     return result
 
 
@@ -134,37 +177,54 @@ def hard_negative_accuracy(image_features: torch.Tensor, positive_features: torc
 @torch.no_grad()
 def image_text_metrics(model, tokenizer: Callable, batches: Iterable[tuple], device, *,
                        ranks: EvalRanks | None = None, image_size: int | None = None) -> dict[str, float]:
-    """Retrieval recall over all (image, positive text) pairs; hard-negative accuracy over the pairs that
-    come with a negative text (None where a pair has none).
+    """Retrieval recall over images and their captions; hard-negative accuracy (first caption against the
+    negative) over the images that come with a negative text (None where one has none).
 
-    A batch is (images, positive texts, negative texts) or, with the pairs' global sample indices,
-    (images, positive texts, negative texts, indices) as ImageTextSet.batches gives. With `ranks`: the batches
-    are this rank's share (without indices: the i % world_size share, in order); features are gathered in the
-    global order for retrieval and hard-negative counts summed; `image_size` is then needed."""
+    A batch is (images, captions, negative texts) or, with the images' global sample indices,
+    (images, captions, negative texts, indices) as ImageTextSet.batches gives; an image's captions are a
+    string or a list of strings. With `ranks`: the batches are this rank's share (without indices: the
+    i % world_size share, in order); features are gathered in the global order (an image's captions in their
+    order) for retrieval and hard-negative counts summed; `image_size` is then needed."""
     ranks = ranks or EvalRanks()
     blank = _blank_images(ranks, image_size)
-    images, positives, negatives, indices = [], [], [], []
+    images, captions, negatives, indices = [], [], [], []
     encoded = ranks.lockstep(batches, lambda batch: (_encode_images(model, batch[0], device), *batch[1:]),
                              blank=lambda: (blank(), [], []))
-    for batch_features, batch_pos, batch_neg, *batch_index in encoded:
+    for batch_features, batch_captions, batch_neg, *batch_index in encoded:
         if batch_index:
             indices.extend(int(i) for i in batch_index[0])
         else:  # row j of this rank's i % world_size share is sample j * world_size + rank
-            rows = range(len(positives), len(positives) + len(batch_pos))
+            rows = range(len(captions), len(captions) + len(batch_captions))
             indices.extend(j * ranks.world_size + ranks.rank for j in rows)
         images.append(batch_features)
-        positives.extend(batch_pos)
+        captions.extend([c] if isinstance(c, str) else list(c) for c in batch_captions)
         negatives.extend(batch_neg)
     local_images = torch.cat(images) if images else torch.empty(0, 0)
-    image_features = ranks.gather(local_images, indices)
+    image_index = torch.tensor(indices, dtype=torch.int64)
+    image_features = ranks.gather(local_images, image_index)
     if image_features.shape[0] == 0:
         raise ValueError("image-text evaluation got no images")
-    local_positives = encode_texts(model, tokenizer, positives, device, ranks=ranks)
-    result = retrieval_recall(image_features, ranks.gather(local_positives, indices))
+    if int(ranks.sum([sum(len(c) for c in captions)])[0]) == 0:
+        raise ValueError("image-text evaluation got no captions")
+    image_order = ranks.gather(image_index.view(-1, 1), image_index).view(-1)  # sample index of each row
+
+    # Captions in (image, caption) order: key = sample index * stride + position among the image's captions.
+    counts = torch.tensor([len(c) for c in captions], dtype=torch.int64)
+    stride = int(ranks.sum([int(counts.max()) if len(counts) else 0])[0]) + 1
+    owner = image_index.repeat_interleave(counts)
+    position = torch.cat([torch.arange(int(n)) for n in counts]) if len(counts) else owner
+    keys = owner * stride + position
+    local_texts = encode_texts(model, tokenizer, [text for c in captions for text in c], device, ranks=ranks)
+    text_features = ranks.gather(local_texts, keys)
+    text_image = torch.searchsorted(image_order, ranks.gather(owner.view(-1, 1), keys).view(-1))
+    result = retrieval_recall(image_features, text_features, text_image)
     result["retrieval_samples"] = image_features.shape[0]
-    with_negative = [i for i, neg in enumerate(negatives) if neg]
+    result["retrieval_texts"] = text_features.shape[0]
+
+    with_negative = [i for i, neg in enumerate(negatives) if neg and captions[i]]
+    first_caption = (counts.cumsum(0) - counts)[with_negative]
     negative_features = encode_texts(model, tokenizer, [negatives[i] for i in with_negative], device, ranks=ranks)
-    wins = int(_positive_wins(local_images[with_negative], local_positives[with_negative],
+    wins = int(_positive_wins(local_images[with_negative], local_texts[first_caption],
                               negative_features).sum()) if with_negative else 0
     wins, with_negative_total = (int(n) for n in ranks.sum([wins, len(with_negative)]))
     if with_negative_total:
@@ -246,32 +306,53 @@ class ZeroShotSet:
 @dataclass
 class ImageTextSet:
     """Shards of (image, positive text[, negative text]): `positive_text`/`negative_text` in key.json, or an
-    annotation record (positive_description, else alt_text; negative_description)."""
+    annotation record (positive_description, else alt_text; negative_description). With `captions_per_line`,
+    clip_benchmark's retrieval layout instead: key.txt holds the image's captions, one per line (an image
+    without any is kept, as a retrieval candidate)."""
 
     source: str
     image_size: int
+    captions_per_line: bool = False
 
     def batches(self, batch_size: int, ranks: EvalRanks | None = None
-                ) -> Iterator[tuple[torch.Tensor, list[str], list[str | None], list[int]]]:
-        """(images, positive texts, negative texts, sample indices) batches of this rank's share (all without
+                ) -> Iterator[tuple[torch.Tensor, list[list[str]], list[str | None], list[int]]]:
+        """(images, captions, negative texts, sample indices) batches of this rank's share (all without
         `ranks`); only the share's images are decoded (build_eval_dataset's share; the indices order the
         gathered features)."""
         ranks = ranks or EvalRanks()
         for batch in _batched(self._samples(ranks), batch_size):
-            images, positives, negatives, indices = zip(*batch)
-            yield torch.stack(images), list(positives), list(negatives), list(indices)
+            images, captions, negatives, indices = zip(*batch)
+            yield torch.stack(images), list(captions), list(negatives), list(indices)
 
-    def _samples(self, ranks: EvalRanks) -> Iterator[tuple[torch.Tensor, str, str | None, int]]:
+    def _samples(self, ranks: EvalRanks) -> Iterator[tuple[torch.Tensor, list[str], str | None, int]]:
         from hqclip_fast.data import build_eval_dataset
 
         dataset = build_eval_dataset(self.source, image_size=self.image_size, rank=ranks.rank,
                                      world_size=ranks.world_size, with_index=True)
         for index, _, image, record in dataset:
             if not isinstance(record, dict):
-                raise ValueError(f"image_text: {self.source} holds class labels (.cls), not texts (.json)")
+                raise ValueError(f"image_text: {self.source} holds class labels (.cls), not texts")
+            if self.captions_per_line:
+                yield image, (record.get("alt_text") or "").splitlines(), None, index
+                continue
             positive = record.get("positive_text") or record.get("positive_description") or record.get("alt_text")
             if positive:  # a sample without any text has nothing to retrieve
-                yield image, positive, record.get("negative_text") or record.get("negative_description"), index
+                yield image, [positive], record.get("negative_text") or record.get("negative_description"), index
+
+
+def is_benchmark_root(path: str, split: str = "test") -> bool:
+    """Whether `path` is a set in clip_benchmark's webdataset layout (it has `<split>/nshards.txt`)."""
+    return (Path(path) / split / "nshards.txt").is_file()
+
+
+def _read_benchmark(root: str, split: str, what: str, kind: str) -> BenchmarkSet:
+    try:
+        benchmark = read_benchmark_set(root, split)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{what}: {err}") from None
+    if benchmark.kind != kind:
+        raise ValueError(f"{what}: {root} is a {benchmark.kind} set, not a {kind} set")
+    return benchmark
 
 
 class EvalSuite:
@@ -285,8 +366,18 @@ class EvalSuite:
         return self.zeroshot is not None or self.image_text is not None
 
     @classmethod
-    def from_config(cls, cfg, image_size: int) -> EvalSuite:
-        """From the `eval` section of the training config (hqclip_fast.config.EvalConfig)."""
+    def from_benchmark(cls, benchmark: BenchmarkSet, image_size: int, batch_size: int = 256) -> EvalSuite:
+        """One set in clip_benchmark's webdataset layout (hqclip_fast.data.benchmark_sets)."""
+        if benchmark.kind == "retrieval":
+            return cls(None, ImageTextSet(benchmark.shards, image_size, captions_per_line=True), batch_size)
+        return cls(ZeroShotSet(benchmark.shards, benchmark.classnames, benchmark.templates, image_size), None,
+                   batch_size)
+
+    @classmethod
+    def from_config(cls, cfg, image_size: int, split: str = "test") -> EvalSuite:
+        """From the `eval` section of the training config (hqclip_fast.config.EvalConfig). `zeroshot` and
+        `image_text` may also be clip_benchmark sets (folders with `<split>/nshards.txt`); a zero-shot set's
+        class names and templates then come from it unless `classnames` / `templates` are given."""
         zeroshot = image_text = None
         if cfg.synthetic_manifest:
             if cfg.zeroshot or cfg.image_text:
@@ -298,7 +389,13 @@ class EvalSuite:
             zeroshot = ZeroShotSet(manifest["zeroshot"], list(manifest["classnames"]),
                                    list(manifest["templates"]), image_size)
             image_text = ImageTextSet(manifest["hardneg"], image_size)
-        if cfg.zeroshot:
+        if cfg.zeroshot and is_benchmark_root(cfg.zeroshot, split):
+            benchmark = _read_benchmark(cfg.zeroshot, split, "eval.zeroshot", "classification")
+            zeroshot = ZeroShotSet(
+                benchmark.shards,
+                _read_lines(cfg.classnames, "eval.classnames") if cfg.classnames else benchmark.classnames,
+                _read_lines(cfg.templates, "eval.templates") if cfg.templates else benchmark.templates, image_size)
+        elif cfg.zeroshot:
             if Path(cfg.zeroshot).is_dir():
                 names = _read_lines(cfg.classnames, "eval.classnames") if cfg.classnames else \
                     [n.replace("_", " ") for n in ZeroShotSet.folder_classnames(cfg.zeroshot)]
@@ -308,7 +405,10 @@ class EvalSuite:
                 raise ValueError("eval.classnames: zero-shot shards need a class-name file (one per line)")
             templates = _read_lines(cfg.templates, "eval.templates") if cfg.templates else list(DEFAULT_TEMPLATES)
             zeroshot = ZeroShotSet(cfg.zeroshot, names, templates, image_size)
-        if cfg.image_text:
+        if cfg.image_text and is_benchmark_root(cfg.image_text, split):
+            benchmark = _read_benchmark(cfg.image_text, split, "eval.image_text", "retrieval")
+            image_text = ImageTextSet(benchmark.shards, image_size, captions_per_line=True)
+        elif cfg.image_text:
             image_text = ImageTextSet(cfg.image_text, image_size)
         return cls(zeroshot, image_text, cfg.batch_size)
 
@@ -335,15 +435,22 @@ class EvalSuite:
 
 def _load_model(args):
     from hqclip_fast.model import create_model, load_open_clip_state_dict
+    from hqclip_fast.serialization import load_weights
 
     if args.run:
         from hqclip_fast.export import load_trained_model
 
         model, cfg = load_trained_model(args.run, args.checkpoint)
         return model, cfg.data.image_size, cfg.data.context_length
-    model = create_model(args.model, **({"image_size": args.image_size} if args.image_size else {}))
+    overrides = {}
+    exported_config = Path(args.pretrained or "").parent / f"{args.model}.json"
+    if args.pretrained and exported_config.is_file():  # the architecture hqclip-export wrote beside the weights
+        overrides = json.loads(exported_config.read_text())
+    if args.image_size:
+        overrides["image_size"] = args.image_size
+    model = create_model(args.model, **overrides)
     if args.pretrained:
-        load_open_clip_state_dict(model, torch.load(args.pretrained, map_location="cpu", weights_only=True))
+        load_open_clip_state_dict(model, load_weights(args.pretrained))
     config = model.config
     return model.eval(), config.vision_cfg.image_size, config.text_cfg.context_length
 
@@ -351,19 +458,29 @@ def _load_model(args):
 def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="hqclip-eval", description="Zero-shot classification, image-text retrieval (R@1/5/10 both ways) "
-        "and hard-negative accuracy. Prints one JSON object. Under torchrun the ranks share the sets.")
+        "and hard-negative accuracy. Prints one JSON object; with --suite, first one line per set, and exits "
+        "with status 1 if a set was missing or failed. Under torchrun the ranks share the sets.")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", help="training run folder (its latest checkpoint, or --checkpoint)")
     which.add_argument("--model", help="model config name, with --pretrained <open_clip checkpoint file>")
     parser.add_argument("--checkpoint", help="with --run: a checkpoints/step_XXXXXXXX folder")
-    parser.add_argument("--pretrained", help="with --model: open_clip weights (e.g. from hqclip-export)")
+    parser.add_argument("--pretrained", help="with --model: open_clip weights (e.g. from hqclip-export): "
+                                             ".safetensors, or .bin/.pt read with weights_only=True; a <model>.json "
+                                             "beside them (hqclip-export writes one) gives the architecture")
     parser.add_argument("--image-size", type=int, default=None, help="with --model: override the image size")
     parser.add_argument("--synthetic-manifest", help="manifest.json of `hqclip-data synthetic`")
-    parser.add_argument("--zeroshot", help="zero-shot shards (key.cls) or an image folder (class sub-folders)")
+    parser.add_argument("--zeroshot", help="a clip_benchmark webdataset set, zero-shot shards (key.cls) or an "
+                                           "image folder (class sub-folders)")
     parser.add_argument("--classnames", help="class names file, one per line (default for folders: their names)")
-    parser.add_argument("--templates", help="prompt templates file, one per line with {} (default: 4 photo prompts)")
-    parser.add_argument("--image-text", help="shards with (image, positive_text[, negative_text]) or annotations")
+    parser.add_argument("--templates", help="prompt templates file, one per line with {c} or {} "
+                                            "(default: 4 photo prompts)")
+    parser.add_argument("--image-text", help="a clip_benchmark webdataset retrieval set, or shards with "
+                                             "(image, positive_text[, negative_text]) or annotations")
+    parser.add_argument("--split", default="test", help="the split of clip_benchmark sets (default: test)")
+    parser.add_argument("--suite", help="YAML list of clip_benchmark sets (e.g. configs/eval/datacomp.yaml)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--amp", action="store_true", help="autocast the towers (bf16 on the CPU, fp16 on CUDA), "
+                                                           "as clip_benchmark does without --no_amp (default: fp32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -371,28 +488,41 @@ def cli(argv: list[str] | None = None) -> None:
         parser.error("--checkpoint needs --run")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.suite and (args.synthetic_manifest or args.zeroshot or args.image_text):
+        parser.error("--suite evaluates its own sets: give it without --synthetic-manifest/--zeroshot/--image-text")
 
     from hqclip_fast.config import EvalConfig
     from hqclip_fast.data import ClipTokenizer
+    from hqclip_fast.eval_suite import load_suite, run_suite
 
     try:
         model, image_size, context_length = _load_model(args)
-        eval_cfg = EvalConfig(synthetic_manifest=args.synthetic_manifest, zeroshot=args.zeroshot,
-                              classnames=args.classnames, templates=args.templates, image_text=args.image_text,
-                              batch_size=args.batch_size)
-        suite = EvalSuite.from_config(eval_cfg, image_size)
+        if args.suite:
+            suite_sets = load_suite(args.suite)
+        else:
+            eval_cfg = EvalConfig(synthetic_manifest=args.synthetic_manifest, zeroshot=args.zeroshot,
+                                  classnames=args.classnames, templates=args.templates,
+                                  image_text=args.image_text, batch_size=args.batch_size)
+            suite = EvalSuite.from_config(eval_cfg, image_size, split=args.split)
     except ValueError as err:
         parser.error(str(err))
-    if not suite.enabled:
-        parser.error("nothing to evaluate: give --synthetic-manifest, --zeroshot or --image-text")
+    if not args.suite and not suite.enabled:
+        parser.error("nothing to evaluate: give --synthetic-manifest, --zeroshot, --image-text or --suite")
     device, ranks = torch.device(args.device), EvalRanks()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun the ranks share the sets; rank 0 reports
         from hqclip_fast.runtime import init_runtime, shutdown_runtime
 
         runtime = init_runtime(device.type)
         device, ranks = runtime.device, EvalRanks.current(runtime.device)
+    model, tokenizer = model.to(device), ClipTokenizer(context_length=context_length)
     try:
-        results = suite.run(model.to(device), ClipTokenizer(context_length=context_length), device, ranks=ranks)
+        with torch.autocast(device.type, enabled=args.amp):
+            if args.suite:
+                report = print if ranks.rank == 0 else (lambda line: None)
+                results = {"sets": run_suite(suite_sets, model, tokenizer, device, image_size=image_size,
+                                             batch_size=args.batch_size, ranks=ranks, report=report)}
+            else:
+                results = suite.run(model, tokenizer, device, ranks=ranks)
     finally:
         if ranks.distributed:
             shutdown_runtime()
@@ -402,6 +532,8 @@ def cli(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(text)
+    if args.suite and any(result["status"] != "ok" for result in results["sets"].values()):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

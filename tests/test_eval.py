@@ -69,9 +69,71 @@ def test_retrieval_recall_matches_a_sorting_reference():
 def test_retrieval_recall_of_perfect_and_shifted_pairs():
     eye = torch.eye(12)
     assert set(retrieval_recall(eye, eye).values()) == {1.0}
-    shifted = retrieval_recall(eye, eye.roll(1, dims=0))  # every partner is beaten by exactly one other text
+    # Text i leans to image i - 1: every partner is beaten by exactly one other candidate, both ways.
+    shifted = retrieval_recall(eye, F.normalize(eye.roll(1, dims=0) + 0.5 * eye, dim=1))
     assert shifted["image_to_text_R@1"] == 0.0 and shifted["image_to_text_R@5"] == 1.0
-    assert shifted["text_to_image_R@1"] == 0.0
+    assert shifted["text_to_image_R@1"] == 0.0 and shifted["text_to_image_R@5"] == 1.0
+
+
+def test_exact_ties_go_by_index_so_a_collapsed_model_scores_chance():
+    same = torch.ones(20, 8) / 8**0.5  # every image and text embeds alike: all scores tie
+    result = retrieval_recall(same, same)
+    for k in (1, 5, 10):  # only the first k candidates rank in the top k
+        assert result[f"image_to_text_R@{k}"] == result[f"text_to_image_R@{k}"] == pytest.approx(k / 20)
+    # Zero-shot: tied classes rank by index, like torch.argmax (and sklearn's balanced accuracy on its output).
+    classifier = torch.ones(8, 6) / 8**0.5
+    labels = torch.arange(6).repeat(2)
+    result = zero_shot_accuracy(_Identity(), classifier, [(same[:12], labels)], "cpu")
+    assert result["zeroshot_top1"] == pytest.approx(1 / 6) and result["zeroshot_top5"] == pytest.approx(5 / 6)
+    assert result["zeroshot_mean_per_class_recall"] == pytest.approx(1 / 6)
+
+
+def _multi_caption_reference(images, texts, text_image, k):
+    """The definitions by sorting: per text, its image among the k best; per image, any own text in the k best."""
+    sims = texts @ images.T
+    t2i = [int(text_image[t]) in sims[t].argsort(descending=True, stable=True)[:k].tolist() for t in range(len(texts))]
+    i2t = [bool(set(sims[:, i].argsort(descending=True, stable=True)[:k].tolist())
+                & set((text_image == i).nonzero().view(-1).tolist())) for i in range(len(images))]
+    return sum(i2t) / len(i2t), sum(t2i) / len(t2i)
+
+
+def test_retrieval_recall_with_several_captions_per_image():
+    torch.manual_seed(1)
+    images = F.normalize(torch.randn(15, 16), dim=1)
+    text_image = torch.tensor([0, 0, 1, 2, 2, 2, 3, 5, 6, 7, 8, 9, 9, 10, 11, 12, 13, 14, 14])  # image 4: none
+    texts = F.normalize(images[text_image] + 1.1 * torch.randn(len(text_image), 16), dim=1)
+    result = retrieval_recall(images, texts, text_image)
+    for k in (1, 5, 10):
+        image_to_text, text_to_image = _multi_caption_reference(images, texts, text_image, k)
+        assert result[f"image_to_text_R@{k}"] == pytest.approx(image_to_text)
+        assert result[f"text_to_image_R@{k}"] == pytest.approx(text_to_image)
+    assert 0 < result["text_to_image_R@1"] < result["text_to_image_R@10"] < 1
+    assert result["image_to_text_R@10"] < 1  # image 4 has no caption: never a hit
+
+
+class _Identity:
+    """A 'model' whose image features are its inputs."""
+
+    def encode_image(self, images):
+        return images
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # class 4: predicted, never true
+def test_zero_shot_mean_per_class_recall_is_balanced_accuracy():
+    from sklearn.metrics import balanced_accuracy_score
+
+    torch.manual_seed(2)
+    classifier = F.normalize(torch.randn(8, 7), dim=0)
+    labels = torch.tensor([0, 0, 0, 0, 1, 2, 2, 3, 3, 3, 5, 5, 6, 6, 6, 6, 6])  # class 4 has no image
+    features = F.normalize(classifier.T[labels] + 0.8 * torch.randn(len(labels), 8), dim=1)
+    result = zero_shot_accuracy(_Identity(), classifier, [(features[:9], labels[:9]), (features[9:], labels[9:])],
+                                "cpu")
+    predicted = (features @ classifier).argmax(dim=1)
+    assert result["zeroshot_mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, predicted))
+    assert result["zeroshot_mean_per_class_recall"] != pytest.approx(result["zeroshot_top1"])
+    assert result["zeroshot_top1"] == pytest.approx(float((predicted == labels).float().mean()))
+    few = zero_shot_accuracy(_Identity(), classifier[:, :4], [(features[:4], labels[:4])], "cpu")
+    assert "zeroshot_top5" not in few  # fewer than 5 classes: no top-5 (clip_benchmark reports NaN)
 
 
 def test_hard_negative_accuracy_counts_positive_above_negative():
@@ -87,6 +149,15 @@ def test_zero_shot_classifier_rejects_bad_prompts(model):
         zero_shot_classifier(model, tok, ["cat"], ["a photo"], "cpu")
     with pytest.raises(ValueError, match="classnames"):
         zero_shot_classifier(model, tok, [], ["a {}"], "cpu")
+
+
+def test_templates_take_the_class_name_as_c_or_braces(model):
+    """clip_benchmark's template files write the class name as {c}; open_clip's templates as {}."""
+    tok = ClipTokenizer(CONTEXT)
+    names = ["red circle", "blue square"]
+    with_c = zero_shot_classifier(model, tok, names, ["a photo of a {c}.", "art of the {c}"], "cpu")
+    with_braces = zero_shot_classifier(model, tok, names, ["a photo of a {}.", "art of the {}"], "cpu")
+    assert torch.equal(with_c, with_braces)
 
 
 # ---------------------------------------------------------------- parity with open_clip

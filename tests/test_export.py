@@ -9,7 +9,7 @@ import torch
 from hqclip_fast.checkpoint import Checkpointer
 from hqclip_fast.config import load_config, save_run_config
 from hqclip_fast.export import cli as export_cli
-from hqclip_fast.export import model_from_run
+from hqclip_fast.export import export_open_clip, model_from_run
 from hqclip_fast.optim import build_optimizer
 
 MODEL = "hqclip-micro"
@@ -78,3 +78,18 @@ def test_export_without_checkpoint_is_a_clear_error(tmp_path):
     save_run_config(cfg, tmp_path)
     with pytest.raises(ValueError, match="no complete checkpoint"):
         export_cli(["--run", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_safetensors_export_loads_in_open_clip_by_name_and_local_dir(trained_run, tmp_path):
+    run, model, name, _ = trained_run
+    export_cli(["--run", str(run), "--out", str(tmp_path), "--format", "safetensors"])
+    weights = tmp_path / "open_clip_model.safetensors"
+    assert weights.exists() and not (tmp_path / "open_clip_pytorch_model.bin").exists()
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    by_name, _, _ = open_clip.create_model_and_transforms(name, pretrained=str(weights))
+    local_dir, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path}")
+    for key, value in model.open_clip_state_dict().items():
+        assert torch.equal(by_name.state_dict()[key], value), key
+        assert torch.equal(local_dir.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="weights_format"):
+        export_open_clip(model, name, tmp_path, "pickle")

@@ -93,7 +93,7 @@ def _free_port():
 @pytest.mark.parametrize("world_size,dtype", [(2, torch.float64), (3, torch.float32)])
 def test_ranks_match_single_process(world_size, dtype, tmp_path):
     mp.spawn(_worker, args=(world_size, _free_port(), dtype, tmp_path), nprocs=world_size, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
 
     full = global_inputs(world_size, dtype)

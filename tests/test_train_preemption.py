@@ -8,9 +8,9 @@ import json
 import os
 import signal
 import socket
+from pathlib import Path
 
 import pytest
-import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
 from hqclip_fast.checkpoint import checkpoint_step, list_checkpoints
@@ -129,7 +129,6 @@ def test_ranks_agree_to_stop_when_only_one_is_signalled(synthetic, tmp_path):
     for rank, result in enumerate(results):
         assert result == {"rank": rank, "step": 2, "signal": "SIGTERM", "checkpoint": checkpoint}
     assert [checkpoint_step(p) for p in list_checkpoints(run_dir / "checkpoints")] == [2]
-    saved = dcp.FileSystemReader(checkpoint).read_metadata().state_dict_metadata
-    assert {"rank0", "rank1"} <= set(saved)
+    assert {"rank0.json", "rank1.json"} <= {p.name for p in Path(checkpoint).iterdir()}
     events = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "preempted"]
     assert [(e["step"], e["signal"]) for e in events] == [(2, "SIGTERM")]

@@ -1,4 +1,4 @@
-"""`hqclip-data` console script: synthetic | validate | join | tags build | index."""
+"""`hqclip-data` console script: synthetic | synthetic-benchmark | validate | join | tags build | index."""
 
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ def _synthetic(args) -> int:
     manifest = write_synthetic(args.out, args.num_samples, args.shard_size, args.seed, args.image_size,
                                num_zeroshot=args.num_zeroshot, num_hardneg=args.num_hardneg)
     print(json.dumps(manifest))
+    return 0
+
+
+def _synthetic_benchmark(args) -> int:
+    from .benchmark_sets import write_synthetic_benchmark
+
+    roots = write_synthetic_benchmark(args.out, num_zeroshot=args.num_zeroshot, num_retrieval=args.num_retrieval,
+                                      seed=args.seed, image_size=args.image_size, shard_size=args.shard_size)
+    print(json.dumps(roots))
     return 0
 
 
@@ -88,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-zeroshot", type=int, default=600)
     p.add_argument("--num-hardneg", type=int, default=500)
     p.set_defaults(func=_synthetic)
+
+    p = sub.add_parser("synthetic-benchmark", help="write the synthetic zero-shot and retrieval sets in "
+                                                   "clip_benchmark's webdataset layout (OUT/zeroshot, OUT/retrieval)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-zeroshot", type=int, default=600)
+    p.add_argument("--num-retrieval", type=int, default=500)
+    p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64)
+    p.set_defaults(func=_synthetic_benchmark)
 
     p = sub.add_parser("validate", help="stream shards through the training decode path and count skips")
     p.add_argument("pattern")

@@ -6,9 +6,11 @@ training sample gets the annotation record of ARCHITECTURE.md:
 - `positive_description`: exact and complete; `negative_description`: the same template with one or two
   attributes changed (minimal-edit counterfactual);
 - `positive_tags` / `negative_tags`: attributes that are present / absent.
-Also a held-out zero-shot set (single objects, classes "{colour} {shape}") and a hard-negative set (image,
-positive text, negative text differing in one object's colour or shape). Everything is a pure function of the
-seed: the same arguments give byte-identical shards.
+Also a held-out zero-shot set (single objects, classes "{colour} {shape}"), a hard-negative set (image,
+positive text, negative text differing in one object's colour or shape) and a retrieval set (scenes of 2 or 3
+objects with one or two captions each; hqclip_fast.data.benchmark_sets writes it and the zero-shot set in
+clip_benchmark's layout). Everything is a pure function of the seed: the same arguments give byte-identical
+shards.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ BACKGROUNDS = {"light gray": (200, 200, 200), "dark gray": (70, 70, 70), "beige"
 ZEROSHOT_COLOURS = ("red", "green", "blue", "yellow")
 ZEROSHOT_SHAPES = ("circle", "square", "triangle")
 ZEROSHOT_TEMPLATES = ("a photo of a {}.", "a {} on a plain background.", "an image of a {}.", "a rendering of a {}.")
-_SPLIT_IDS = {"train": 0, "zeroshot": 1, "hardneg": 2}
+_SPLIT_IDS = {"train": 0, "zeroshot": 1, "hardneg": 2, "retrieval": 3}
 # How often a training negative edits each attribute: mostly what binds an object (its colour and shape), the
 # attributes a tiny vision tower learns last, as a captioner asked for minimal edits of objects would.
 TRAIN_EDIT_WEIGHTS = {"colour": 0.3, "shape": 0.4, "size": 0.15, "position": 0.15}
@@ -68,10 +70,17 @@ class Scene:
     objects: tuple[SceneObject, ...]
     background: str
 
-    def describe(self) -> str:
+    def _listed(self) -> str:
         parts = [o.phrase() for o in self.objects]
-        body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+    def describe(self) -> str:
+        body = self._listed()
         return f"{body[0].upper()}{body[1:]}, on a {self.background} background."
+
+    def describe_background_first(self) -> str:
+        """A second phrasing of describe(): the same facts, background first."""
+        return f"On a {self.background} background: {self._listed()}."
 
 
 def _sample_scene(rng: np.random.Generator, num_objects: int, colours=tuple(COLOURS), shapes=SHAPES) -> Scene:
@@ -194,17 +203,17 @@ def make_train_record(index: int, seed: int, image_size: int) -> tuple[bytes, di
         "positive_tags": positive_tags,
         "negative_tags": negative_tags,
     }
-    return _jpeg(render(scene, image_size, rng)), record
+    return encode_image(render(scene, image_size, rng)), record
 
 
-def make_zeroshot_sample(index: int, seed: int, image_size: int) -> tuple[bytes, int]:
+def make_zeroshot_sample(index: int, seed: int, image_size: int, image_format: str = "jpg") -> tuple[bytes, int]:
     rng = np.random.default_rng([seed, _SPLIT_IDS["zeroshot"], index])
     label = index % (len(ZEROSHOT_COLOURS) * len(ZEROSHOT_SHAPES))
     colour, shape = ZEROSHOT_COLOURS[label // len(ZEROSHOT_SHAPES)], ZEROSHOT_SHAPES[label % len(ZEROSHOT_SHAPES)]
     position = str(rng.choice(list(POSITIONS)))
     scene = Scene((SceneObject(colour, shape, str(rng.choice(["medium", "large"])), position),),
                   str(rng.choice(list(BACKGROUNDS))))
-    return _jpeg(render(scene, image_size, rng)), label
+    return encode_image(render(scene, image_size, rng), image_format), label
 
 
 def make_hardneg_sample(index: int, seed: int, image_size: int) -> tuple[bytes, dict]:
@@ -213,16 +222,29 @@ def make_hardneg_sample(index: int, seed: int, image_size: int) -> tuple[bytes, 
     negative = counterfactual(scene, rng, num_edits=1, attributes=("colour", "shape"))
     key = f"hardneg{index:08d}"
     record = {"key": key, "positive_text": scene.describe(), "negative_text": negative.describe()}
-    return _jpeg(render(scene, image_size, rng)), record
+    return encode_image(render(scene, image_size, rng)), record
+
+
+def make_retrieval_sample(index: int, seed: int, image_size: int, image_format: str = "jpg"
+                          ) -> tuple[bytes, list[str]]:
+    """A scene of 2 or 3 objects (so that two images rarely share a caption) and one or two captions."""
+    rng = np.random.default_rng([seed, _SPLIT_IDS["retrieval"], index])
+    scene = _sample_scene(rng, int(rng.integers(2, 4)))
+    captions = [scene.describe(), scene.describe_background_first()][: int(rng.integers(1, 3))]
+    return encode_image(render(scene, image_size, rng), image_format), captions
 
 
 def zeroshot_classnames() -> list[str]:
     return [f"{c} {s}" for c in ZEROSHOT_COLOURS for s in ZEROSHOT_SHAPES]
 
 
-def _jpeg(img: Image.Image) -> bytes:
+def encode_image(img: Image.Image, image_format: str = "jpg") -> bytes:
+    """JPEG (quality 92) or lossless WebP (how clip_benchmark's converter writes images by default)."""
+    options = {"jpg": {"format": "JPEG", "quality": 92}, "webp": {"format": "WEBP", "lossless": True}}
+    if image_format not in options:
+        raise ValueError(f"image_format must be one of {sorted(options)}, got {image_format!r}")
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=92)
+    img.save(buf, **options[image_format])
     return buf.getvalue()
 
 
