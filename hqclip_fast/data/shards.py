@@ -27,8 +27,13 @@ def expand_sources(train_data: str) -> list[list[str]]:
     return [[url for pattern in braceexpand.braceexpand(s) for url in _glob(pattern)] for s in sources]
 
 
+def _is_remote(url: str) -> bool:
+    """An fsspec URL (s3://, gs://, https://, ...) rather than a local path or file:// URL."""
+    return "://" in url and not url.startswith("file://")
+
+
 def _glob(url: str) -> list[str]:
-    if url.startswith("pipe:") or ("://" in url and not url.startswith("file://")) or not glob.has_magic(url):
+    if url.startswith("pipe:") or _is_remote(url) or not glob.has_magic(url):
         return [url]
     matches = sorted(glob.glob(url.removeprefix("file://")))
     if not matches:
@@ -41,7 +46,7 @@ def open_url(url: str) -> IO[bytes]:
     if url.startswith("pipe:"):
         proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
         return proc.stdout
-    if "://" in url and not url.startswith("file://"):
+    if _is_remote(url):
         import fsspec  # optional: only needed for remote URLs
 
         return fsspec.open(url, "rb").open()
