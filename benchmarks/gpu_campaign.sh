@@ -16,12 +16,12 @@ if compgen -G "$WHEELS/*.whl" >/dev/null; then
 else
     echo "gpu_campaign.sh: no wheels in $WHEELS/ (run benchmarks/fetch_gpu_wheels.sh and carry wheels); peers will be skipped" >&2
 fi
-# The import names differ from the folders (hqclip_kernels is kernels/, hqclip_recaption is recaption/), so
-# link them into one path entry instead of an editable install (which would need setuptools from the network).
+# The packages sit one level down in kernels/ and recaption/, so link them into one path entry instead of an
+# editable install (which would need setuptools from the network).
 mkdir -p "$SRC"
 ln -sfn "$PWD/hqclip_fast" "$SRC/hqclip_fast"
-ln -sfn "$PWD/kernels" "$SRC/hqclip_kernels"
-ln -sfn "$PWD/recaption" "$SRC/hqclip_recaption"
+ln -sfn "$PWD/kernels/hqclip_kernels" "$SRC/hqclip_kernels"
+ln -sfn "$PWD/recaption/hqclip_recaption" "$SRC/hqclip_recaption"
 export PYTHONPATH="$SRC:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 exec "$PYTHON" benchmarks/gpu_campaign.py "$@"
