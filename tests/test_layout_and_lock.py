@@ -151,3 +151,40 @@ def test_locks_pin_every_line_exactly_without_local_build_tags():
             assert requirement.url is None and len(requirement.specifier) == 1, (lock, line)
             (spec,) = requirement.specifier
             assert spec.operator == "==" and "+" not in spec.version, (lock, line)
+
+
+def _uv_pip_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("uv_pip", REPO / "tools" / "uv_pip.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_uv_is_given_every_pip_setting_that_decides_what_installs(capsys):
+    """The Makefile's installer sees the indexes, wheel folders, constraints and certificate pip would use, and
+    a pip setting it cannot pass on is named, not dropped in silence."""
+    uv_pip = _uv_pip_module()
+    options, variables = uv_pip.uv_arguments({
+        "extra-index-url": "file:///a/simple file:///b/simple", "find-links": "/opt/wheels",
+        "constraint": "/etc/c.txt", "index-url": "https://mirror/simple", "cert": "/etc/ca.crt",
+        "default-timeout": "180", "no-index": "false", "disable-pip-version-check": "1", "trusted-host": "mirror"})
+    pairs = list(zip(options[::2], options[1::2]))
+    assert ("--index-strategy", "unsafe-best-match") in pairs
+    assert ("--extra-index-url", "file:///a/simple") in pairs and ("--extra-index-url", "file:///b/simple") in pairs
+    assert ("--find-links", "/opt/wheels") in pairs and ("--constraint", "/etc/c.txt") in pairs
+    assert ("--index-url", "https://mirror/simple") in pairs and "--no-index" not in options
+    assert variables == {"SSL_CERT_FILE": "/etc/ca.crt", "UV_HTTP_TIMEOUT": "180"}
+    assert "trusted-host" in capsys.readouterr().err
+
+
+def test_pip_settings_follow_pips_precedence(tmp_path, monkeypatch):
+    """pip.conf's global section, then its install section, then PIP_* variables, later ones winning."""
+    conf = tmp_path / "pip.conf"
+    conf.write_text("[global]\nfind-links = /global\nconstraint = /g.txt\n[install]\nfind-links = /install\n")
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(conf))
+    monkeypatch.setenv("PIP_CONSTRAINT", "/from-env.txt")
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    settings = _uv_pip_module().pip_settings(sys.executable)
+    assert settings["find-links"] == "/install" and settings["constraint"] == "/from-env.txt"
