@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .samples import SkipSample, decode_image, decode_train_sample, eval_transform, read_record
-from .shards import SHARD_REASONS, expand_sources, iter_tar_samples
+from .shards import SHARD_REASONS, configure_source_retry, expand_sources, iter_tar_samples
 from .tags import TagVocab
 from .tokenizer import ClipTokenizer
 
@@ -262,6 +262,7 @@ def build_train_loader(cfg: DataConfig, *, batch_size: int, rank: int = 0, world
                        tokenizer: ClipTokenizer | None = None, tag_vocab: TagVocab | None = None):
     """The training loader chosen by cfg.decoder ("cpu" | "dali"); see the module docstring for semantics."""
     cfg.validate()
+    configure_source_retry(cfg.source_retries, cfg.source_retry_backoff_s)
     tokenizer = tokenizer or ClipTokenizer(cfg.context_length)
     if cfg.decoder == "dali":
         from .dali import DaliTrainLoader
