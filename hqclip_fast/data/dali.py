@@ -8,8 +8,8 @@ that every batch has exactly `batch_size` rows.
 
 DALI's decoders cannot skip a corrupt image (the pipeline raises), and its reader drops a sample that lacks a
 member without telling anyone. So the dirt is screened once, when `hqclip-data index` writes the index files
-(`write_dali_index`): every sample's image is fully decoded with PIL, and the index lists only samples with a
-decodable image and a json member. The samples left out, and shard-level problems (a truncated tar still
+(`write_dali_index`), and the index lists only samples with a json member and an image DALI decodes without
+raising (`screen_image` says how much work that takes per format). The samples left out, and shard-level problems (a truncated tar still
 indexes every complete sample before the cut), are counted under the CPU path's reason names in a sidecar
 `<shard>.skipped.json`; the loader adds them to stats() once, on rank 0 (they describe the data set, found in one
 pass, not this rank's share of it; the reader-time record skips are counted each time they are read).
@@ -70,6 +70,37 @@ def skipped_path(index_path: str) -> str:
     return os.path.splitext(index_path)[0] + ".skipped.json"
 
 
+def _ends_with_eoi(jpeg: bytes) -> bool:
+    """A JPEG's last marker, EOI, is at its end (zero padding allowed). FF D9 cannot occur inside entropy-coded
+    data (a data FF is followed by 00), so a cut file almost never ends with it."""
+    return jpeg[-1024:].rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
+def screen_image(data: bytes) -> None:
+    """Raises SkipSample unless DALI's decoders read `data` without raising, doing only the work that takes:
+
+    - every image: PIL parses its header (format, size): an HTML page, an empty or garbage file, an unsupported
+      format is refused without decoding anything;
+    - JPEG (most web images): its entropy-coded data is decoded at 1/8 scale (libjpeg's DCT scaling: every
+      coefficient is Huffman-decoded, where DALI's libjpeg-turbo raises on a bad table or a cut file, but the
+      full-size inverse DCT, upsampling and colour conversion are skipped). Header checks alone do not suffice:
+      one flipped byte in the tables can parse fine and still make DALI raise (tests/test_data_index.py). A JPEG
+      that does not end with EOI gets a full decode instead, which refuses a cut file and keeps trailing junk;
+    - other formats (PNG, WebP, ...): a full decode, which checks what DALI's decoders would stumble on.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # parses the header only
+            if img.format not in DALI_IMAGE_FORMATS:
+                raise SkipSample("unsupported_image")
+            if img.format in ("JPEG", "MPO") and _ends_with_eoi(data):
+                img.draft("RGB", (1, 1))  # the smallest DCT scale, 1/8
+            img.load()
+    except SkipSample:
+        raise
+    except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise SkipSample("corrupt_image") from None
+
+
 def _screen(raw: dict) -> tuple[str, str]:
     """(image ext, "json") of a sample DALI can read; raises SkipSample with the CPU path's reason otherwise."""
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
@@ -77,14 +108,7 @@ def _screen(raw: dict) -> tuple[str, str]:
         raise SkipSample("missing_image")
     if "json" not in raw:
         raise SkipSample("missing_json")
-    try:
-        with Image.open(io.BytesIO(raw[image_ext])) as img:
-            img.load()  # a full decode: a header check passes truncated JPEGs
-            supported = img.format in DALI_IMAGE_FORMATS
-    except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise SkipSample("corrupt_image") from None
-    if not supported:
-        raise SkipSample("unsupported_image")
+    screen_image(raw[image_ext])
     return image_ext, "json"
 
 
