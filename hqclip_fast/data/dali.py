@@ -9,10 +9,11 @@ that every batch has exactly `batch_size` rows.
 DALI's decoders cannot skip a corrupt image (the pipeline raises), and its reader drops a sample that lacks a
 member without telling anyone. So the dirt is screened once, when `hqclip-data index` writes the index files
 (`write_dali_index`), and the index lists only samples with a json member and an image DALI decodes without
-raising (`screen_image` says how much work that takes per format). The samples left out, and shard-level problems (a truncated tar still
-indexes every complete sample before the cut), are counted under the CPU path's reason names in a sidecar
-`<shard>.skipped.json`; the loader adds them to stats() once, on rank 0 (they describe the data set, found in one
-pass, not this rank's share of it; the reader-time record skips are counted each time they are read).
+raising (`screen_image` says how much work that takes per format). The samples left out, and shard-level
+problems (a truncated tar still indexes every complete sample before the cut), are counted under the CPU path's
+reason names in a sidecar `<shard>.skipped.json`; the loader adds them to stats() once, on rank 0 (they describe
+the data set, found in one pass, not this rank's share of it; the reader-time record skips are counted each time
+they are read).
 
 Sampling. Without resampling, one pipeline per rank reads its 1/world_size of the samples (DALI's shard_id),
 epoch after epoch. With `resampled=true` (open_clip's --dataset-resampled) each rank reads rounds: round r draws
@@ -283,7 +284,8 @@ class DaliTrainLoader:
                 outputs = pipe.run()
                 next_checkpoint = pipe.checkpoint()
                 # a round's last run may wrap into the reader's next pass: rows past the round's samples are unused
-                count = self.batch_size if runs is None else min(self.batch_size, round_samples - run * self.batch_size)
+                count = self.batch_size if runs is None else min(self.batch_size,
+                                                                 round_samples - run * self.batch_size)
                 rows, images = self._rows(round_, run, outputs, count), self._to_torch(outputs[0])
                 for i in range(skip_rows, count):
                     if "skip" in rows[i]:
