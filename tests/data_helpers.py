@@ -12,6 +12,27 @@ from hqclip_fast.data.synthetic import add_tar_member, make_train_record, write_
 NUM_TRAIN, SHARD_SIZE, IMAGE_SIZE = 240, 40, 32
 
 
+def dali_cpu_unavailable_reason() -> str | None:
+    """Why DALI's CPU-only mode cannot run here (not installed, or its backend fails), or None when it can."""
+    try:
+        import nvidia.dali  # noqa: F401
+        from nvidia.dali import fn, pipeline_def
+    except ImportError:
+        return "NVIDIA DALI (nvidia-dali-cuda130) is not installed"
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def probe():
+        return fn.random.uniform(range=[0, 1])
+
+    try:
+        pipe = probe()
+        pipe.build()
+        pipe.run()
+    except Exception as e:  # DALI raises RuntimeError with backend messages
+        return f"DALI cannot run CPU-only on this machine: {e}"
+    return None
+
+
 def small_synthetic(root: str) -> dict:
     """240 training samples in 6 shards of 32x32 images (cached per directory)."""
     manifest_path = os.path.join(root, "manifest.json")

@@ -10,34 +10,20 @@ from collections import Counter
 
 import pytest
 import torch
-from data_helpers import IMAGE_SIZE, dirty_shards, good_members, small_synthetic, write_tar
+from data_helpers import (
+    IMAGE_SIZE,
+    dali_cpu_unavailable_reason,
+    dirty_shards,
+    good_members,
+    small_synthetic,
+    write_tar,
+)
 
 from hqclip_fast.data import ClipTokenizer, DataConfig, TagVocab, build_eval_dataset, build_train_loader
 from hqclip_fast.data.cli import main as data_cli
 from hqclip_fast.data.dali import write_dali_index
 
-
-def _dali_cpu_unavailable_reason():
-    try:
-        import nvidia.dali  # noqa: F401
-        from nvidia.dali import fn, pipeline_def
-    except ImportError:
-        return "NVIDIA DALI (nvidia-dali-cuda130) is not installed"
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-    def probe():
-        return fn.random.uniform(range=[0, 1])
-
-    try:
-        pipe = probe()
-        pipe.build()
-        pipe.run()
-    except Exception as e:  # DALI raises RuntimeError with backend messages
-        return f"DALI cannot run CPU-only on this machine: {e}"
-    return None
-
-
-_REASON = _dali_cpu_unavailable_reason()
+_REASON = dali_cpu_unavailable_reason()
 needs_dali = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
@@ -106,6 +92,63 @@ def test_exact_resume(indexed):
     resumed = make()
     resumed.load_state_dict(state)
     for a, b in zip(head + _take(resumed, 4), full, strict=True):
+        assert a["keys"] == b["keys"]
+        for name in ("images", "pos_tokens", "neg_tokens"):
+            assert torch.equal(a[name], b[name]), name
+
+
+def _shard(manifest, i):
+    return manifest["train"].replace("{000000..000005}", f"{i:06d}")
+
+
+def _shard_keys(manifest, i):
+    return [f"train{n:08d}" for n in range(40 * i, 40 * (i + 1))]  # 40 samples per shard
+
+
+@needs_dali
+def test_resampled_rounds_draw_shards_per_rank(indexed):
+    # world_size 3, 6 shards: each rank reads rounds of 2 shards drawn with replacement from (seed, rank, round)
+    rounds = {}
+    for rank in range(3):
+        loader = build_train_loader(_cfg(indexed, resampled=True, shuffle_buffer=4), batch_size=8, rank=rank,
+                                    world_size=3, seed=1, tokenizer=ClipTokenizer(16))
+        keys = [k for b in _take(loader, 20) for k in b["keys"]]  # two rounds of 80 samples
+        assert loader.epoch == 1
+        rounds[rank] = [Counter(keys[:80]), Counter(keys[80:])]
+        for r in range(2):
+            drawn = loader._round(r)[0]
+            assert len(drawn) == 2 and rounds[rank][r] == Counter(k for i in drawn for k in _shard_keys(indexed, i))
+    assert rounds[0][0] != rounds[0][1] or rounds[1][0] != rounds[1][1]
+    assert len({tuple(sorted(rounds[rank][0])) for rank in range(3)}) > 1  # ranks draw differently
+
+
+@needs_dali
+def test_ranks_shuffle_and_crop_differently(indexed):
+    # one shard: every resampled round of every rank reads it; only the per-rank seeds make them differ
+    cfg = _cfg(indexed, train_data=_shard(indexed, 0), resampled=True, shuffle_buffer=40, rrc_scale=[0.3, 1.0])
+    batches = [_take(build_train_loader(cfg, batch_size=8, rank=rank, world_size=2, tokenizer=ClipTokenizer(16)), 5)
+               for rank in range(2)]
+    keys = [[k for b in rank_batches for k in b["keys"]] for rank_batches in batches]
+    assert sorted(keys[0]) == sorted(keys[1]) == _shard_keys(indexed, 0) and keys[0] != keys[1]
+    by_key = [{k: img for b in rank_batches for k, img in zip(b["keys"], b["images"], strict=True)}
+              for rank_batches in batches]
+    assert sum(not torch.equal(by_key[0][k], by_key[1][k]) for k in keys[0]) > 30
+
+
+@needs_dali
+@pytest.mark.parametrize("stop", [3, 5])  # inside a round, and at its end (a round is 5 batches here)
+def test_exact_resume_resampled(indexed, stop):
+    cfg = _cfg(indexed, train_data=indexed["train"].replace("{000000..000005}", "{000000..000001}"),
+               resampled=True, shuffle_buffer=8)
+    make = lambda: build_train_loader(cfg, batch_size=8, rank=1, world_size=2, seed=2,  # noqa: E731
+                                      tokenizer=ClipTokenizer(16))
+    full = _take(make(), 8)
+    first = make()
+    it = iter(first)
+    head = [next(it) for _ in range(stop)]
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for a, b in zip(head + _take(resumed, 8 - stop), full, strict=True):
         assert a["keys"] == b["keys"]
         for name in ("images", "pos_tokens", "neg_tokens"):
             assert torch.equal(a[name], b[name]), name

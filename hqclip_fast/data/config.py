@@ -21,11 +21,21 @@ class DataConfig:
     context_length: int = 77
     workers: int = 2
     prefetch_factor: int = 2
+    # Shuffle buffer of raw (still encoded) samples, per loader worker: at most shuffle_buffer samples and, in
+    # the CPU loader, at most shuffle_buffer_mib MiB of their bytes (0: no byte bound). Host memory per node:
+    # ranks x workers x shuffle_buffer_mib. The DALI loader holds shuffle_buffer samples per rank (its reader's
+    # initial_fill), bounded in samples only.
     shuffle_buffer: int = 1000
+    shuffle_buffer_mib: float = 512.0
     pin_memory: bool = False
     decoder: str = "cpu"  # "cpu" (PIL in DataLoader workers) | "dali" (GPU decode; nvidia-dali needed)
     dali_device: str = "gpu"  # "gpu" (device="mixed" decode) | "cpu" (DALI's CPU-only mode, for tests)
     dali_index_dir: Optional[str] = None  # noqa: UP045  (index files from `hqclip-data index`; None: beside shards)
+    # Remote shards (pipe:, fsspec URLs): a failed read is retried from the failed byte up to source_retries
+    # times, the n-th retry after source_retry_backoff_s * 2**n seconds (at most 60), then the shard is given up
+    # and counted ('source_failed'); every failure is counted ('source_error') and logged.
+    source_retries: int = 3
+    source_retry_backoff_s: float = 1.0
     # Text sampling (HQ-CLIP): positive = positive_description with probability p_description, else alt_text;
     # negative = ", ".join(negative_tags) with probability p_neg_tags, else negative_description.
     # A chosen field that is absent falls back to the other one.
@@ -50,7 +60,9 @@ class DataConfig:
         for name in ("image_size", "context_length", "prefetch_factor", "max_tags"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError("workers and shuffle_buffer must be >= 0")
+        if self.workers < 0 or self.shuffle_buffer < 0 or self.shuffle_buffer_mib < 0:
+            raise ValueError("workers, shuffle_buffer and shuffle_buffer_mib must be >= 0")
+        if self.source_retries < 0 or self.source_retry_backoff_s < 0:
+            raise ValueError("source_retries and source_retry_backoff_s must be >= 0")
         if len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1:
             raise ValueError(f"rrc_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.rrc_scale}")

@@ -8,14 +8,22 @@ that every batch has exactly `batch_size` rows.
 
 DALI's decoders cannot skip a corrupt image (the pipeline raises), and its reader drops a sample that lacks a
 member without telling anyone. So the dirt is screened once, when `hqclip-data index` writes the index files
-(`write_dali_index`): every sample's image is fully decoded with PIL, and the index lists only samples with a
-decodable image and a json member. The samples left out, and shard-level problems (a truncated tar still
-indexes every complete sample before the cut), are counted under the CPU path's reason names in a sidecar
-`<shard>.skipped.json`; the loader adds them to stats() once, on rank 0 (they describe the data set, found in one
-pass, not this rank's share of it; the reader-time record skips are counted each time they are read).
+(`write_dali_index`), and the index lists only samples with a json member and an image DALI decodes without
+raising (`screen_image` says how much work that takes per format). The samples left out, and shard-level
+problems (a truncated tar still indexes every complete sample before the cut), are counted under the CPU path's
+reason names in a sidecar `<shard>.skipped.json`; the loader adds them to stats() once, on rank 0 (they describe
+the data set, found in one pass, not this rank's share of it; the reader-time record skips are counted each time
+they are read).
 
-Resume: DALI's own checkpointing (reader position and RNG states) plus the position inside a pipeline run;
-the per-sample text choices are seeded by (seed, rank, run, row), so resumed batches equal uninterrupted ones.
+Sampling. Without resampling, one pipeline per rank reads its 1/world_size of the samples (DALI's shard_id),
+epoch after epoch. With `resampled=true` (open_clip's --dataset-resampled) each rank reads rounds: round r draws
+max(1, shards // world_size) shards with replacement from (seed, rank, r), builds a pipeline on them and reads
+as many samples as they hold (about one epoch over all ranks per round), then draws the next round. Every
+pipeline is seeded by (seed, rank, round), so ranks neither crop alike nor shuffle alike.
+
+Resume: DALI's own checkpointing (reader position and RNG states) plus the round and the position inside a
+pipeline run; the per-sample text choices are seeded by (seed, rank, round, run, row), so resumed batches equal
+uninterrupted ones.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from .shards import expand_sources, iter_tar_samples
 from .tags import TagVocab
 from .tokenizer import ClipTokenizer
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 INDEX_VERSION = "v1.2"  # DALI's webdataset index format (what its wds2idx writes)
 # Image formats that both PIL and DALI's decoders read.
 DALI_IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "PPM", "JPEG2000"})
@@ -63,6 +71,37 @@ def skipped_path(index_path: str) -> str:
     return os.path.splitext(index_path)[0] + ".skipped.json"
 
 
+def _ends_with_eoi(jpeg: bytes) -> bool:
+    """A JPEG's last marker, EOI, is at its end (zero padding allowed). FF D9 cannot occur inside entropy-coded
+    data (a data FF is followed by 00), so a cut file almost never ends with it."""
+    return jpeg[-1024:].rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
+def screen_image(data: bytes) -> None:
+    """Raises SkipSample unless DALI's decoders read `data` without raising, doing only the work that takes:
+
+    - every image: PIL parses its header (format, size): an HTML page, an empty or garbage file, an unsupported
+      format is refused without decoding anything;
+    - JPEG (most web images): its entropy-coded data is decoded at 1/8 scale (libjpeg's DCT scaling: every
+      coefficient is Huffman-decoded, where DALI's libjpeg-turbo raises on a bad table or a cut file, but the
+      full-size inverse DCT, upsampling and colour conversion are skipped). Header checks alone do not suffice:
+      one flipped byte in the tables can parse fine and still make DALI raise (tests/test_data_index.py). A JPEG
+      that does not end with EOI gets a full decode instead, which refuses a cut file and keeps trailing junk;
+    - other formats (PNG, WebP, ...): a full decode, which checks what DALI's decoders would stumble on.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # parses the header only
+            if img.format not in DALI_IMAGE_FORMATS:
+                raise SkipSample("unsupported_image")
+            if img.format in ("JPEG", "MPO") and _ends_with_eoi(data):
+                img.draft("RGB", (1, 1))  # the smallest DCT scale, 1/8
+            img.load()
+    except SkipSample:
+        raise
+    except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        raise SkipSample("corrupt_image") from None
+
+
 def _screen(raw: dict) -> tuple[str, str]:
     """(image ext, "json") of a sample DALI can read; raises SkipSample with the CPU path's reason otherwise."""
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
@@ -70,14 +109,7 @@ def _screen(raw: dict) -> tuple[str, str]:
         raise SkipSample("missing_image")
     if "json" not in raw:
         raise SkipSample("missing_json")
-    try:
-        with Image.open(io.BytesIO(raw[image_ext])) as img:
-            img.load()  # a full decode: a header check passes truncated JPEGs
-            supported = img.format in DALI_IMAGE_FORMATS
-    except Exception:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
-        raise SkipSample("corrupt_image") from None
-    if not supported:
-        raise SkipSample("unsupported_image")
+    screen_image(raw[image_ext])
     return image_ext, "json"
 
 
@@ -149,9 +181,8 @@ class DaliTrainLoader:
                  tokenizer: ClipTokenizer, tag_vocab: TagVocab | None):
         require_dali()
         sources = expand_sources(cfg.train_data)
-        if len(sources) != 1 or cfg.resampled:
-            raise ValueError("train_data: the DALI path reads one source without resampling; "
-                             "use decoder='cpu' for weighted sources or resampled=true")
+        if len(sources) != 1:
+            raise ValueError("train_data: the DALI path reads one source; use decoder='cpu' for weighted sources")
         files = sources[0]
         if any("://" in f for f in files):
             raise ValueError("train_data: DALI's webdataset reader needs local files, not URLs")
@@ -161,7 +192,7 @@ class DaliTrainLoader:
             raise FileNotFoundError(f"DALI index files missing (run `hqclip-data index PATTERN`): {missing[:3]}")
         # what the index left out, counted in stats(); shards with no readable sample are not given to DALI
         self._index_reasons: Counter = Counter()
-        self.files, self.index_files = [], []
+        self.files, self.index_files, self.shard_samples = [], [], []
         for shard, index in zip(files, index_files, strict=True):
             with open(skipped_path(index)) as f:
                 sidecar = json.load(f)
@@ -169,6 +200,7 @@ class DaliTrainLoader:
             if sidecar["samples_indexed"]:
                 self.files.append(shard)
                 self.index_files.append(index)
+                self.shard_samples.append(sidecar["samples_indexed"])
         if not self.files:
             raise ValueError(f"train_data: no readable sample in {cfg.train_data} "
                              f"(index skips: {dict(self._index_reasons)})")
@@ -183,19 +215,31 @@ class DaliTrainLoader:
         self.epoch = 0
         self._reasons: Counter = Counter()
         self._ok = 0
-        # Resume point: (pipeline run number, DALI checkpoint taken before that run, rows of it already used).
-        self._resume: tuple[int, bytes | str | None, int] = (0, None, 0)
+        # Resume point: (round, pipeline run number in that round, DALI checkpoint taken before that run, rows of
+        # it already used). Without resampling there is one endless round.
+        self._resume: tuple[int, int, bytes | str | None, int] = (0, 0, None, 0)
 
     @property
     def samples(self) -> int:
         return self.batches * self.batch_size
 
-    def _pipeline(self, checkpoint: str | None):
+    def _round(self, round_: int) -> tuple[list[int], int | None]:
+        """(indices into self.files, samples to read) of a round; None: endless (no resampling)."""
+        if not self.cfg.resampled:
+            return list(range(len(self.files))), None
+        rng = np.random.default_rng([self.seed, self.rank, round_, 1])
+        drawn = rng.integers(0, len(self.files), size=max(1, len(self.files) // self.world_size)).tolist()
+        return drawn, sum(self.shard_samples[i] for i in drawn)
+
+    def _pipeline(self, shards: list[int], round_: int, checkpoint: str | None):
+        # DALI seeds are 64-bit ints: one per (seed, rank, round), so ranks do not crop or shuffle alike
+        seed = int(np.random.SeedSequence([self.seed, self.rank, round_]).generate_state(1, np.uint64)[0] >> 1)
+        shard_id, num_shards = (0, 1) if self.cfg.resampled else (self.rank, self.world_size)
         return build_dali_pipeline(
-            self.files, self.index_files, batch_size=self.batch_size, image_size=self.cfg.image_size,
-            scale=tuple(self.cfg.rrc_scale), shard_id=self.rank, num_shards=self.world_size, seed=self.seed,
-            shuffle_buffer=self.cfg.shuffle_buffer, device_id=self.device_id, num_threads=max(1, self.cfg.workers),
-            checkpoint=checkpoint)
+            [self.files[i] for i in shards], [self.index_files[i] for i in shards], batch_size=self.batch_size,
+            image_size=self.cfg.image_size, scale=tuple(self.cfg.rrc_scale), shard_id=shard_id,
+            num_shards=num_shards, seed=seed, shuffle_buffer=self.cfg.shuffle_buffer, device_id=self.device_id,
+            num_threads=max(1, self.cfg.workers), checkpoint=checkpoint)
 
     def _to_torch(self, images) -> torch.Tensor:
         tensor = images.as_tensor()
@@ -207,12 +251,12 @@ class DaliTrainLoader:
         feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(self.device_id))
         return out
 
-    def _rows(self, run: int, outputs) -> list[dict | None]:
-        """Per row of a pipeline run: texts and tags, or None (dropped and counted) for an unusable record."""
-        rows: list[dict | None] = []
-        for i in range(len(outputs[1])):
+    def _rows(self, round_: int, run: int, outputs, count: int) -> list[dict]:
+        """Per row of the first `count` rows of a pipeline run: texts and tags, or {"skip": reason}."""
+        rows: list[dict] = []
+        for i in range(count):
             raw = {"json": np.array(outputs[1][i]).tobytes()}
-            rng = np.random.default_rng([self.seed, self.rank, run, i])
+            rng = np.random.default_rng([self.seed, self.rank, round_, run, i])
             try:
                 record = read_record(raw, tuple(self.cfg.required_fields))
                 pos = choose(record, "positive_description", "alt_text", self.cfg.p_description, rng.random())
@@ -229,29 +273,40 @@ class DaliTrainLoader:
         return rows
 
     def __iter__(self):
-        pipe = self._pipeline(self._resume[1])
-        run, _, skip_rows = self._resume
-        checkpoint = pipe.checkpoint()
-        pending: list[tuple] = []  # (run, checkpoint before that run, row index, row, image)
+        round_, run, checkpoint, skip_rows = self._resume
+        pending: list[tuple] = []  # ((round, run, checkpoint before that run, row index), row, image)
         while True:
-            outputs = pipe.run()
-            next_checkpoint = pipe.checkpoint()
-            rows, images = self._rows(run, outputs), self._to_torch(outputs[0])
-            for i in range(skip_rows, len(rows)):
-                if "skip" in rows[i]:
-                    self._reasons[rows[i]["skip"]] += 1
+            shards, round_samples = self._round(round_)
+            pipe = self._pipeline(shards, round_, checkpoint)
+            checkpoint = pipe.checkpoint()
+            runs = None if round_samples is None else -(-round_samples // self.batch_size)
+            while runs is None or run < runs:
+                outputs = pipe.run()
+                next_checkpoint = pipe.checkpoint()
+                # a round's last run may wrap into the reader's next pass: rows past the round's samples are unused
+                count = self.batch_size if runs is None else min(self.batch_size,
+                                                                 round_samples - run * self.batch_size)
+                rows, images = self._rows(round_, run, outputs, count), self._to_torch(outputs[0])
+                for i in range(skip_rows, count):
+                    if "skip" in rows[i]:
+                        self._reasons[rows[i]["skip"]] += 1
+                    else:
+                        pending.append(((round_, run, checkpoint, i), rows[i], images[i]))
+                skip_rows = 0
+                run, checkpoint = run + 1, next_checkpoint
+                if runs is None:
+                    self.epoch = run * self.batch_size * self.world_size // max(1, pipe.epoch_size("reader"))
                 else:
-                    pending.append((run, checkpoint, i, rows[i], images[i]))
-            skip_rows = 0
-            run, checkpoint = run + 1, next_checkpoint
-            self.epoch = run * self.batch_size * self.world_size // max(1, pipe.epoch_size("reader"))
-            while len(pending) >= self.batch_size:
-                batch, pending = pending[: self.batch_size], pending[self.batch_size:]
-                # resume point: the oldest row not yet emitted (or the next run when none is left over)
-                self._resume = pending[0][:3] if pending else (run, checkpoint, 0)
-                self._ok += self.batch_size
-                self.batches += 1
-                yield self._collate(torch.stack([p[4] for p in batch]), [p[3] for p in batch])
+                    self.epoch = round_  # a round reads about one epoch's worth over all ranks
+                while len(pending) >= self.batch_size:
+                    batch, pending = pending[: self.batch_size], pending[self.batch_size:]
+                    # resume point: the oldest row not yet emitted (or the next run when none is left over)
+                    self._resume = pending[0][0] if pending else (round_, run, checkpoint, 0)
+                    self._ok += self.batch_size
+                    self.batches += 1
+                    yield self._collate(torch.stack([p[2] for p in batch]), [p[1] for p in batch])
+            del pipe  # the next round's pipeline replaces it
+            round_, run, checkpoint = round_ + 1, 0, None
 
     def _collate(self, images: torch.Tensor, rows: list[dict]) -> dict:
         batch = {"images": images, "pos_tokens": self.tokenizer([r["pos"] for r in rows]),
@@ -272,22 +327,25 @@ class DaliTrainLoader:
         return summarize(reasons, self._ok)
 
     def state_dict(self) -> dict:
+        round_, run, checkpoint, rows_used = self._resume
         return {"version": STATE_VERSION, "decoder": "dali", "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "batches": self.batches, "epoch": self.epoch,
-                "resume_run": self._resume[0], "rows_used": self._resume[2],
+                "batch_size": self.batch_size, "resampled": self.cfg.resampled, "batches": self.batches,
+                "epoch": self.epoch, "resume_round": round_, "resume_run": run, "rows_used": rows_used,
                 # DALI's serialized checkpoint is bytes: base64 keeps the state JSON-friendly
-                "resume_checkpoint": None if self._resume[1] is None else base64.b64encode(
-                    self._resume[1] if isinstance(self._resume[1], bytes) else self._resume[1].encode()).decode(),
+                "resume_checkpoint": None if checkpoint is None else base64.b64encode(
+                    checkpoint if isinstance(checkpoint, bytes) else checkpoint.encode()).decode(),
                 "samples_ok": self._ok, "reasons": dict(self._reasons)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION or state.get("decoder") != "dali":
             raise ValueError("state: not a DALI loader state of this version")
-        for name in ("seed", "world_size", "batch_size"):
-            if state[name] != getattr(self, name):
-                raise ValueError(f"state: saved {name}={state[name]} but this loader has {getattr(self, name)}")
+        mine = {"seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,
+                "resampled": self.cfg.resampled}
+        for name, value in mine.items():
+            if state[name] != value:
+                raise ValueError(f"state: saved {name}={state[name]} but this loader has {value}")
         self.batches, self.epoch, self._ok = state["batches"], state["epoch"], state["samples_ok"]
         checkpoint = state["resume_checkpoint"]
-        self._resume = (state["resume_run"], None if checkpoint is None else base64.b64decode(checkpoint),
-                        state["rows_used"])
+        self._resume = (state["resume_round"], state["resume_run"],
+                        None if checkpoint is None else base64.b64decode(checkpoint), state["rows_used"])
         self._reasons = Counter(state["reasons"])

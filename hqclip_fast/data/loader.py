@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .samples import SkipSample, decode_image, decode_train_sample, eval_transform, read_record
-from .shards import SHARD_REASONS, expand_sources, iter_tar_samples
+from .shards import SHARD_REASONS, configure_source_retry, expand_sources, iter_tar_samples
 from .tags import TagVocab
 from .tokenizer import ClipTokenizer
 
@@ -77,19 +77,33 @@ def mix_sources(streams: list[Iterator], weights: list[float], rng: random.Rando
         yield next(streams[rng.choices(range(len(streams)), weights=weights)[0]])
 
 
-def shuffle_buffer(stream: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Reservoir-style shuffle: fill `size` items, then emit a random one and put the new item in its place."""
+def sample_bytes(item: tuple[int, dict]) -> int:
+    """Encoded payload of a buffered (epoch, raw sample): its members' bytes, what dominates its memory."""
+    return sum(len(v) for v in item[1].values() if isinstance(v, bytes))
+
+
+def shuffle_buffer(stream: Iterator, size: int, rng: random.Random, max_bytes: int = 0) -> Iterator:
+    """Reservoir-style shuffle through a buffer of at most `size` items and (max_bytes > 0) at most `max_bytes`
+    of sample payload (`sample_bytes`): each new item first evicts random items, which are emitted, until it
+    fits; an item larger than max_bytes alone passes straight through."""
     if size <= 1:
         yield from stream
         return
     buffer: list = []
+    held = 0
     for item in stream:
-        if len(buffer) < size:
-            buffer.append(item)
+        nbytes = sample_bytes(item) if max_bytes else 0
+        if nbytes > max_bytes > 0:
+            yield item
             continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = item
+        while len(buffer) >= size or held + nbytes > max_bytes > 0:
+            i = rng.randrange(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            out = buffer.pop()
+            held -= sample_bytes(out) if max_bytes else 0
+            yield out
+        buffer.append(item)
+        held += nbytes
     rng.shuffle(buffer)
     yield from buffer
 
@@ -115,7 +129,8 @@ class ShardStream(IterableDataset):
         streams = [slot_stream(urls, i, slot, num_slots, self.seed, self.cfg.resampled, stats)
                    for i, urls in enumerate(self.sources)]
         raw = mix_sources(streams, self.weights, random.Random(f"mix-{self.seed}-{slot}"))
-        raw = shuffle_buffer(raw, self.cfg.shuffle_buffer, random.Random(f"shuffle-{self.seed}-{slot}"))
+        raw = shuffle_buffer(raw, self.cfg.shuffle_buffer, random.Random(f"shuffle-{self.seed}-{slot}"),
+                             max_bytes=int(self.cfg.shuffle_buffer_mib * 2**20))
         skip = self.skip_raw[worker]
         samples, samples_ok, last_ok_epoch = [], 0, 0
         for index, (epoch, sample) in enumerate(raw):
@@ -262,6 +277,7 @@ def build_train_loader(cfg: DataConfig, *, batch_size: int, rank: int = 0, world
                        tokenizer: ClipTokenizer | None = None, tag_vocab: TagVocab | None = None):
     """The training loader chosen by cfg.decoder ("cpu" | "dali"); see the module docstring for semantics."""
     cfg.validate()
+    configure_source_retry(cfg.source_retries, cfg.source_retry_backoff_s)
     tokenizer = tokenizer or ClipTokenizer(cfg.context_length)
     if cfg.decoder == "dali":
         from .dali import DaliTrainLoader

@@ -1,20 +1,64 @@
 """Reading webdataset tar shards: URL expansion, opening (local, fsspec, pipe:), and grouping members into
-samples without ever raising on dirty data (shard-level problems are counted in a Counter)."""
+samples without ever raising on dirty data (shard-level problems are counted in a Counter).
+
+Remote sources (`pipe:` commands, fsspec URLs) fail loudly or retry: a `pipe:` command that exits non-zero, or
+an fsspec read that raises, is a `source_error` (logged with the command's stderr tail or the exception), never
+an empty or truncated shard. The source is then re-opened after a backoff and read on from the byte where it
+failed (seeking where it can, reading and dropping the bytes already delivered otherwise), so the tar reader
+never sees the failure; after `SourceRetry.retries` failures in a row the shard is given up (`source_failed`),
+keeping the samples read before. Every `pipe:` process is waited for (or killed and waited for when the reader
+stops early): no zombies.
+"""
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import subprocess
 import tarfile
+import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import IO
 
 import braceexpand
 
-# Reasons that describe a whole shard, not a lost sample (not added to samples_skipped).
-SHARD_REASONS = frozenset({"empty_tar", "truncated_tar", "unreadable_shard"})
+log = logging.getLogger(__name__)
+
+# Reasons that describe a whole shard or a failed read of it, not a lost sample (not added to samples_skipped).
+SHARD_REASONS = frozenset({"empty_tar", "truncated_tar", "unreadable_shard", "source_error", "source_failed"})
+STDERR_TAIL = 2000  # characters of a failed pipe: command's stderr kept in its error
+
+
+class SourceError(Exception):
+    """A remote source failed while being read: a `pipe:` command exited non-zero, or an fsspec read raised.
+    Deliberately not an OSError: the tar reader takes OSErrors for a truncated shard."""
+
+
+@dataclass(frozen=True)
+class SourceRetry:
+    """How a failed remote read is retried: up to `retries` re-opens, the n-th (from 0) after
+    min(backoff_s * 2**n, max_backoff_s) seconds."""
+
+    retries: int = 3
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+
+    def delay(self, failure: int) -> float:
+        return min(self.backoff_s * 2 ** failure, self.max_backoff_s)
+
+
+# The process-wide policy; the loaders set it from DataConfig (source_retries, source_retry_backoff_s), and
+# DataLoader workers, forked after that, inherit it.
+source_retry = SourceRetry()
+
+
+def configure_source_retry(retries: int, backoff_s: float) -> None:
+    global source_retry
+    source_retry = SourceRetry(retries, backoff_s)
 
 
 def expand_sources(train_data: str) -> list[list[str]]:
@@ -41,15 +85,109 @@ def _glob(url: str) -> list[str]:
     return matches
 
 
-def open_url(url: str) -> IO[bytes]:
-    """A readable binary stream for a local path, `pipe:COMMAND`, or any fsspec URL (s3://, gs://, https://)."""
-    if url.startswith("pipe:"):
-        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
-        return proc.stdout
-    if _is_remote(url):
-        import fsspec  # optional: only needed for remote URLs
+class _PipeReader:
+    """The stdout of `pipe:COMMAND`; at its end the process is waited for, and a non-zero exit raises
+    SourceError with the tail of the command's stderr. close() kills a command still running and reaps it."""
 
-        return fsspec.open(url, "rb").open()
+    def __init__(self, command: str):
+        self.command = command
+        self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block on it
+        self._proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self._stderr)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._proc.stdout.read(size)
+        if not data and size != 0:
+            status = self._proc.wait()
+            if status != 0:
+                self._stderr.seek(0)
+                tail = self._stderr.read().decode("utf-8", errors="replace")[-STDERR_TAIL:].strip()
+                raise SourceError(f"pipe:{self.command} exited with status {status}; stderr: {tail or '(empty)'}")
+        return data
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._proc.stdout.close()
+        if self._proc.poll() is None:  # the reader stopped early
+            self._proc.kill()
+        self._proc.wait()
+        self._stderr.close()
+
+
+def _open_remote(url: str):
+    if url.startswith("pipe:"):
+        return _PipeReader(url[len("pipe:"):])
+    import fsspec  # optional: only needed for remote URLs
+
+    return fsspec.open(url, "rb").open()
+
+
+class _RetryingReader:
+    """A remote shard's bytes, (re-)opened and read on from the failed byte after any error of the source
+    (see the module docstring). Each failure is counted in `stats` as 'source_error' and logged."""
+
+    def __init__(self, url: str, stats: Counter, policy: SourceRetry):
+        self.url, self.stats, self.policy = url, stats, policy
+        self.position, self._failures, self._stream = 0, 0, None
+
+    def read(self, size: int = -1) -> bytes:
+        while True:
+            try:
+                if self._stream is None:
+                    self._stream = self._open_at(self.position)
+                data = self._stream.read(size)
+            except Exception as e:  # fsspec backends raise many types (OSError, aiohttp and botocore errors, ...)
+                self._failed(e)
+                continue
+            self.position += len(data)
+            self._failures = 0
+            return data
+
+    def _open_at(self, position: int):
+        stream = _open_remote(self.url)
+        if stream.seekable():
+            stream.seek(position)
+            return stream
+        while position:  # a pipe: the bytes the tar reader already has are read again and dropped
+            chunk = stream.read(min(position, 1 << 20))
+            if not chunk:
+                stream.close()
+                raise SourceError(f"{self.url}: the re-opened source ended {position} bytes before byte "
+                                  f"{self.position}, where the last read failed")
+            position -= len(chunk)
+        return stream
+
+    def _failed(self, error: Exception) -> None:
+        self.stats["source_error"] += 1
+        self.close()
+        if self._failures >= self.policy.retries:
+            raise SourceError(f"{self.url}: gave up after {self._failures + 1} failed reads; last: {error}") \
+                from error
+        delay = self.policy.delay(self._failures)
+        self._failures += 1
+        log.warning("shard source failed at byte %d (retry %d of %d in %.1fs): %s", self.position, self._failures,
+                    self.policy.retries, delay, error)
+        time.sleep(delay)
+
+    def seekable(self) -> bool:
+        return False  # reads resume at the failed byte; the tar reader needs no seeking
+
+    def close(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            try:
+                stream.close()
+            except Exception:  # closing a broken remote stream may raise again; the failure is already counted
+                pass
+
+
+def open_url(url: str, stats: Counter | None = None) -> IO[bytes]:
+    """A readable binary stream for a local path, `pipe:COMMAND`, or any fsspec URL (s3://, gs://, https://).
+    Remote sources retry failed reads (counted in `stats` as 'source_error') and raise SourceError after
+    `source_retry.retries` failures."""
+    if url.startswith("pipe:") or _is_remote(url):
+        return _RetryingReader(url, Counter() if stats is None else stats, source_retry)
     return open(url.removeprefix("file://"), "rb")
 
 
@@ -89,7 +227,7 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False) -> Iterato
     before the cut ('truncated_tar'), and counts a sample that the cut went through as 'truncated_sample'.
     """
     try:
-        stream = open_url(url)
+        stream = open_url(url, stats)
     except OSError:
         stats["unreadable_shard"] += 1
         return
@@ -143,5 +281,8 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False) -> Iterato
                 stats["empty_tar"] += 1
         if sample is not None:
             yield sample
+    except SourceError as e:  # retries spent: loud, and never counted as an empty or truncated shard
+        stats["source_failed"] += 1
+        log.error("shard given up (the samples read before the failure are kept): %s", e)
     finally:
         stream.close()
