@@ -4,6 +4,15 @@ point; the result file says which).
 
     python benchmarks/bench_loader.py --device cpu                 # CPU loader + tokenizer
     python benchmarks/bench_loader.py --device cuda --vit-step     # + GPU decode, + ViT-B/16 step consumption
+    python benchmarks/bench_loader.py --compare                    # ours vs open_clip's pipeline, web-like shards
+
+--compare runs, in one process and interleaved round by round (alternating which goes first, so that a machine
+shared with other jobs loads both alike), open_clip's own training data pipeline (open_clip_train.data's
+get_wds_dataset with open_clip.transform.image_transform: RandomResizedCrop(224, scale=(0.9, 1.0)), bicubic,
+OpenAI mean/std, its tokenizer) and hqclip-fast's CPU loader with the same crop scale, size and normalization,
+at 1 and 2 workers, over web-like shards (hqclip_fast.data.web_like); and, one sample at a time in this process,
+the decode + augment functions of both and the eval preprocessing of both. The ratio ours / open_clip is the
+figure to read; images/s per core = images/s / workers. Result: results/bench_loader_compare_cpu.json and .md.
 
 The target (GPU): the decode path delivers >= 1.5x the samples/s that a ViT-B/16 training step consumes.
 Results: benchmarks/results/bench_loader_<device>.json and .md (device, versions, git commit recorded).
@@ -22,10 +31,14 @@ import tempfile
 import time
 from collections import Counter
 
+import numpy as np
 import torch
 
-from hqclip_fast.data import ClipTokenizer, DataConfig, build_train_loader
+from hqclip_fast.data import ClipTokenizer, DataConfig, build_train_loader, normalize_images
+from hqclip_fast.data.samples import decode_image, eval_transform, train_crop
+from hqclip_fast.data.shards import expand_sources, iter_tar_samples
 from hqclip_fast.data.synthetic import make_train_record, write_synthetic
+from hqclip_fast.data.web_like import write_web_like_shards
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -169,6 +182,189 @@ def bench_vit_step(batch_size: int, steps: int = 10) -> dict:
     return {"batch_size": batch_size, "samples_per_s": round(steps * batch_size / (time.perf_counter() - start), 1)}
 
 
+# ------------------------------------------------------------------ ours vs open_clip's pipeline (--compare)
+
+RRC_SCALE = (0.9, 1.0)
+
+
+def web_like_pattern(cache_dir: str, num_samples: int, shard_size: int = 100) -> str:
+    """Web-like shards under cache_dir (written once per size; a pure function of the seed)."""
+    out = os.path.join(cache_dir, f"web_like_{num_samples}")
+    pattern = os.path.join(out, f"web-{{000000..{-(-num_samples // shard_size) - 1:06d}}}.tar")
+    done = os.path.join(out, "done")
+    if not os.path.exists(done):
+        write_web_like_shards(out, num_samples, shard_size)
+        open(done, "w").close()
+    return pattern
+
+
+def open_clip_loader(pattern: str, image_size: int, batch_size: int, workers: int):
+    """open_clip's training loader exactly as open_clip_train builds it for --train-data (no resampling)."""
+    import functools
+    from types import ModuleType, SimpleNamespace
+
+    import open_clip
+    import webdataset.tariterators
+    from open_clip.transform import image_transform
+
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        # open_clip_train.data imports pandas for its CSV dataset alone, which the webdataset path never touches;
+        # pandas is not among our dependencies, so an empty module stands in for the import.
+        sys.modules["pandas"] = ModuleType("pandas")
+    from open_clip_train import data
+
+    # webdataset 1.0 ends each shard with an empty end-of-shard marker, which open_clip_train's own grouping
+    # (written for webdataset <= 0.2.86, its pin) takes for a file; without the marker the pipeline is unchanged.
+    data.tar_file_expander = functools.partial(webdataset.tariterators.tar_file_expander, eof_value=None)
+
+    args = SimpleNamespace(train_data=pattern, val_data=None, train_num_samples=10**7, dataset_resampled=False,
+                           train_data_upsampling_factors=None, seed=0, batch_size=batch_size, workers=workers,
+                           world_size=1)
+    preprocess = image_transform(image_size, is_train=True, aug_cfg={"scale": RRC_SCALE})
+    return data.get_wds_dataset(args, preprocess, is_train=True,
+                                tokenizer=open_clip.get_tokenizer("ViT-B-16")).dataloader
+
+
+def hqclip_loader(pattern: str, image_size: int, batch_size: int, workers: int, normalize_on_device: bool = False):
+    """Our CPU loader on plain CLIP shards (.txt captions), with open_clip's crop scale, size and normalization."""
+    cfg = DataConfig(train_data=pattern, image_size=image_size, workers=workers, rrc_scale=list(RRC_SCALE),
+                     required_fields=[], use_negatives=False, use_tags=False, normalize_on_device=normalize_on_device)
+    return build_train_loader(cfg, batch_size=batch_size, seed=0)
+
+
+def loader_images_per_s(loader, batch_size: int, batches: int, warmup: int) -> float:
+    """Images/s of a fresh iterator over `batches` batches, after `warmup` (worker start, shuffle buffer fill,
+    prefetch). The workers end with the iterator."""
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * batch_size / (time.perf_counter() - start)
+    del it
+    return rate
+
+
+def raw_samples(pattern: str, num: int) -> list[dict]:
+    stats: Counter = Counter()
+    return list(itertools.islice((s for url in expand_sources(pattern)[0] for s in iter_tar_samples(url, stats)), num))
+
+
+def _image_bytes(raw: dict) -> bytes:
+    return next(raw[e] for e in ("jpg", "jpeg", "png", "webp") if e in raw)
+
+
+def per_sample_functions(image_size: int) -> dict:
+    """name -> f(raw sample): one image decoded and augmented (train) or preprocessed (eval), as each pipeline
+    does it per sample. open_clip: webdataset's "pilrgb" decode (PIL open, load, RGB) and its transform."""
+    import io
+
+    from open_clip.transform import image_transform
+    from PIL import Image
+
+    oc_train = image_transform(image_size, is_train=True, aug_cfg={"scale": RRC_SCALE})
+    oc_eval = image_transform(image_size, is_train=False)
+    rng = np.random.default_rng(0)
+
+    def pil_rgb(raw):
+        with Image.open(io.BytesIO(_image_bytes(raw))) as img:
+            img.load()
+            return img.convert("RGB")
+
+    return {
+        "open_clip_train": lambda raw: oc_train(pil_rgb(raw)),
+        "hqclip_train_uint8": lambda raw: train_crop(raw, image_size, RRC_SCALE, rng),
+        "hqclip_train_float": lambda raw: normalize_images(train_crop(raw, image_size, RRC_SCALE, rng)),
+        "open_clip_eval": lambda raw: oc_eval(pil_rgb(raw)),
+        "hqclip_eval": lambda raw: eval_transform(decode_image(raw), image_size),
+    }
+
+
+def per_sample_rates(samples: list[dict], functions: dict, rounds: int) -> dict:
+    """Samples/s of each function over `samples`, one process, rounds interleaved (order rotated each round)."""
+    names = list(functions)
+    rates: dict = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            start = time.perf_counter()
+            for raw in samples:
+                functions[name](raw)
+            rates[name].append(len(samples) / (time.perf_counter() - start))
+    return rates
+
+
+def compare(args) -> dict:
+    torch.set_num_threads(1)  # the main process only collects batches; leave the cores to the workers
+    pattern = web_like_pattern(args.cache_dir, args.num_samples)
+    result = {"benchmark": "bench_loader --compare", "args": vars(args), "env": environment("cpu"),
+              "shards": pattern, "kinds": "see hqclip_fast.data.web_like.KINDS", "loaders": []}
+    pipelines = {
+        "open_clip": lambda w: open_clip_loader(pattern, args.image_size, args.batch_size, w),
+        "hqclip": lambda w: hqclip_loader(pattern, args.image_size, args.batch_size, w),
+        "hqclip_uint8": lambda w: hqclip_loader(pattern, args.image_size, args.batch_size, w, True),
+    }
+    for workers in args.workers:
+        rates: dict = {name: [] for name in pipelines}
+        for r in range(args.rounds):
+            order = list(pipelines) if r % 2 == 0 else list(reversed(pipelines))
+            for name in order:
+                rates[name].append(loader_images_per_s(pipelines[name](workers), args.batch_size, args.batches,
+                                                       warmup=2 * workers + 1))
+                print(f"workers {workers} round {r} {name}: {rates[name][-1]:.1f} images/s", flush=True)
+        entry = {"workers": workers, "images_per_s": {n: [round(x, 1) for x in v] for n, v in rates.items()}}
+        entry["median_images_per_s"] = {n: round(float(np.median(v)), 1) for n, v in rates.items()}
+        entry["median_images_per_s_per_core"] = {n: round(v / workers, 1)
+                                                for n, v in entry["median_images_per_s"].items()}
+        # the ratio of each round (the two ran back to back under the same load), then the median
+        entry["ratio_over_open_clip"] = {n: round(float(np.median(np.array(rates[n]) / np.array(rates["open_clip"]))), 2)
+                                         for n in pipelines if n != "open_clip"}
+        result["loaders"].append(entry)
+    samples = raw_samples(pattern, args.per_sample_images)
+    rates = per_sample_rates(samples, per_sample_functions(args.image_size), args.rounds)
+    result["per_sample"] = {"images": len(samples), "images_per_s": {n: [round(x, 1) for x in v] for n, v in rates.items()},
+                            "median_images_per_s": {n: round(float(np.median(v)), 1) for n, v in rates.items()}}
+    result["env"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
+    return result
+
+
+def compare_markdown(result: dict) -> str:
+    env, args = result["env"], result["args"]
+    lines = [
+        "# bench_loader --compare: hqclip-fast's CPU loader vs open_clip's training pipeline", "",
+        f"device: {env['device']}; torch {env['torch']}; commit {env['git_commit'][:10]}; {env['time_utc']}; "
+        f"load average {env['load_average_1m']} at the start, {env['load_average_1m_end']} at the end. The machine "
+        "was shared with other jobs, so absolute images/s are noisy; both pipelines ran in the same process, "
+        "interleaved round by round, and the ratio of each round's back-to-back pair is the figure to read.", "",
+        f"{args['num_samples']} web-like samples (hqclip_fast.data.web_like: long side 512 px for half, 256-511 for "
+        "the rest; JPEG q90 with some grayscale, CMYK and EXIF-rotated ones, some PNG (RGB, RGBA, palette) and WebP; "
+        f".txt captions); RandomResizedCrop({args['image_size']}, scale=(0.9, 1.0)), bicubic, OpenAI mean/std; "
+        f"batch {args['batch_size']}, {args['batches']} timed batches per round after a warm-up, {args['rounds']} "
+        "rounds. open_clip: open_clip_train.data.get_wds_dataset with open_clip.transform.image_transform and its "
+        "tokenizer. hqclip: float32 normalized batches (the same contract); hqclip_uint8: normalize_on_device "
+        "(uint8 batches, the train step normalizes on the GPU).", "",
+        "| workers | open_clip images/s (per core) | hqclip images/s (per core) | ratio | hqclip_uint8 images/s | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for e in result["loaders"]:
+        m, c, r = e["median_images_per_s"], e["median_images_per_s_per_core"], e["ratio_over_open_clip"]
+        lines.append(f"| {e['workers']} | {m['open_clip']} ({c['open_clip']}) | {m['hqclip']} ({c['hqclip']}) | "
+                     f"{r['hqclip']}x | {m['hqclip_uint8']} | {r['hqclip_uint8']}x |")
+    p = result["per_sample"]["median_images_per_s"]
+    lines += [
+        "", f"One sample at a time in this process ({result['per_sample']['images']} images, medians of "
+        f"{args['rounds']} interleaved rounds, images/s on one core):", "",
+        "| path | images/s |", "|---|---|",
+        *[f"| {name} | {rate} |" for name, rate in p.items()], "",
+        f"Train decode + augment: ours / open_clip = {p['hqclip_train_float'] / p['open_clip_train']:.2f}x "
+        f"(float, normalized per sample), {p['hqclip_train_uint8'] / p['open_clip_train']:.2f}x (uint8 crop). Eval preprocessing (hqclip-eval's EvalDataset: full "
+        f"decode, resize, center crop, float): ours / open_clip = {p['hqclip_eval'] / p['open_clip_eval']:.2f}x.", "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -181,7 +377,24 @@ def main() -> int:
     parser.add_argument("--tokenizer-captions", type=int, default=20000)
     parser.add_argument("--vit-step", action="store_true", help="also time a ViT-B/16 training step (cuda)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--compare", action="store_true", help="ours vs open_clip's pipeline (CPU, web-like shards)")
+    parser.add_argument("--rounds", type=int, default=3, help="--compare: interleaved rounds")
+    parser.add_argument("--per-sample-images", type=int, default=200, help="--compare: images per per-sample round")
+    parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "hqclip_bench_loader"),
+                        help="--compare: where the web-like shards are written once")
     args = parser.parse_args()
+    if args.compare:
+        if args.workers == [0, 1, 2]:
+            args.workers = [1, 2]
+        args.num_samples = 800 if args.num_samples == 1000 else args.num_samples
+        result = compare(args)
+        out = args.out or os.path.join(RESULTS, "bench_loader_compare_cpu.json")
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        with open(out.removesuffix(".json") + ".md", "w") as f:
+            f.write(compare_markdown(result))
+        print(compare_markdown(result))
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
 
