@@ -72,22 +72,35 @@ def _dali_version():
         return None
 
 
-def bench_tokenizer(num: int) -> dict:
-    texts = [make_train_record(i, seed=0, image_size=16)[1]["positive_description"] for i in range(num)]
+def tokenizer_captions(num: int) -> list[str]:
+    return [make_train_record(i, seed=0, image_size=16)[1]["positive_description"] for i in range(num)]
+
+
+def tokenizers() -> dict:
+    """name -> f(list of captions): ours (context 77) and open_clip's tokenize, where installed."""
     ours = ClipTokenizer()
-    ours(texts[:100])  # warm up (builds the BPE)
-    start = time.perf_counter()
-    ours(texts)
-    rate = num / (time.perf_counter() - start)
-    result = {"captions": num, "hqclip_captions_per_s": round(rate)}
+    ours(["warm up: builds the BPE"])
+    functions = {"hqclip": ours}
     try:
         import open_clip
 
-        start = time.perf_counter()
-        open_clip.tokenize(texts[: num // 4])
-        result["open_clip_captions_per_s"] = round(num // 4 / (time.perf_counter() - start))
+        functions["open_clip"] = open_clip.tokenize
     except ImportError:
-        result["open_clip_captions_per_s"] = None
+        pass
+    return functions
+
+
+def bench_tokenizer(num: int) -> dict:
+    texts = tokenizer_captions(num)
+    functions = tokenizers()
+    result = {"captions": num}
+    for name, count in (("hqclip", num), ("open_clip", num // 4)):  # open_clip's is slower: fewer captions
+        if name not in functions:
+            result[f"{name}_captions_per_s"] = None
+            continue
+        start = time.perf_counter()
+        functions[name](texts[:count])
+        result[f"{name}_captions_per_s"] = round(count / (time.perf_counter() - start))
     return result
 
 
@@ -234,17 +247,30 @@ def hqclip_loader(pattern: str, image_size: int, batch_size: int, workers: int, 
     return build_train_loader(cfg, batch_size=batch_size, seed=0)
 
 
+class WarmIterator:
+    """A fresh iterator over `loader`, past `warmup` batches (worker start, shuffle buffer fill, prefetch);
+    close() drops it and the loader, which ends their worker processes."""
+
+    def __init__(self, loader, warmup: int):
+        self.loader, self.it = loader, iter(loader)
+        for _ in range(warmup):
+            next(self.it)
+
+    def pull(self, batches: int) -> None:
+        for _ in range(batches):
+            next(self.it)
+
+    def close(self) -> None:
+        self.loader = self.it = None
+
+
 def loader_images_per_s(loader, batch_size: int, batches: int, warmup: int) -> float:
-    """Images/s of a fresh iterator over `batches` batches, after `warmup` (worker start, shuffle buffer fill,
-    prefetch). The workers end with the iterator."""
-    it = iter(loader)
-    for _ in range(warmup):
-        next(it)
+    """Images/s of a fresh iterator over `batches` batches after `warmup`."""
+    warm = WarmIterator(loader, warmup)
     start = time.perf_counter()
-    for _ in range(batches):
-        next(it)
+    warm.pull(batches)
     rate = batches * batch_size / (time.perf_counter() - start)
-    del it
+    warm.close()
     return rate
 
 
