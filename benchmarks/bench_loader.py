@@ -21,6 +21,7 @@ Results: benchmarks/results/bench_loader_<device>.json and .md (device, versions
 from __future__ import annotations
 
 import argparse
+import glob
 import itertools
 import json
 import os
@@ -247,6 +248,22 @@ def hqclip_loader(pattern: str, image_size: int, batch_size: int, workers: int, 
     return build_train_loader(cfg, batch_size=batch_size, seed=0)
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of its live children (the DataLoader workers), from
+    /proc: on a machine shared with other jobs, images per CPU-second is the per-core rate that wall-clock
+    rates only approximate."""
+    total, me, tick = time.process_time(), os.getpid(), os.sysconf("SC_CLK_TCK")
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(path) as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[1]) == me:
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
+
+
 class WarmIterator:
     """A fresh iterator over `loader`, past `warmup` batches (worker start, shuffle buffer fill, prefetch);
     close() drops it and the loader, which ends their worker processes."""
@@ -264,14 +281,15 @@ class WarmIterator:
         self.loader = self.it = None
 
 
-def loader_images_per_s(loader, batch_size: int, batches: int, warmup: int) -> float:
-    """Images/s of a fresh iterator over `batches` batches after `warmup`."""
+def loader_rates(loader, batch_size: int, batches: int, warmup: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second of the process and its workers) of a fresh iterator over `batches`
+    batches after `warmup`."""
     warm = WarmIterator(loader, warmup)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), tree_cpu_seconds()
     warm.pull(batches)
-    rate = batches * batch_size / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - wall, tree_cpu_seconds() - cpu
     warm.close()
-    return rate
+    return batches * batch_size / wall, batches * batch_size / cpu
 
 
 def raw_samples(pattern: str, num: int) -> list[dict]:
@@ -283,75 +301,83 @@ def _image_bytes(raw: dict) -> bytes:
     return next(raw[e] for e in ("jpg", "jpeg", "png", "webp") if e in raw)
 
 
-def per_sample_functions(image_size: int) -> dict:
-    """name -> f(raw sample): one image decoded and augmented (train) or preprocessed (eval), as each pipeline
-    does it per sample. open_clip: webdataset's "pilrgb" decode (PIL open, load, RGB) and its transform."""
+def per_sample_functions(image_size: int, kind: str) -> dict:
+    """name -> f(raw sample): one image decoded and augmented (kind "train") or preprocessed ("eval"), as each
+    pipeline does it per sample. open_clip: webdataset's "pilrgb" decode (PIL open, load, RGB), its transform."""
     import io
 
     from open_clip.transform import image_transform
     from PIL import Image
-
-    oc_train = image_transform(image_size, is_train=True, aug_cfg={"scale": RRC_SCALE})
-    oc_eval = image_transform(image_size, is_train=False)
-    rng = np.random.default_rng(0)
 
     def pil_rgb(raw):
         with Image.open(io.BytesIO(_image_bytes(raw))) as img:
             img.load()
             return img.convert("RGB")
 
+    if kind == "eval":
+        oc_eval = image_transform(image_size, is_train=False)
+        return {"open_clip_eval": lambda raw: oc_eval(pil_rgb(raw)),
+                "hqclip_eval": lambda raw: eval_transform(decode_image(raw), image_size)}
+    oc_train = image_transform(image_size, is_train=True, aug_cfg={"scale": RRC_SCALE})
+    rng = np.random.default_rng(0)
     return {
         "open_clip_train": lambda raw: oc_train(pil_rgb(raw)),
-        "hqclip_train_uint8": lambda raw: train_crop(raw, image_size, RRC_SCALE, rng),
         "hqclip_train_float": lambda raw: normalize_images(train_crop(raw, image_size, RRC_SCALE, rng)),
-        "open_clip_eval": lambda raw: oc_eval(pil_rgb(raw)),
-        "hqclip_eval": lambda raw: eval_transform(decode_image(raw), image_size),
+        "hqclip_train_uint8": lambda raw: train_crop(raw, image_size, RRC_SCALE, rng),
     }
 
 
 def per_sample_rates(samples: list[dict], functions: dict, rounds: int) -> dict:
-    """Samples/s of each function over `samples`, one process, rounds interleaved (order rotated each round)."""
+    """Images per CPU-second of each function over `samples`, in this process (one thread), rounds interleaved
+    (order rotated each round)."""
     names = list(functions)
     rates: dict = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            start = time.perf_counter()
+            start = time.process_time()
             for raw in samples:
                 functions[name](raw)
-            rates[name].append(len(samples) / (time.perf_counter() - start))
+            rates[name].append(len(samples) / (time.process_time() - start))
     return rates
+
+
+def _summary(rates: dict, baseline: str) -> dict:
+    """Per-round values, medians, and the median over rounds of each round's ratio to `baseline` (the pair ran
+    back to back under the same load)."""
+    return {
+        "per_round": {n: [round(x, 1) for x in v] for n, v in rates.items()},
+        "median": {n: round(float(np.median(v)), 1) for n, v in rates.items()},
+        "ratio_over_" + baseline: {n: round(float(np.median(np.array(v) / np.array(rates[baseline]))), 2)
+                                   for n, v in rates.items() if n != baseline},
+    }
 
 
 def compare(args) -> dict:
     torch.set_num_threads(1)  # the main process only collects batches; leave the cores to the workers
     pattern = web_like_pattern(args.cache_dir, args.num_samples)
     result = {"benchmark": "bench_loader --compare", "args": vars(args), "env": environment("cpu"),
-              "shards": pattern, "kinds": "see hqclip_fast.data.web_like.KINDS", "loaders": []}
+              "shards": pattern, "loaders": []}
     pipelines = {
         "open_clip": lambda w: open_clip_loader(pattern, args.image_size, args.batch_size, w),
         "hqclip": lambda w: hqclip_loader(pattern, args.image_size, args.batch_size, w),
         "hqclip_uint8": lambda w: hqclip_loader(pattern, args.image_size, args.batch_size, w, True),
     }
     for workers in args.workers:
-        rates: dict = {name: [] for name in pipelines}
+        wall: dict = {name: [] for name in pipelines}
+        cpu: dict = {name: [] for name in pipelines}
         for r in range(args.rounds):
-            order = list(pipelines) if r % 2 == 0 else list(reversed(pipelines))
-            for name in order:
-                rates[name].append(loader_images_per_s(pipelines[name](workers), args.batch_size, args.batches,
-                                                       warmup=2 * workers + 1))
-                print(f"workers {workers} round {r} {name}: {rates[name][-1]:.1f} images/s", flush=True)
-        entry = {"workers": workers, "images_per_s": {n: [round(x, 1) for x in v] for n, v in rates.items()}}
-        entry["median_images_per_s"] = {n: round(float(np.median(v)), 1) for n, v in rates.items()}
-        entry["median_images_per_s_per_core"] = {n: round(v / workers, 1)
-                                                for n, v in entry["median_images_per_s"].items()}
-        # the ratio of each round (the two ran back to back under the same load), then the median
-        entry["ratio_over_open_clip"] = {n: round(float(np.median(np.array(rates[n]) / np.array(rates["open_clip"]))), 2)
-                                         for n in pipelines if n != "open_clip"}
-        result["loaders"].append(entry)
+            for name in list(pipelines) if r % 2 == 0 else list(reversed(pipelines)):
+                w, c = loader_rates(pipelines[name](workers), args.batch_size, args.batches, warmup=2 * workers + 1)
+                wall[name].append(w)
+                cpu[name].append(c)
+                print(f"workers {workers} round {r} {name}: {w:.1f} images/s, {c:.1f} images/CPU-s", flush=True)
+        result["loaders"].append({"workers": workers, "images_per_s": _summary(wall, "open_clip"),
+                                  "images_per_cpu_s": _summary(cpu, "open_clip")})
     samples = raw_samples(pattern, args.per_sample_images)
-    rates = per_sample_rates(samples, per_sample_functions(args.image_size), args.rounds)
-    result["per_sample"] = {"images": len(samples), "images_per_s": {n: [round(x, 1) for x in v] for n, v in rates.items()},
-                            "median_images_per_s": {n: round(float(np.median(v)), 1) for n, v in rates.items()}}
+    result["per_sample"] = {"images": len(samples), **{
+        kind: {"images_per_cpu_s": _summary(per_sample_rates(samples, per_sample_functions(args.image_size, kind),
+                                                             args.rounds), f"open_clip_{kind}")}
+        for kind in ("train", "eval")}}
     result["env"]["load_average_1m_end"] = round(os.getloadavg()[0], 2)
     return result
 
@@ -361,33 +387,37 @@ def compare_markdown(result: dict) -> str:
     lines = [
         "# bench_loader --compare: hqclip-fast's CPU loader vs open_clip's training pipeline", "",
         f"device: {env['device']}; torch {env['torch']}; commit {env['git_commit'][:10]}; {env['time_utc']}; "
-        f"load average {env['load_average_1m']} at the start, {env['load_average_1m_end']} at the end. The machine "
-        "was shared with other jobs, so absolute images/s are noisy; both pipelines ran in the same process, "
-        "interleaved round by round, and the ratio of each round's back-to-back pair is the figure to read.", "",
+        f"load average {env['load_average_1m']} at the start, {env['load_average_1m_end']} at the end: the machine "
+        "was loaded (shared with other jobs), so wall-clock images/s are noisy. Both pipelines ran in one process, "
+        "interleaved round by round (the order alternating); each ratio is the median over rounds of the ratio of "
+        "a back-to-back pair. Images per CPU-second (CPU time of the loader process and its workers, from /proc) "
+        "is the per-core rate, the least disturbed by the load.", "",
         f"{args['num_samples']} web-like samples (hqclip_fast.data.web_like: long side 512 px for half, 256-511 for "
         "the rest; JPEG q90 with some grayscale, CMYK and EXIF-rotated ones, some PNG (RGB, RGBA, palette) and WebP; "
         f".txt captions); RandomResizedCrop({args['image_size']}, scale=(0.9, 1.0)), bicubic, OpenAI mean/std; "
         f"batch {args['batch_size']}, {args['batches']} timed batches per round after a warm-up, {args['rounds']} "
         "rounds. open_clip: open_clip_train.data.get_wds_dataset with open_clip.transform.image_transform and its "
-        "tokenizer. hqclip: float32 normalized batches (the same contract); hqclip_uint8: normalize_on_device "
-        "(uint8 batches, the train step normalizes on the GPU).", "",
-        "| workers | open_clip images/s (per core) | hqclip images/s (per core) | ratio | hqclip_uint8 images/s | ratio |",
-        "|---|---|---|---|---|---|",
+        "tokenizer. hqclip: float32 normalized batches (the same contract); hqclip_uint8: data.normalize_on_device "
+        "(uint8 batches; the train step normalizes on the GPU).", "",
+        "| workers | pipeline | images/s | ratio | images per CPU-second | ratio |", "|---|---|---|---|---|---|",
     ]
     for e in result["loaders"]:
-        m, c, r = e["median_images_per_s"], e["median_images_per_s_per_core"], e["ratio_over_open_clip"]
-        lines.append(f"| {e['workers']} | {m['open_clip']} ({c['open_clip']}) | {m['hqclip']} ({c['hqclip']}) | "
-                     f"{r['hqclip']}x | {m['hqclip_uint8']} | {r['hqclip_uint8']}x |")
-    p = result["per_sample"]["median_images_per_s"]
-    lines += [
-        "", f"One sample at a time in this process ({result['per_sample']['images']} images, medians of "
-        f"{args['rounds']} interleaved rounds, images/s on one core):", "",
-        "| path | images/s |", "|---|---|",
-        *[f"| {name} | {rate} |" for name, rate in p.items()], "",
-        f"Train decode + augment: ours / open_clip = {p['hqclip_train_float'] / p['open_clip_train']:.2f}x "
-        f"(float, normalized per sample), {p['hqclip_train_uint8'] / p['open_clip_train']:.2f}x (uint8 crop). Eval preprocessing (hqclip-eval's EvalDataset: full "
-        f"decode, resize, center crop, float): ours / open_clip = {p['hqclip_eval'] / p['open_clip_eval']:.2f}x.", "",
-    ]
+        wall, cpu = e["images_per_s"], e["images_per_cpu_s"]
+        for name in wall["median"]:
+            ratio = lambda summary: f"{summary['ratio_over_open_clip'][name]}x" if name != "open_clip" else "1"  # noqa: B023
+            lines.append(f"| {e['workers']} | {name} | {wall['median'][name]} | {ratio(wall)} | "
+                         f"{cpu['median'][name]} | {ratio(cpu)} |")
+    lines += ["", f"One image at a time in this process ({result['per_sample']['images']} images, "
+              f"{args['rounds']} interleaved rounds), images per CPU-second:", "",
+              "| path | images per CPU-second | ratio |", "|---|---|---|"]
+    for kind in ("train", "eval"):
+        summary = result["per_sample"][kind]["images_per_cpu_s"]
+        ratios = summary[f"ratio_over_open_clip_{kind}"]
+        lines += [f"| {name} | {rate} | {f'{ratios[name]}x' if name in ratios else '1'} |"
+                  for name, rate in summary["median"].items()]
+    lines += ["", "hqclip_eval is hqclip-eval's preprocessing (EvalDataset: full decode, RGB, PIL resize of the "
+              "short side, center crop, float), kept identical to open_clip's so that zero-shot results match it "
+              "exactly (tests/test_eval.py).", ""]
     return "\n".join(lines)
 
 

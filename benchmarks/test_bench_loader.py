@@ -59,8 +59,8 @@ def test_loader(benchmark, shards, smoke, name, workers):
 def test_per_image(benchmark, shards, smoke, name):
     size = (SMOKE if smoke else FULL)[0]
     samples = raw_samples(shards, 16 if smoke else 100)
-    function = per_sample_functions(size)[name]
-    kind = "eval preprocessing" if name.endswith("eval") else "train decode + augment"
+    kind = "eval" if name.endswith("eval") else "train"
+    function = per_sample_functions(size, kind)[name]
     benchmark.group = f"per image {kind}, {len(samples)} images, {size} px"
 
     def run():
