@@ -8,6 +8,7 @@ import os
 import tempfile
 
 import pytest
+import torch
 from bench_loader import (
     WarmIterator,
     hqclip_loader,
@@ -54,9 +55,18 @@ def test_loader(benchmark, shards, smoke, name, workers):
     warm[-1].close()  # a disabled benchmark runs no teardown
 
 
+@pytest.fixture
+def one_thread():
+    """As in a DataLoader worker (and bench_loader --compare): torch ops on one image are too small for threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", ["open_clip_train", "hqclip_train_float", "hqclip_train_uint8",
                                   "open_clip_eval", "hqclip_eval"])
-def test_per_image(benchmark, shards, smoke, name):
+def test_per_image(benchmark, shards, smoke, one_thread, name):
     size = (SMOKE if smoke else FULL)[0]
     samples = raw_samples(shards, 16 if smoke else 100)
     kind = "eval" if name.endswith("eval") else "train"
