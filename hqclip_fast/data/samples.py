@@ -6,6 +6,7 @@ All randomness comes from the `rng` argument (one numpy Generator per sample), w
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
@@ -131,6 +132,18 @@ def _pixels(img: Image.Image) -> torch.Tensor:
     return pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1)  # a channels-last view
 
 
+@contextlib.contextmanager
+def _one_torch_thread():
+    """One image is too small a job for intra-op threads: where the loader runs in the training process
+    (workers=0), waking them costs several times the resize itself (DataLoader workers have one thread already)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train_crop(raw: dict, image_size: int, scale, rng: np.random.Generator) -> torch.Tensor:
     """open_clip's training augmentation (RandomResizedCrop(scale), bicubic with antialiasing) as uint8
     [3, S, S]. The crop box is drawn on the stored image's size exactly as torchvision draws it; a JPEG is
@@ -153,8 +166,9 @@ def train_crop(raw: dict, image_size: int, scale, rng: np.random.Generator) -> t
     fy, fx = pixels.shape[1] / height, pixels.shape[2] / width
     top, left = round(top * fy), round(left * fx)
     h, w = min(round(h * fy), pixels.shape[1] - top), min(round(w * fx), pixels.shape[2] - left)
-    crop = F.resized_crop(pixels, top, left, h, w, [image_size, image_size], InterpolationMode.BICUBIC,
-                          antialias=True)
+    with _one_torch_thread():
+        crop = F.resized_crop(pixels, top, left, h, w, [image_size, image_size], InterpolationMode.BICUBIC,
+                              antialias=True)
     return crop.expand(3, -1, -1) if crop.shape[0] == 1 else crop
 
 
