@@ -140,3 +140,27 @@ def test_loader_normalize_on_device_yields_the_same_batches_as_uint8(tmp_path):
         batches[on_device] = next(iter(build_train_loader(cfg, batch_size=8, seed=1)))["images"]
     assert batches[True].dtype == torch.uint8 and batches[False].dtype == torch.float32
     torch.testing.assert_close(normalize_images(batches[True]), batches[False], rtol=1e-5, atol=1e-5)
+
+
+def test_train_step_normalizes_uint8_batches_on_its_device():
+    """data.normalize_on_device: the train step sees the same float images as from a float loader."""
+    import copy
+
+    from hqclip_fast.loss import HQCLIPLoss
+    from hqclip_fast.model import create_model
+    from hqclip_fast.train import TrainStep
+
+    torch.manual_seed(0)
+    model = create_model("hqclip-micro")
+    size, context = model.config.vision_cfg.image_size, model.config.text_cfg.context_length
+    pixels = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8)
+    tokens = torch.randint(1, 400, (4, context))
+    losses = []
+    for images in (pixels, normalize_images(pixels)):
+        copy_ = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(copy_.parameters(), lr=0.0)
+        step = TrainStep(copy_, HQCLIPLoss(), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                         device=torch.device("cpu"), grad_clip=0.0, bf16_autocast=False, use_negatives=False,
+                         use_tags=False)
+        losses.append(step({"images": images, "pos_tokens": tokens})["loss"])
+    torch.testing.assert_close(losses[0], losses[1])
