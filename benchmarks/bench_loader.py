@@ -283,7 +283,8 @@ class WarmIterator:
 
 def loader_rates(loader, batch_size: int, batches: int, warmup: int) -> tuple[float, float]:
     """(images/s, images per CPU-second of the process and its workers) of a fresh iterator over `batches`
-    batches after `warmup`."""
+    batches after `warmup`. Workers deliver in turn, so warmup and batches should be multiples of the worker
+    count: a window that starts or ends inside a turn counts a batch made before it, or misses one made in it."""
     warm = WarmIterator(loader, warmup)
     wall, cpu = time.perf_counter(), tree_cpu_seconds()
     warm.pull(batches)
@@ -363,11 +364,13 @@ def compare(args) -> dict:
         "hqclip_uint8": lambda w: hqclip_loader(pattern, args.image_size, args.batch_size, w, True),
     }
     for workers in args.workers:
+        if args.batches % workers:
+            raise SystemExit(f"--batches {args.batches} must be a multiple of every worker count ({workers})")
         wall: dict = {name: [] for name in pipelines}
         cpu: dict = {name: [] for name in pipelines}
         for r in range(args.rounds):
             for name in list(pipelines) if r % 2 == 0 else list(reversed(pipelines)):
-                w, c = loader_rates(pipelines[name](workers), args.batch_size, args.batches, warmup=2 * workers + 1)
+                w, c = loader_rates(pipelines[name](workers), args.batch_size, args.batches, warmup=2 * workers)
                 wall[name].append(w)
                 cpu[name].append(c)
                 print(f"workers {workers} round {r} {name}: {w:.1f} images/s, {c:.1f} images/CPU-s", flush=True)
@@ -424,25 +427,24 @@ def compare_markdown(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--num-samples", type=int, default=None, help="default 1000 (800 with --compare)")
     parser.add_argument("--source-size", type=int, default=256, help="stored JPEG side")
     parser.add_argument("--image-size", type=int, default=224, help="training crop side")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=10)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64 (32 with --compare)")
+    parser.add_argument("--batches", type=int, default=None, help="timed batches; default 10 (6 per round with --compare)")
+    parser.add_argument("--workers", type=int, nargs="+", default=None, help="default 0 1 2 (1 2 with --compare)")
     parser.add_argument("--tokenizer-captions", type=int, default=20000)
     parser.add_argument("--vit-step", action="store_true", help="also time a ViT-B/16 training step (cuda)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--compare", action="store_true", help="ours vs open_clip's pipeline (CPU, web-like shards)")
     parser.add_argument("--rounds", type=int, default=3, help="--compare: interleaved rounds")
-    parser.add_argument("--per-sample-images", type=int, default=200, help="--compare: images per per-sample round")
+    parser.add_argument("--per-sample-images", type=int, default=100, help="--compare: images per per-sample round")
     parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "hqclip_bench_loader"),
                         help="--compare: where the web-like shards are written once")
     args = parser.parse_args()
     if args.compare:
-        if args.workers == [0, 1, 2]:
-            args.workers = [1, 2]
-        args.num_samples = 800 if args.num_samples == 1000 else args.num_samples
+        args.workers, args.num_samples = args.workers or [1, 2], args.num_samples or 800
+        args.batch_size, args.batches = args.batch_size or 32, args.batches or 6
         result = compare(args)
         out = args.out or os.path.join(RESULTS, "bench_loader_compare_cpu.json")
         with open(out, "w") as f:
@@ -453,6 +455,8 @@ def main() -> int:
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
+    args.workers, args.num_samples = args.workers or [0, 1, 2], args.num_samples or 1000
+    args.batch_size, args.batches = args.batch_size or 64, args.batches or 10
 
     result = {"benchmark": "bench_loader", "args": vars(args), "env": environment(args.device)}
     result["tokenizer"] = bench_tokenizer(args.tokenizer_captions)

@@ -48,7 +48,7 @@ def test_loader(benchmark, shards, smoke, name, workers):
     warm = []
 
     def setup():
-        warm.append(WarmIterator(LOADERS[name](pattern, size, batch, workers), warmup=2 * workers + 1))
+        warm.append(WarmIterator(LOADERS[name](pattern, size, batch, workers), warmup=2 * workers))
         return (warm[-1], batches), {}
 
     benchmark.pedantic(WarmIterator.pull, setup=setup, teardown=lambda w, _: w.close(), rounds=1 if smoke else 3)
