@@ -132,14 +132,21 @@ def test_collate_normalizes_like_the_per_sample_float_path():
 
 
 def test_loader_normalize_on_device_yields_the_same_batches_as_uint8(tmp_path):
+    """In the process and in a worker (whose batch is built in shared memory), float32 batches and uint8 ones
+    normalized afterwards are the same images."""
     manifest = small_synthetic(str(tmp_path))
     batches = {}
-    for on_device in (False, True):
-        cfg = DataConfig(train_data=manifest["train"], image_size=32, context_length=32, workers=0,
-                         shuffle_buffer=16, normalize_on_device=on_device, use_tags=False)
-        batches[on_device] = next(iter(build_train_loader(cfg, batch_size=8, seed=1)))["images"]
-    assert batches[True].dtype == torch.uint8 and batches[False].dtype == torch.float32
-    torch.testing.assert_close(normalize_images(batches[True]), batches[False], rtol=1e-5, atol=1e-5)
+    for workers in (0, 1):
+        for on_device in (False, True):
+            cfg = DataConfig(train_data=manifest["train"], image_size=32, context_length=32, workers=workers,
+                             shuffle_buffer=16, normalize_on_device=on_device, use_tags=False)
+            batches[workers, on_device] = next(iter(build_train_loader(cfg, batch_size=8, seed=1)))["images"]
+    expected = batches[0, False]
+    assert expected.dtype == torch.float32 and expected.shape == (8, 3, 32, 32)
+    for workers in (0, 1):
+        assert batches[workers, True].dtype == torch.uint8
+        torch.testing.assert_close(normalize_images(batches[workers, True]), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batches[1, False], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_train_step_normalizes_uint8_batches_on_its_device():
