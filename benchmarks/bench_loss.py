@@ -257,25 +257,35 @@ def relative_errors(loss_fn, inputs: tuple, negatives: bool, rows: int) -> dict:
     return errors
 
 
-def run_case(impl: str, batch: int, dim: int, device: str, dtype: str, warmup: int, repeats: int,
-             negatives: bool = False, check_rows: int = 0) -> dict:
-    device, dtype = torch.device(device), getattr(torch, dtype)
-    case = {"impl": impl, "batch_size": batch, "dim": dim, "negatives": negatives}
-    try:
-        loss_fn = IMPLS[impl](device, dtype, negatives)
-    except Unavailable as err:
-        return {**case, "skipped": str(err)}
-    image, text, scale, neg = _make_inputs(batch, dim, device, dtype, negatives)
-    inputs = tuple(x for x in (image, text, scale, neg) if x is not None)
+def build_step(impl: str, batch: int, dim: int, device: torch.device, dtype: torch.dtype, negatives: bool = False):
+    """(loss_fn, inputs, step) of one case: step() is one fwd+bwd, synchronized on CUDA, the unit every timing
+    of this file and of benchmarks/test_bench_loss.py measures (run it inside `_launch(impl)`). Raises
+    Unavailable when the implementation cannot run here."""
+    loss_fn = IMPLS[impl](device, dtype, negatives)
+    image, text, scale, neg = inputs = _make_inputs(batch, dim, device, dtype, negatives)
+    leaves = tuple(x for x in inputs if x is not None)
 
     def step():
-        for x in inputs:
+        for x in leaves:
             x.grad = None
         loss = loss_fn(image, text, scale, neg)
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return loss
+
+    return loss_fn, inputs, step
+
+
+def run_case(impl: str, batch: int, dim: int, device: str, dtype: str, warmup: int, repeats: int,
+             negatives: bool = False, check_rows: int = 0) -> dict:
+    device, dtype = torch.device(device), getattr(torch, dtype)
+    case = {"impl": impl, "batch_size": batch, "dim": dim, "negatives": negatives}
+    try:
+        loss_fn, (image, text, scale, neg), step = build_step(impl, batch, dim, device, dtype, negatives)
+    except Unavailable as err:
+        return {**case, "skipped": str(err)}
+    inputs = tuple(x for x in (image, text, scale, neg) if x is not None)
 
     with _launch(impl):
         for _ in range(warmup):

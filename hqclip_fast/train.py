@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from hqclip_fast.checkpoint import Checkpointer, latest_checkpoint
 from hqclip_fast.config import TrainConfig, load_config, model_kwargs, num_tags, save_run_config
-from hqclip_fast.data import ClipTokenizer, TagVocab, build_train_loader
+from hqclip_fast.data import ClipTokenizer, TagVocab, build_train_loader, normalize_images
 from hqclip_fast.eval import EvalSuite
 from hqclip_fast.eval_ranks import EvalRanks
 from hqclip_fast.loss import HQCLIPLoss
@@ -89,6 +89,8 @@ class TrainStep:
     def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
         device = self.device
         images = batch["images"].to(device, non_blocking=True)
+        if images.dtype == torch.uint8:  # a loader with normalize_on_device
+            images = normalize_images(images)
         texts = batch["pos_tokens"].to(device, non_blocking=True)
         neg_texts = batch["neg_tokens"].to(device, non_blocking=True) if self.use_negatives else None
         tag_ids = batch["tag_ids"].to(device, non_blocking=True) if self.use_tags else None

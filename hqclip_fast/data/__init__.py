@@ -5,10 +5,11 @@
 
 from .config import OPENAI_MEAN, OPENAI_STD, DataConfig
 from .loader import EvalDataset, TrainLoader, build_eval_dataset, build_train_loader
+from .samples import normalize_images
 from .tags import TagVocab, normalize_tag
 from .tokenizer import ClipTokenizer
 
 __all__ = [
     "OPENAI_MEAN", "OPENAI_STD", "ClipTokenizer", "DataConfig", "EvalDataset", "TagVocab", "TrainLoader",
-    "build_eval_dataset", "build_train_loader", "normalize_tag",
+    "build_eval_dataset", "build_train_loader", "normalize_images", "normalize_tag",
 ]

@@ -28,6 +28,10 @@ class DataConfig:
     shuffle_buffer: int = 1000
     shuffle_buffer_mib: float = 512.0
     pin_memory: bool = False
+    # The CPU loader's images: False: float32, normalized (OpenAI mean/std) in the collate; True: uint8 pixels
+    # that the train step normalizes on its device (no float pass per pixel on the CPU, a quarter of the bytes
+    # to copy). The DALI loader normalizes on the GPU either way.
+    normalize_on_device: bool = False
     decoder: str = "cpu"  # "cpu" (PIL in DataLoader workers) | "dali" (GPU decode; nvidia-dali needed)
     dali_device: str = "gpu"  # "gpu" (device="mixed" decode) | "cpu" (DALI's CPU-only mode, for tests)
     dali_index_dir: Optional[str] = None  # noqa: UP045  (index files from `hqclip-data index`; None: beside shards)

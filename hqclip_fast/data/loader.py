@@ -23,7 +23,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
-from .samples import SkipSample, decode_image, decode_train_sample, eval_transform, read_record
+from .samples import (
+    SkipSample,
+    collate_images,
+    decode_image,
+    decode_train_sample,
+    eval_transform,
+    read_record,
+)
 from .shards import SHARD_REASONS, configure_source_retry, expand_sources, iter_tar_samples
 from .tags import TagVocab
 from .tokenizer import ClipTokenizer
@@ -159,7 +166,7 @@ class ShardStream(IterableDataset):
 
     def collate(self, samples: list) -> dict:
         batch = {
-            "images": torch.stack([s.image for s in samples]),
+            "images": collate_images([s.image for s in samples], normalize=not self.cfg.normalize_on_device),
             "pos_tokens": self.tokenizer([s.pos_text for s in samples]),
             "keys": [s.key for s in samples],
         }
