@@ -31,6 +31,9 @@ CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 TYPE_FILE = "dataset_type.txt"
 KINDS = ("classification", "retrieval")
+# clip_benchmark's default --num_workers. Its webdataset gives each DataLoader worker its own shards and stops
+# with "No samples found" when one gets none, so a set read with its defaults needs at least this many shards.
+CLIP_BENCHMARK_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -115,19 +118,22 @@ def write_benchmark_set(root: str | Path, samples: Iterable[tuple[bytes, str, in
 
 
 def write_synthetic_benchmark(out_dir: str | Path, *, num_zeroshot: int = 600, num_retrieval: int = 500,
-                              seed: int = 0, image_size: int = 64, shard_size: int = 10_000) -> dict[str, str]:
+                              seed: int = 0, image_size: int = 64, shard_size: int | None = None) -> dict[str, str]:
     """The synthetic zero-shot set (lossless WebP images, as clip_benchmark's converter writes them) and the
-    synthetic retrieval set (JPEG) as clip_benchmark sets under out_dir/zeroshot and out_dir/retrieval."""
+    synthetic retrieval set (JPEG) as clip_benchmark sets under out_dir/zeroshot and out_dir/retrieval.
+    shard_size None: each set in CLIP_BENCHMARK_WORKERS shards, so that clip_benchmark's defaults read it."""
     out_dir = Path(os.path.abspath(out_dir))
+    sizes = {name: shard_size or max(1, -(-count // CLIP_BENCHMARK_WORKERS))
+             for name, count in (("zeroshot", num_zeroshot), ("retrieval", num_retrieval))}
     zeroshot = write_benchmark_set(
         out_dir / "zeroshot",
         ((image, "webp", label) for image, label in
          (make_zeroshot_sample(i, seed, image_size, "webp") for i in range(num_zeroshot))),
         classnames=zeroshot_classnames(), templates=[t.replace("{}", "{c}") for t in ZEROSHOT_TEMPLATES],
-        shard_size=shard_size)
+        shard_size=sizes["zeroshot"])
     retrieval = write_benchmark_set(
         out_dir / "retrieval",
         ((image, "jpg", captions) for image, captions in
          (make_retrieval_sample(i, seed, image_size) for i in range(num_retrieval))),
-        shard_size=shard_size)
+        shard_size=sizes["retrieval"])
     return {"zeroshot": zeroshot.root, "retrieval": retrieval.root}

@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--num-zeroshot", type=int, default=600)
     p.add_argument("--num-retrieval", type=int, default=500)
-    p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="samples per shard (default: each set in 4 shards, one for each of clip_benchmark's "
+                        "default 4 workers; fewer shards than workers stops it with 'No samples found')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.set_defaults(func=_synthetic_benchmark)
