@@ -100,7 +100,9 @@ def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], 
 @torch.no_grad()
 def zero_shot_accuracy(model, classifier: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                        device, *, ranks: EvalRanks | None = None, image_size: int | None = None) -> dict[str, float]:
-    """Top-1/top-5 accuracy and per-class mean recall of `classifier` (D, K) over (images, labels) batches.
+    """Top-1/top-5 accuracy, per-class mean recall and macro-F1 of `classifier` (D, K) over (images, labels)
+    batches. Macro-F1 averages the F1 of the classes that have images, as WILDS's F1(average="macro") does
+    (sklearn's f1_score with labels=unique(y_true); DataComp's iWildCam score).
     With `ranks`: the batches are this rank's share, the counts are summed over ranks; `image_size` is then
     needed (see EvalRanks)."""
     ranks = ranks or EvalRanks()
@@ -108,25 +110,29 @@ def zero_shot_accuracy(model, classifier: torch.Tensor, batches: Iterable[tuple[
     num_classes = classifier.shape[1]
     top_k = [k for k in TopK if k <= num_classes]
     correct = dict.fromkeys(top_k, 0)
-    class_hits, class_images = torch.zeros(num_classes, dtype=torch.int64), torch.zeros(num_classes, dtype=torch.int64)
+    class_hits, class_images, class_predicted = (torch.zeros(num_classes, dtype=torch.int64) for _ in range(3))
     encoded = ranks.lockstep(batches, lambda batch: (_encode_images(model, batch[0], device), batch[1]),
                              blank=lambda: (blank(), None))
     for features, labels in encoded:
-        rank = ranks_of(features @ classifier, labels)
+        scores = features @ classifier
+        rank = ranks_of(scores, labels)
         for k in top_k:
             correct[k] += int((rank < k).sum())
         class_images += torch.bincount(labels, minlength=num_classes)
         class_hits += torch.bincount(labels[rank == 0], minlength=num_classes)
-    summed = ranks.sum([*correct.values(), *class_hits.tolist(), *class_images.tolist()])
+        class_predicted += torch.bincount(scores.argmax(dim=1), minlength=num_classes)  # first of equals, as ranks_of
+    summed = ranks.sum([*correct.values(), *class_hits.tolist(), *class_images.tolist(), *class_predicted.tolist()])
     correct = dict(zip(correct, summed[:len(top_k)]))
-    class_hits = torch.tensor(summed[len(top_k):len(top_k) + num_classes], dtype=torch.float64)
-    class_images = torch.tensor(summed[len(top_k) + num_classes:], dtype=torch.float64)
+    class_hits, class_images, class_predicted = torch.tensor(summed[len(top_k):], dtype=torch.float64).view(3, -1)
     total = int(class_images.sum())
     if total == 0:
         raise ValueError("zero-shot evaluation got no images")
     present = class_images > 0
     result = {f"zeroshot_top{k}": correct[k] / total for k in top_k}
     result["zeroshot_mean_per_class_recall"] = float((class_hits[present] / class_images[present]).mean())
+    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (images of the class + predictions of it).
+    result["zeroshot_macro_f1"] = float((2 * class_hits[present] / (class_images[present] + class_predicted[present]))
+                                        .mean())
     result["zeroshot_samples"] = total
     result["chance_top1"] = 1.0 / num_classes
     return result
@@ -493,7 +499,7 @@ def cli(argv: list[str] | None = None) -> None:
 
     from hqclip_fast.config import EvalConfig
     from hqclip_fast.data import ClipTokenizer
-    from hqclip_fast.eval_suite import load_suite, run_suite
+    from hqclip_fast.eval_suite import format_average, load_suite, run_suite, suite_average
 
     try:
         model, image_size, context_length = _load_model(args)
@@ -521,6 +527,9 @@ def cli(argv: list[str] | None = None) -> None:
                 report = print if ranks.rank == 0 else (lambda line: None)
                 results = {"sets": run_suite(suite_sets, model, tokenizer, device, image_size=image_size,
                                              batch_size=args.batch_size, ranks=ranks, report=report)}
+                if (average := suite_average(suite_sets, results["sets"])) is not None:
+                    results["average"] = average
+                    report(format_average(average))
             else:
                 results = suite.run(model, tokenizer, device, ranks=ranks)
     finally:

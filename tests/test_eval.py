@@ -119,8 +119,8 @@ class _Identity:
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # class 4: predicted, never true
-def test_zero_shot_mean_per_class_recall_is_balanced_accuracy():
-    from sklearn.metrics import balanced_accuracy_score
+def test_zero_shot_mean_per_class_recall_is_balanced_accuracy_and_macro_f1_is_wilds():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
 
     torch.manual_seed(2)
     classifier = F.normalize(torch.randn(8, 7), dim=0)
@@ -131,6 +131,10 @@ def test_zero_shot_mean_per_class_recall_is_balanced_accuracy():
     predicted = (features @ classifier).argmax(dim=1)
     assert result["zeroshot_mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, predicted))
     assert result["zeroshot_mean_per_class_recall"] != pytest.approx(result["zeroshot_top1"])
+    # WILDS's F1(average="macro"), DataComp's iWildCam score: over the classes that have images.
+    wilds_f1 = f1_score(labels, predicted, average="macro", labels=torch.unique(labels))
+    assert result["zeroshot_macro_f1"] == pytest.approx(wilds_f1, abs=1e-12)
+    assert wilds_f1 != pytest.approx(f1_score(labels, predicted, average="macro"))  # class 4 would count
     assert result["zeroshot_top1"] == pytest.approx(float((predicted == labels).float().mean()))
     few = zero_shot_accuracy(_Identity(), classifier[:, :4], [(features[:4], labels[:4])], "cpu")
     assert "zeroshot_top5" not in few  # fewer than 5 classes: no top-5 (clip_benchmark reports NaN)
