@@ -140,6 +140,24 @@ def test_zero_shot_mean_per_class_recall_is_balanced_accuracy_and_macro_f1_is_wi
     assert "zeroshot_top5" not in few  # fewer than 5 classes: no top-5 (clip_benchmark reports NaN)
 
 
+def test_worst_group_accuracy_over_the_groups_that_have_images():
+    torch.manual_seed(4)
+    classifier = F.normalize(torch.randn(8, 7), dim=0)
+    labels = torch.randint(0, 7, (40,))
+    features = F.normalize(classifier.T[labels] + 0.9 * torch.randn(40, 8), dim=1)
+    groups = torch.tensor([0, 1, 3] * 13 + [0])  # group 2 has no image: not a worst group of accuracy 0
+    batches = [(features[:25], labels[:25], groups[:25]), (features[25:], labels[25:], groups[25:])]
+    result = zero_shot_accuracy(_Identity(), classifier, batches, "cpu", num_groups=4)
+    rank = (features @ classifier).argsort(dim=1, descending=True, stable=True).argsort(dim=1).gather(
+        1, labels.view(-1, 1)).view(-1)
+    for k in (1, 5):
+        per_group = [float((rank[groups == g] < k).double().mean()) for g in (0, 1, 3)]
+        assert result[f"zeroshot_worst_group_top{k}"] == pytest.approx(min(per_group), abs=1e-12)
+        assert min(per_group) < max(per_group)  # the groups differ: the minimum is a real choice
+    assert result["zeroshot_groups"] == 3
+    assert "zeroshot_worst_group_top1" not in zero_shot_accuracy(_Identity(), classifier, [batches[0][:2]], "cpu")
+
+
 def test_hard_negative_accuracy_counts_positive_above_negative():
     images = torch.eye(4)
     positives = torch.eye(4) * torch.tensor([[1.0], [0.2], [1.0], [0.1]])

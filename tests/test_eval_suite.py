@@ -5,6 +5,7 @@ test_clip_benchmark.py."""
 import json
 import shutil
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from hqclip_fast.config import EvalConfig
 from hqclip_fast.data import ClipTokenizer
 from hqclip_fast.data.benchmark_sets import read_benchmark_set, write_benchmark_set, write_synthetic_benchmark
+from hqclip_fast.data.shards import expand_sources, iter_tar_samples
 from hqclip_fast.eval import EvalSuite
 from hqclip_fast.eval import cli as eval_cli
 from hqclip_fast.eval_suite import format_average, load_suite, run_suite, suite_average
@@ -78,6 +80,31 @@ def test_example_suite_is_datacomps_38_tasks_with_their_main_metrics():
         "wilds/iwildcam": "F1-macro_all", "wilds/fmow": "acc_worst_region", "dollar_street": "acc_top5_wg",
         "geode": "acc_wg"}
     assert sets["wilds/fmow"].root.endswith("wds_wilds-fmow_test") and sets["geode"].root.endswith("wds_geode_test")
+
+
+def test_worst_group_metric_reads_the_npy_metadata(sets, model, tmp_path):
+    """A classification set whose samples carry WILDS-style metadata ([region, year]): acc_wg is the worst top-1
+    over the regions; without the metadata the set is an error that says so."""
+    zeroshot = read_benchmark_set(sets["zeroshot"])
+    with_labels = [(s["webp"], "webp", int(s["cls"])) for s in _tar_samples(zeroshot.shards)]
+    regions = [i % 3 for i in range(len(with_labels))]
+    write_benchmark_set(tmp_path / "geo", [(*sample, [r, 2016]) for sample, r in zip(with_labels, regions)],
+                        classnames=zeroshot.classnames, templates=zeroshot.templates, shard_size=10)
+    (tmp_path / "suite.yaml").write_text(
+        f"root_dir: {tmp_path}\nsets:\n  - {{name: geo, root: geo, metric: acc_wg}}\n"
+        f"  - {{name: top5, root: geo, metric: acc_top5_wg}}\n"
+        f"  - {{name: plain, root: {sets['zeroshot']}, metric: acc_worst_region}}\n")
+    results = run_suite(load_suite(tmp_path / "suite.yaml"), model, ClipTokenizer(), "cpu", image_size=SIZE,
+                        batch_size=8, report=lambda line: None)
+    geo = results["geo"]
+    assert geo["zeroshot_groups"] == 3 and geo["main_metric"] == geo["zeroshot_worst_group_top1"]
+    assert geo["main_metric"] <= geo["zeroshot_top1"] and results["top5"]["main_metric"] == geo[
+        "zeroshot_worst_group_top5"]
+    assert results["plain"]["status"] == "error" and "no .npy metadata" in results["plain"]["reason"]
+
+
+def _tar_samples(shards: str) -> list[dict]:
+    return [raw for source in expand_sources(shards) for url in source for raw in iter_tar_samples(url, Counter())]
 
 
 def test_datacomp_average_of_a_made_up_result_file(tmp_path):

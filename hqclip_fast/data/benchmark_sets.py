@@ -6,7 +6,8 @@ evaluation downloads and what `clip_benchmark_export_wds` writes.
     <root>/dataset_type.txt                       "retrieval" for image-caption sets (absent: classification)
     <root>/<split>/nshards.txt                    n, the number of shards <split>/0.tar .. <split>/{n-1}.tar
     a sample: an image (webp, png, jpg or jpeg) and `cls` (its label, as text) or `txt` (its captions, one a
-    line; a newline inside a caption is written as a literal backslash-n, as clip_benchmark's converter does)
+    line; a newline inside a caption is written as a literal backslash-n, as clip_benchmark's converter does);
+    WILDS's and the fairness sets also `npy` (the sample's metadata, a 1-D integer array)
 
 Text files are read as clip_benchmark reads them: split into lines, each stripped.
 """
@@ -81,11 +82,11 @@ def read_benchmark_set(root: str | Path, split: str = "test") -> BenchmarkSet:
                         _lines(root / TEMPLATES_FILE, "templates"))
 
 
-def write_benchmark_set(root: str | Path, samples: Iterable[tuple[bytes, str, int | Sequence[str]]], *,
+def write_benchmark_set(root: str | Path, samples: Iterable[tuple], *,
                         split: str = "test", classnames: Sequence[str] | None = None,
                         templates: Sequence[str] | None = None, shard_size: int = 10_000) -> BenchmarkSet:
-    """Write (image bytes, image extension, label or captions) samples under `root`: a classification set when
-    `classnames` and `templates` (class name as {c}) are given, else a retrieval set."""
+    """Write (image bytes, image extension, label or captions[, metadata array]) samples under `root`: a
+    classification set when `classnames` and `templates` (class name as {c}) are given, else a retrieval set."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if (classnames is None) != (templates is None):
@@ -98,7 +99,7 @@ def write_benchmark_set(root: str | Path, samples: Iterable[tuple[bytes, str, in
         (root / CLASSNAMES_FILE).write_text("".join(f"{name}\n" for name in classnames))
         (root / TEMPLATES_FILE).write_text("".join(f"{template}\n" for template in templates))
     count, tar = 0, None
-    for index, (image, extension, target) in enumerate(samples):
+    for index, (image, extension, target, *metadata) in enumerate(samples):
         if index % shard_size == 0:
             if tar is not None:
                 tar.close()
@@ -110,11 +111,23 @@ def write_benchmark_set(root: str | Path, samples: Iterable[tuple[bytes, str, in
             add_tar_member(tar, f"{key}.cls", str(target).encode())
         else:
             add_tar_member(tar, f"{key}.txt", "\n".join(c.replace("\n", "\\n") for c in target).encode())
+        if metadata:
+            add_tar_member(tar, f"{key}.npy", _npy_bytes(metadata[0]))
     if tar is None:
         raise ValueError("write_benchmark_set: no samples")
     tar.close()
     (root / split / "nshards.txt").write_text(f"{count}\n")
     return read_benchmark_set(root, split)
+
+
+def _npy_bytes(array) -> bytes:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array))
+    return buffer.getvalue()
 
 
 def write_synthetic_benchmark(out_dir: str | Path, *, num_zeroshot: int = 600, num_retrieval: int = 500,
