@@ -25,6 +25,10 @@ class ModelConfig:
     # Tag vocabulary (tags.json from `hqclip-data tags build` or the synthetic set): the size of the short-tag
     # head and the ids the loader emits. Used when loss.stc_weight > 0.
     tag_vocab: str | None = None
+    # Start the tag head's bias at -log V (each tag's probability 1/(V+1)) instead of nn.Linear's near-zero
+    # init, where the V absent tags of every image would add V * log 2 to a summed tag loss and swamp the rest
+    # for thousands of steps (RetinaNet's prior init, Lin et al. 2017).
+    tag_bias_prior: bool = True
 
 
 @dataclass
@@ -33,6 +37,9 @@ class LossConfig:
 
     hni_weight: float = 0.0
     stc_weight: float = 0.0
+    # "sum_over_tags": the tag BCE summed over the vocabulary and averaged over samples, so stc_weight keeps its
+    # strength whatever the vocabulary size; "mean_over_tags" also divides by V (hqclip_fast.loss.STC_REDUCTIONS).
+    stc_reduction: str = "sum_over_tags"
     negatives_in_softmax: bool = True
     impl: str = "auto"  # "auto" | "reference" | "chunked" | "triton"
 
@@ -148,6 +155,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "must be fp32 or bf16"),
         (cfg.loss.hni_weight >= 0, "loss.hni_weight", "must be >= 0"),
         (cfg.loss.stc_weight >= 0, "loss.stc_weight", "must be >= 0"),
+        (cfg.loss.stc_reduction in ("sum_over_tags", "mean_over_tags"), "loss.stc_reduction",
+         "must be sum_over_tags or mean_over_tags"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
         (cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0"),

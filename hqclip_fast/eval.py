@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +99,14 @@ def zero_shot_classifier(model, tokenizer: Callable, classnames: Sequence[str], 
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, classifier: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                       device, *, ranks: EvalRanks | None = None, image_size: int | None = None) -> dict[str, float]:
-    """Top-1/top-5 accuracy and per-class mean recall of `classifier` (D, K) over (images, labels) batches.
+def zero_shot_accuracy(model, classifier: torch.Tensor, batches: Iterable[tuple[torch.Tensor, ...]],
+                       device, *, ranks: EvalRanks | None = None, image_size: int | None = None,
+                       num_groups: int = 0) -> dict[str, float]:
+    """Top-1/top-5 accuracy, per-class mean recall and macro-F1 of `classifier` (D, K) over (images, labels)
+    batches. Macro-F1 averages the F1 of the classes that have images, as WILDS's F1(average="macro") does
+    (sklearn's f1_score with labels=unique(y_true); DataComp's iWildCam score). With `num_groups`, a batch is
+    (images, labels, group ids in [0, num_groups)) and the worst top-1 / top-5 accuracy over the groups that have
+    images is reported too, as WILDS's worst-group metrics (DataComp's FMoW, Dollar Street and GeoDE scores).
     With `ranks`: the batches are this rank's share, the counts are summed over ranks; `image_size` is then
     needed (see EvalRanks)."""
     ranks = ranks or EvalRanks()
@@ -108,27 +114,46 @@ def zero_shot_accuracy(model, classifier: torch.Tensor, batches: Iterable[tuple[
     num_classes = classifier.shape[1]
     top_k = [k for k in TopK if k <= num_classes]
     correct = dict.fromkeys(top_k, 0)
-    class_hits, class_images = torch.zeros(num_classes, dtype=torch.int64), torch.zeros(num_classes, dtype=torch.int64)
-    encoded = ranks.lockstep(batches, lambda batch: (_encode_images(model, batch[0], device), batch[1]),
+    class_hits, class_images, class_predicted = (torch.zeros(num_classes, dtype=torch.int64) for _ in range(3))
+    group_hits = {k: torch.zeros(num_groups, dtype=torch.int64) for k in top_k}
+    group_images = torch.zeros(num_groups, dtype=torch.int64)
+    encoded = ranks.lockstep(batches, lambda batch: (_encode_images(model, batch[0], device), *batch[1:]),
                              blank=lambda: (blank(), None))
-    for features, labels in encoded:
-        rank = ranks_of(features @ classifier, labels)
+    for features, labels, *groups in encoded:
+        scores = features @ classifier
+        rank = ranks_of(scores, labels)
         for k in top_k:
             correct[k] += int((rank < k).sum())
         class_images += torch.bincount(labels, minlength=num_classes)
         class_hits += torch.bincount(labels[rank == 0], minlength=num_classes)
-    summed = ranks.sum([*correct.values(), *class_hits.tolist(), *class_images.tolist()])
+        class_predicted += torch.bincount(scores.argmax(dim=1), minlength=num_classes)  # first of equals, as ranks_of
+        if num_groups:
+            group_images += torch.bincount(groups[0], minlength=num_groups)
+            for k in top_k:
+                group_hits[k] += torch.bincount(groups[0][rank < k], minlength=num_groups)
+    per_group = [*group_images.tolist(), *(n for k in top_k for n in group_hits[k].tolist())]
+    summed = ranks.sum([*correct.values(), *class_hits.tolist(), *class_images.tolist(), *class_predicted.tolist(),
+                        *per_group])
     correct = dict(zip(correct, summed[:len(top_k)]))
-    class_hits = torch.tensor(summed[len(top_k):len(top_k) + num_classes], dtype=torch.float64)
-    class_images = torch.tensor(summed[len(top_k) + num_classes:], dtype=torch.float64)
+    per_class = torch.tensor(summed[len(top_k):len(top_k) + 3 * num_classes], dtype=torch.float64)
+    class_hits, class_images, class_predicted = per_class.view(3, -1)
     total = int(class_images.sum())
     if total == 0:
         raise ValueError("zero-shot evaluation got no images")
     present = class_images > 0
     result = {f"zeroshot_top{k}": correct[k] / total for k in top_k}
     result["zeroshot_mean_per_class_recall"] = float((class_hits[present] / class_images[present]).mean())
+    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (images of the class + predictions of it).
+    result["zeroshot_macro_f1"] = float((2 * class_hits[present] / (class_images[present] + class_predicted[present]))
+                                        .mean())
     result["zeroshot_samples"] = total
     result["chance_top1"] = 1.0 / num_classes
+    if num_groups:
+        per_group = torch.tensor(summed[len(top_k) + 3 * num_classes:], dtype=torch.float64).view(-1, num_groups)
+        present = per_group[0] > 0  # WILDS: the worst over the groups that have samples
+        for k, hits in zip(top_k, per_group[1:]):
+            result[f"zeroshot_worst_group_top{k}"] = float((hits[present] / per_group[0][present]).min())
+        result["zeroshot_groups"] = int(present.sum())
     return result
 
 
@@ -268,26 +293,36 @@ class ZeroShotSet:
     classnames: list[str]
     templates: list[str]
     image_size: int
+    groups: dict[str, int] | None = None  # shards: sample key -> group id (sample_groups), for worst-group metrics
 
-    def batches(self, batch_size: int, ranks: EvalRanks | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(images, labels) batches of this rank's share (all samples without `ranks`); only the share's
-        images are decoded. For shards the share is build_eval_dataset's (counted in the tar structure, so a
-        damaged sample is skipped by its own rank), which leaves the summed counts those of one process."""
+    @property
+    def num_groups(self) -> int:
+        return max(self.groups.values()) + 1 if self.groups else 0
+
+    def batches(self, batch_size: int, ranks: EvalRanks | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(images, labels) batches of this rank's share (all samples without `ranks`), with `groups`
+        (images, labels, group ids); only the share's images are decoded. For shards the share is
+        build_eval_dataset's (counted in the tar structure, so a damaged sample is skipped by its own rank),
+        which leaves the summed counts those of one process."""
         ranks = ranks or EvalRanks()
         if Path(self.source).is_dir():
-            samples = self._folder_samples(ranks)
+            samples = ((image, label, None) for image, label in self._folder_samples(ranks))
         else:
             from hqclip_fast.data import build_eval_dataset
 
-            samples = ((image, target) for _, image, target in
+            samples = ((image, target, key) for key, image, target in
                        build_eval_dataset(self.source, image_size=self.image_size, rank=ranks.rank,
                                           world_size=ranks.world_size))
         for batch in _batched(samples, batch_size):
-            labels = torch.tensor([label for _, label in batch])
+            labels = torch.tensor([label for _, label, _ in batch])
             if int(labels.min()) < 0 or int(labels.max()) >= len(self.classnames):
                 raise ValueError(f"zeroshot: {self.source} has labels outside [0, {len(self.classnames)}), "
                                  "the number of class names")
-            yield torch.stack([image for image, _ in batch]), labels
+            images = torch.stack([image for image, _, _ in batch])
+            if self.groups is None:
+                yield images, labels
+            else:
+                yield images, labels, torch.tensor([self.groups[key] for _, _, key in batch])
 
     def _folder_samples(self, ranks: EvalRanks) -> Iterator[tuple[torch.Tensor, int]]:
         from torchvision.datasets import ImageFolder
@@ -340,6 +375,32 @@ class ImageTextSet:
                 yield image, [positive], record.get("negative_text") or record.get("negative_description"), index
 
 
+def sample_groups(shards: str) -> dict[str, int]:
+    """Sample key -> group of every sample of a set whose samples carry metadata in a `.npy` member (WILDS's and
+    the fairness sets in clip_benchmark's layout: FMoW [region, year, y], Dollar Street [income_ds, income_meta,
+    region], GeoDE [region, country]). The group is the first field, the one DataComp's evaluators group by.
+    A pass over the tars without decoding images; every rank reads all of it (small)."""
+    import io
+
+    import numpy as np
+
+    from hqclip_fast.data.shards import expand_sources, iter_tar_samples
+
+    groups = {}
+    for url in (u for source in expand_sources(shards) for u in source):
+        for raw in iter_tar_samples(url, Counter()):
+            if "npy" not in raw:
+                raise ValueError(f"{url}: sample {raw['__key__']} has no .npy metadata (needed for its worst-group "
+                                 "metric)")
+            try:
+                groups[raw["__key__"]] = int(np.load(io.BytesIO(raw["npy"])).reshape(-1)[0])
+            except (ValueError, OSError, IndexError) as err:
+                raise ValueError(f"{url}: sample {raw['__key__']}: unreadable .npy metadata: {err}") from None
+    if not groups or min(groups.values()) < 0:
+        raise ValueError(f"{shards}: no samples, or a negative group id in the .npy metadata")
+    return groups
+
+
 def is_benchmark_root(path: str, split: str = "test") -> bool:
     """Whether `path` is a set in clip_benchmark's webdataset layout (it has `<split>/nshards.txt`)."""
     return (Path(path) / split / "nshards.txt").is_file()
@@ -366,12 +427,14 @@ class EvalSuite:
         return self.zeroshot is not None or self.image_text is not None
 
     @classmethod
-    def from_benchmark(cls, benchmark: BenchmarkSet, image_size: int, batch_size: int = 256) -> EvalSuite:
-        """One set in clip_benchmark's webdataset layout (hqclip_fast.data.benchmark_sets)."""
+    def from_benchmark(cls, benchmark: BenchmarkSet, image_size: int, batch_size: int = 256, *,
+                       groups: bool = False) -> EvalSuite:
+        """One set in clip_benchmark's webdataset layout (hqclip_fast.data.benchmark_sets); with `groups`, its
+        samples' groups (sample_groups) for the worst-group metrics."""
         if benchmark.kind == "retrieval":
             return cls(None, ImageTextSet(benchmark.shards, image_size, captions_per_line=True), batch_size)
-        return cls(ZeroShotSet(benchmark.shards, benchmark.classnames, benchmark.templates, image_size), None,
-                   batch_size)
+        return cls(ZeroShotSet(benchmark.shards, benchmark.classnames, benchmark.templates, image_size,
+                               sample_groups(benchmark.shards) if groups else None), None, batch_size)
 
     @classmethod
     def from_config(cls, cfg, image_size: int, split: str = "test") -> EvalSuite:
@@ -423,7 +486,8 @@ class EvalSuite:
             classifier = zero_shot_classifier(model, tokenizer, zeroshot.classnames, zeroshot.templates, device,
                                               ranks=ranks)
             results.update(zero_shot_accuracy(model, classifier, zeroshot.batches(self.batch_size, ranks), device,
-                                              ranks=ranks, image_size=zeroshot.image_size))
+                                              ranks=ranks, image_size=zeroshot.image_size,
+                                              num_groups=zeroshot.num_groups))
         if self.image_text is not None:
             results.update(image_text_metrics(model, tokenizer, self.image_text.batches(self.batch_size, ranks),
                                               device, ranks=ranks, image_size=self.image_text.image_size))
@@ -493,7 +557,7 @@ def cli(argv: list[str] | None = None) -> None:
 
     from hqclip_fast.config import EvalConfig
     from hqclip_fast.data import ClipTokenizer
-    from hqclip_fast.eval_suite import load_suite, run_suite
+    from hqclip_fast.eval_suite import format_average, load_suite, run_suite, suite_average
 
     try:
         model, image_size, context_length = _load_model(args)
@@ -521,6 +585,9 @@ def cli(argv: list[str] | None = None) -> None:
                 report = print if ranks.rank == 0 else (lambda line: None)
                 results = {"sets": run_suite(suite_sets, model, tokenizer, device, image_size=image_size,
                                              batch_size=args.batch_size, ranks=ranks, report=report)}
+                if (average := suite_average(suite_sets, results["sets"])) is not None:
+                    results["average"] = average
+                    report(format_average(average))
             else:
                 results = suite.run(model, tokenizer, device, ranks=ranks)
     finally:

@@ -41,7 +41,8 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: the temperature never goes be
 
 
 def build_model(cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
-    model = create_model(cfg.model.name, num_tags=num_tags(cfg), **model_kwargs(cfg))
+    model = create_model(cfg.model.name, num_tags=num_tags(cfg), tag_bias_prior=cfg.model.tag_bias_prior,
+                         **model_kwargs(cfg))
     if cfg.model.pretrained:
         load_open_clip_state_dict(model, load_weights(cfg.model.pretrained))
     model.to(runtime.device)
@@ -130,6 +131,7 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, warmup_steps=cfg.optim.warmup_steps,
                                             total_steps=cfg.steps, min_lr_ratio=cfg.optim.min_lr_ratio)
         self.loss_fn = HQCLIPLoss(hni_weight=cfg.loss.hni_weight, stc_weight=cfg.loss.stc_weight,
+                                  stc_reduction=cfg.loss.stc_reduction,
                                   negatives_in_softmax=cfg.loss.negatives_in_softmax, impl=cfg.loss.impl)
         # bf16: FSDP2's mixed-precision policy when there is a process group, else autocast on this process.
         single_process_bf16 = cfg.parallel.param_dtype == "bf16" and not dist.is_initialized()

@@ -70,6 +70,7 @@ def test_bad_key_in_a_yaml_file_names_the_key(tmp_path):
     (["loss.hni_weight=1", "data.use_negatives=false"], "loss.hni_weight"),  # HNI without negatives
     (["model.overrides.image_size=96"], "model.overrides.image_size"),  # disagrees with data.image_size
     (["device=tpu"], "device"),
+    (["loss.stc_reduction=mean"], "loss.stc_reduction"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ValueError, match=f"'{key}'"):

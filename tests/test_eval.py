@@ -119,8 +119,8 @@ class _Identity:
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # class 4: predicted, never true
-def test_zero_shot_mean_per_class_recall_is_balanced_accuracy():
-    from sklearn.metrics import balanced_accuracy_score
+def test_zero_shot_mean_per_class_recall_is_balanced_accuracy_and_macro_f1_is_wilds():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
 
     torch.manual_seed(2)
     classifier = F.normalize(torch.randn(8, 7), dim=0)
@@ -131,9 +131,31 @@ def test_zero_shot_mean_per_class_recall_is_balanced_accuracy():
     predicted = (features @ classifier).argmax(dim=1)
     assert result["zeroshot_mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(labels, predicted))
     assert result["zeroshot_mean_per_class_recall"] != pytest.approx(result["zeroshot_top1"])
+    # WILDS's F1(average="macro"), DataComp's iWildCam score: over the classes that have images.
+    wilds_f1 = f1_score(labels, predicted, average="macro", labels=torch.unique(labels))
+    assert result["zeroshot_macro_f1"] == pytest.approx(wilds_f1, abs=1e-12)
+    assert wilds_f1 != pytest.approx(f1_score(labels, predicted, average="macro"))  # class 4 would count
     assert result["zeroshot_top1"] == pytest.approx(float((predicted == labels).float().mean()))
     few = zero_shot_accuracy(_Identity(), classifier[:, :4], [(features[:4], labels[:4])], "cpu")
     assert "zeroshot_top5" not in few  # fewer than 5 classes: no top-5 (clip_benchmark reports NaN)
+
+
+def test_worst_group_accuracy_over_the_groups_that_have_images():
+    torch.manual_seed(4)
+    classifier = F.normalize(torch.randn(8, 7), dim=0)
+    labels = torch.randint(0, 7, (40,))
+    features = F.normalize(classifier.T[labels] + 0.9 * torch.randn(40, 8), dim=1)
+    groups = torch.tensor([0, 1, 3] * 13 + [0])  # group 2 has no image: not a worst group of accuracy 0
+    batches = [(features[:25], labels[:25], groups[:25]), (features[25:], labels[25:], groups[25:])]
+    result = zero_shot_accuracy(_Identity(), classifier, batches, "cpu", num_groups=4)
+    rank = (features @ classifier).argsort(dim=1, descending=True, stable=True).argsort(dim=1).gather(
+        1, labels.view(-1, 1)).view(-1)
+    for k in (1, 5):
+        per_group = [float((rank[groups == g] < k).double().mean()) for g in (0, 1, 3)]
+        assert result[f"zeroshot_worst_group_top{k}"] == pytest.approx(min(per_group), abs=1e-12)
+        assert min(per_group) < max(per_group)  # the groups differ: the minimum is a real choice
+    assert result["zeroshot_groups"] == 3
+    assert "zeroshot_worst_group_top1" not in zero_shot_accuracy(_Identity(), classifier, [batches[0][:2]], "cpu")
 
 
 def test_hard_negative_accuracy_counts_positive_above_negative():

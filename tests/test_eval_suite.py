@@ -5,6 +5,7 @@ test_clip_benchmark.py."""
 import json
 import shutil
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,10 @@ import torch
 from hqclip_fast.config import EvalConfig
 from hqclip_fast.data import ClipTokenizer
 from hqclip_fast.data.benchmark_sets import read_benchmark_set, write_benchmark_set, write_synthetic_benchmark
+from hqclip_fast.data.shards import expand_sources, iter_tar_samples
 from hqclip_fast.eval import EvalSuite
 from hqclip_fast.eval import cli as eval_cli
-from hqclip_fast.eval_suite import load_suite, run_suite
+from hqclip_fast.eval_suite import format_average, load_suite, run_suite, suite_average
 from hqclip_fast.export import export_open_clip
 from hqclip_fast.model import create_model
 
@@ -65,10 +67,73 @@ def test_layout_errors_name_what_is_wrong(tmp_path):
         read_benchmark_set(blank.root)
 
 
-def test_example_suite_lists_imagenet_and_the_retrieval_sets():
+def test_example_suite_is_datacomps_38_tasks_with_their_main_metrics():
     sets = {s.name: s for s in load_suite(EXAMPLE_SUITE)}
-    assert {"imagenet1k", "mscoco_captions", "flickr30k"} <= set(sets) and len(sets) >= 30
+    assert len(sets) == 38 and len({s.datacomp for s in sets.values()}) == 38
     assert sets["imagenet1k"].root == "/data/eval/wds_imagenet1k_test" and sets["imagenet1k"].split == "test"
+    # DataComp's tasklist.yml: acc1 unless it names another main metric.
+    named = {name: s.metric for name, s in sets.items() if s.metric != "acc1"}
+    assert named == {
+        "vtab/caltech101": "mean_per_class_recall", "fgvc_aircraft": "mean_per_class_recall",
+        "vtab/flowers": "mean_per_class_recall", "vtab/pets": "mean_per_class_recall",
+        "flickr30k": "mean_recall@1", "mscoco_captions": "mean_recall@1", "winogavil": "jaccard_score_10-12",
+        "wilds/iwildcam": "F1-macro_all", "wilds/fmow": "acc_worst_region", "dollar_street": "acc_top5_wg",
+        "geode": "acc_wg"}
+    assert sets["wilds/fmow"].root.endswith("wds_wilds-fmow_test") and sets["geode"].root.endswith("wds_geode_test")
+
+
+def test_worst_group_metric_reads_the_npy_metadata(sets, model, tmp_path):
+    """A classification set whose samples carry WILDS-style metadata ([region, year]): acc_wg is the worst top-1
+    over the regions; without the metadata the set is an error that says so."""
+    zeroshot = read_benchmark_set(sets["zeroshot"])
+    with_labels = [(s["webp"], "webp", int(s["cls"])) for s in _tar_samples(zeroshot.shards)]
+    regions = [i % 3 for i in range(len(with_labels))]
+    write_benchmark_set(tmp_path / "geo", [(*sample, [r, 2016]) for sample, r in zip(with_labels, regions)],
+                        classnames=zeroshot.classnames, templates=zeroshot.templates, shard_size=10)
+    (tmp_path / "suite.yaml").write_text(
+        f"root_dir: {tmp_path}\nsets:\n  - {{name: geo, root: geo, metric: acc_wg}}\n"
+        f"  - {{name: top5, root: geo, metric: acc_top5_wg}}\n"
+        f"  - {{name: plain, root: {sets['zeroshot']}, metric: acc_worst_region}}\n")
+    results = run_suite(load_suite(tmp_path / "suite.yaml"), model, ClipTokenizer(), "cpu", image_size=SIZE,
+                        batch_size=8, report=lambda line: None)
+    geo = results["geo"]
+    assert geo["zeroshot_groups"] == 3 and geo["main_metric"] == geo["zeroshot_worst_group_top1"]
+    assert geo["main_metric"] <= geo["zeroshot_top1"] and results["top5"]["main_metric"] == geo[
+        "zeroshot_worst_group_top5"]
+    assert results["plain"]["status"] == "error" and "no .npy metadata" in results["plain"]["reason"]
+
+
+def _tar_samples(shards: str) -> list[dict]:
+    return [raw for source in expand_sources(shards) for url in source for raw in iter_tar_samples(url, Counter())]
+
+
+def test_datacomp_average_of_a_made_up_result_file(tmp_path):
+    """Results as `hqclip-eval --suite ... --out` writes them, made up: ImageNet top-1 0.70, Caltech-101's
+    per-class recall 0.80 (its top-1 0.90 must not count), MSCOCO R@1 0.60 image->text and 0.40 text->image
+    (mean 0.50), CIFAR-10 missing, iWildCam unsupported, the other 33 tasks absent. By hand:
+    (0.70 + 0.80 + 0.50) / 3 = 0.6667 over 3 of 38 tasks, partial."""
+    made_up = {"sets": {
+        "imagenet1k": {"status": "ok", "task": "classification", "zeroshot_top1": 0.70,
+                       "zeroshot_mean_per_class_recall": 0.65},
+        "vtab/caltech101": {"status": "ok", "task": "classification", "zeroshot_top1": 0.90,
+                            "zeroshot_mean_per_class_recall": 0.80},
+        "mscoco_captions": {"status": "ok", "task": "retrieval", "image_to_text_R@1": 0.60,
+                            "text_to_image_R@1": 0.40},
+        "cifar10": {"status": "missing", "reason": "no test/nshards.txt"},
+        "wilds/iwildcam": {"status": "unsupported", "reason": "F1-macro_all"},
+    }}
+    (tmp_path / "results.json").write_text(json.dumps(made_up))
+    average = suite_average(load_suite(EXAMPLE_SUITE), json.loads((tmp_path / "results.json").read_text())["sets"])
+    assert average["average"] == pytest.approx((0.70 + 0.80 + 0.50) / 3, abs=1e-12)
+    assert (average["tasks_scored"], average["tasks"], average["partial"]) == (3, 38, True)
+    assert average["not_scored"]["cifar10"] == "missing" and average["not_scored"]["wilds/iwildcam"] == "unsupported"
+    assert average["not_scored"]["sun397"] == "not run" and len(average["not_scored"]) == 35
+    line = format_average(average)
+    assert "0.6667" in line and "3 of 38 tasks" in line and "PARTIAL" in line and "cifar10 (missing)" in line
+
+    complete = [s for s in load_suite(EXAMPLE_SUITE) if s.name in ("imagenet1k", "vtab/caltech101", "mscoco_captions")]
+    whole = suite_average(complete, made_up["sets"])
+    assert not whole["partial"] and "PARTIAL" not in format_average(whole)
 
 
 @pytest.mark.parametrize("text,match", [
@@ -89,14 +154,21 @@ def test_suite_reports_every_set_and_matches_single_set_runs(sets, model, tmp_pa
     (broken / "dataset_type.txt").write_text("multilabel\n")
     (tmp_path / "suite.yaml").write_text(
         f"root_dir: {Path(sets['zeroshot']).parent}\nsets:\n"
-        "  - {name: zs, root: zeroshot}\n  - {name: gone, root: not_here}\n"
-        f"  - {{name: broken, root: {broken}}}\n  - {{name: ret, root: retrieval}}\n")
+        "  - {name: zs, root: zeroshot, metric: mean_per_class_recall}\n  - {name: gone, root: not_here}\n"
+        f"  - {{name: broken, root: {broken}}}\n  - {{name: ret, root: retrieval, metric: mean_recall@1}}\n"
+        "  - {name: wino, root: retrieval, metric: jaccard_score_10-12}\n"
+        "  - {name: wrong_kind, root: retrieval, metric: acc1}\n")
     lines = []
     results = run_suite(load_suite(tmp_path / "suite.yaml"), model, ClipTokenizer(), "cpu", image_size=SIZE,
                         batch_size=8, report=lines.append)
-    assert [r["status"] for r in results.values()] == ["ok", "missing", "error", "ok"]
-    assert [line.split()[0] for line in lines] == ["zs", "gone", "broken", "ret"]
+    assert [r["status"] for r in results.values()] == ["ok", "missing", "error", "ok", "unsupported", "error"]
+    assert [line.split()[0] for line in lines] == ["zs", "gone", "broken", "ret", "wino", "wrong_kind"]
     assert "MISSING" in lines[1] and "ERROR" in lines[2] and "multilabel" in lines[2]
+    assert "UNSUPPORTED" in lines[4] and "jaccard_score_10-12" in lines[4] and "needs a classification" in lines[5]
+    assert results["zs"]["main_metric"] == results["zs"]["zeroshot_mean_per_class_recall"]
+    assert f"main: mean_per_class_recall {results['zs']['main_metric']:.4f}" in lines[0]
+    ret = results["ret"]
+    assert ret["main_metric"] == pytest.approx((ret["image_to_text_R@1"] + ret["text_to_image_R@1"]) / 2)
     assert results["zs"]["zeroshot_samples"] == 24 and results["ret"]["retrieval_samples"] == 16
 
     # The same sets through --zeroshot / --image-text roots give the same numbers.
@@ -106,6 +178,16 @@ def test_suite_reports_every_set_and_matches_single_set_runs(sets, model, tmp_pa
     single = json.loads(capsys.readouterr().out)
     for key in ("zeroshot_top1", "zeroshot_top5", "zeroshot_mean_per_class_recall", "image_to_text_R@1"):
         assert single[key] == results["zs" if key.startswith("zeroshot") else "ret"][key], key
+    # --suite prints a line per set, then the average of the main metrics (partial here), and exits with 1.
+    with pytest.raises(SystemExit) as exit_status:
+        eval_cli(["--model", MODEL, "--pretrained", str(tmp_path / "export" / "open_clip_pytorch_model.bin"),
+                  "--suite", str(tmp_path / "suite.yaml"), "--batch-size", "8", "--out", str(tmp_path / "s.json")])
+    assert exit_status.value.code == 1
+    average_line = capsys.readouterr().out.splitlines()[6]
+    expected = (results["zs"]["main_metric"] + results["ret"]["main_metric"]) / 2
+    assert average_line.startswith("average of main metrics") and f"{expected:.4f}" in average_line
+    assert "2 of 4 tasks; PARTIAL" in average_line and "wino (unsupported)" in average_line
+    assert json.loads((tmp_path / "s.json").read_text())["average"]["average"] == pytest.approx(expected)
     # --amp autocasts as clip_benchmark does by default (bf16 here): the same set, rounding-level changes.
     eval_cli(["--model", MODEL, "--pretrained", str(tmp_path / "export" / "open_clip_pytorch_model.bin"),
               "--zeroshot", sets["zeroshot"], "--batch-size", "8", "--amp"])

@@ -105,6 +105,12 @@ def test_every_term_together_matches_reference(bias, dtype, device):
     assert_matches(inputs, dtype, hni_weight=0.5, stc_weight=2.0)
 
 
+@pytest.mark.parametrize("stc_reduction", ["sum_over_tags", "mean_over_tags"])
+def test_each_stc_reduction_matches_reference(stc_reduction, device):
+    inputs = _inputs(7, 16, torch.float32, device, negatives=False, tags=True, bias=True, seed=4)
+    assert_matches(inputs, torch.float32, stc_weight=1.5, stc_reduction=stc_reduction)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_pair_negatives_in_row_chunks_match_reference(dtype, device, monkeypatch):
     """The HNI dot products run in row chunks (bounded fp32 temporaries): 5-row chunks over 37 rows, the last

@@ -105,6 +105,17 @@ def test_odd_shapes_all_terms(batch, dim, num_tags, max_tags):
         torch.testing.assert_close(grad, expected_grads[name], **TOLERANCES[torch.float32], msg=name)
 
 
+@pytest.mark.parametrize("stc_reduction", ["sum_over_tags", "mean_over_tags"])
+def test_each_stc_reduction_matches_reference(stc_reduction):
+    inputs = make_inputs(9, 4, 8, 3, torch.float32, seed=2)
+    options = {"stc_weight": 1.3, "stc_reduction": stc_reduction}
+    expected, expected_grads = run("reference", inputs, **options)
+    out, grads = run("chunked", inputs, **options)
+    torch.testing.assert_close(out.stc, expected.stc, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], **TOLERANCES[torch.float32], msg=name)
+
+
 @pytest.mark.parametrize("rows", [(0, 5), (5, 10), (10, 15), (3, 11)])
 @pytest.mark.parametrize("softmax_negatives", [False, True])
 def test_contrastive_sums_on_a_rank_slice(rows, softmax_negatives):

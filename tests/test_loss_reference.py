@@ -36,7 +36,8 @@ def test_clip_part_matches_open_clip(batch, dim):
         torch.testing.assert_close(a.grad, b.grad)
 
 
-def _longhand(image, text, neg, scale, negatives_in_softmax, tag_features, tag_weight, tag_bias, tag_targets):
+def _longhand(image, text, neg, scale, negatives_in_softmax, tag_features, tag_weight, tag_bias, tag_targets,
+              stc_reduction="sum_over_tags"):
     """The issue's definitions, one sample at a time, in float64."""
     batch = len(image)
     i2t = t2i = hni = 0.0
@@ -60,13 +61,14 @@ def _longhand(image, text, neg, scale, negatives_in_softmax, tag_features, tag_w
                 z = float(tag_features[i] @ tag_weight[v]) + (float(tag_bias[v]) if tag_bias is not None else 0.0)
                 p = 1 / (1 + math.exp(-z))
                 stc += -math.log(p) if v in labels else -math.log(1 - p)
-        stc /= batch * num_tags
+        stc /= batch * (num_tags if stc_reduction == "mean_over_tags" else 1)
     return clip, hni / batch, stc
 
 
+@pytest.mark.parametrize("stc_reduction", ["sum_over_tags", "mean_over_tags"])
 @pytest.mark.parametrize("negatives_in_softmax", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_reference_matches_longhand_definitions(negatives_in_softmax, with_bias):
+def test_reference_matches_longhand_definitions(negatives_in_softmax, with_bias, stc_reduction):
     gen = torch.Generator().manual_seed(3)
     batch, dim, num_tags = 5, 4, 7
     image, text, neg = (_features(gen, batch, dim) for _ in range(3))
@@ -77,9 +79,9 @@ def test_reference_matches_longhand_definitions(negatives_in_softmax, with_bias)
     out = hqclip_loss(image, text, torch.tensor(scale, dtype=torch.float64), neg_text_features=neg,
                       negatives_in_softmax=negatives_in_softmax, hni_weight=hni_weight,
                       tag_features=image, tag_weight=tag_weight, tag_bias=tag_bias, tag_targets=tag_targets,
-                      stc_weight=stc_weight, impl="reference")
+                      stc_weight=stc_weight, stc_reduction=stc_reduction, impl="reference")
     clip, hni, stc = _longhand(image, text, neg, scale, negatives_in_softmax, image, tag_weight, tag_bias,
-                               tag_targets)
+                               tag_targets, stc_reduction)
     assert out.clip.item() == pytest.approx(clip, rel=1e-12)
     assert out.hni.item() == pytest.approx(hni, rel=1e-12)
     assert out.stc.item() == pytest.approx(stc, rel=1e-12)
@@ -98,3 +100,34 @@ def test_module_passes_its_options():
     with_softmax = hqclip_loss(image, text, scale, neg_text_features=neg, hni_weight=0.7, impl="reference")
     assert with_softmax.clip.item() > out.clip.item()  # extra columns only add to the image->text denominator
     assert "hni_weight=0.7" in repr(module)
+
+
+def test_summed_tag_loss_does_not_depend_on_the_vocabulary_size():
+    """The same images and true tags, with 7 or 7 + 993 tags: the extra tags are absent and predicted absent
+    (as after the head's bias has learned how rare they are). Summed over the tags, the term barely moves, so
+    stc_weight keeps its strength; averaged over the tags, it shrinks by the vocabulary's growth."""
+    gen = torch.Generator().manual_seed(8)
+    batch, dim = 6, 5
+    image, text = _features(gen, batch, dim), _features(gen, batch, dim)
+    weight = torch.randn(7, dim, generator=gen, dtype=torch.float64)
+    targets = torch.tensor([[0, 3], [6, 2], [1, -1], [4, 5], [2, 2], [-1, -1]])
+    big_weight = torch.cat([weight, torch.zeros(993, dim, dtype=torch.float64)])
+    bias, big_bias = torch.zeros(7, dtype=torch.float64), torch.cat([torch.zeros(7), torch.full((993,), -15.0)])
+
+    def stc(w, b, reduction):
+        return hqclip_loss(image, text, torch.tensor(3.0), tag_features=image, tag_weight=w, tag_bias=b.double(),
+                           tag_targets=targets, stc_weight=1.0, stc_reduction=reduction, impl="reference").stc.item()
+
+    small, big = stc(weight, bias, "sum_over_tags"), stc(big_weight, big_bias, "sum_over_tags")
+    assert big == pytest.approx(small, rel=1e-3)
+    assert stc(big_weight, big_bias, "mean_over_tags") == pytest.approx(big / 1000, rel=1e-12)
+    assert stc(weight, bias, "mean_over_tags") == pytest.approx(small / 7, rel=1e-12)
+
+
+def test_unknown_stc_reduction_is_refused():
+    gen = torch.Generator().manual_seed(1)
+    image = _features(gen, 2, 3)
+    with pytest.raises(ValueError, match="stc_reduction must be one of"):
+        hqclip_loss(image, image, torch.tensor(1.0), stc_reduction="mean", impl="reference")
+    with pytest.raises(ValueError, match="stc_reduction must be one of"):
+        HQCLIPLoss(stc_reduction="sum")

@@ -1,6 +1,7 @@
 """hqclip_fast.model against open_clip: config shapes, state-dict round trip, embedding equality."""
 
 import dataclasses
+import math
 
 import open_clip
 import pytest
@@ -240,6 +241,15 @@ def test_forward_contract_with_tags_and_negatives():
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_tag_bias_starts_at_the_prior_unless_asked_not_to():
+    torch.manual_seed(0)
+    prior = create_model("hqclip-micro", num_tags=50).tag_head.bias
+    assert torch.allclose(prior, torch.full((50,), -math.log(50)))
+    torch.manual_seed(0)
+    linear = create_model("hqclip-micro", num_tags=50, tag_bias_prior=False).tag_head.bias
+    assert linear.abs().max() <= 1 / math.sqrt(64) and linear.std() > 0  # nn.Linear's uniform init
 
 
 def test_bad_inputs_are_clear_errors():

@@ -6,7 +6,8 @@ evaluation downloads and what `clip_benchmark_export_wds` writes.
     <root>/dataset_type.txt                       "retrieval" for image-caption sets (absent: classification)
     <root>/<split>/nshards.txt                    n, the number of shards <split>/0.tar .. <split>/{n-1}.tar
     a sample: an image (webp, png, jpg or jpeg) and `cls` (its label, as text) or `txt` (its captions, one a
-    line; a newline inside a caption is written as a literal backslash-n, as clip_benchmark's converter does)
+    line; a newline inside a caption is written as a literal backslash-n, as clip_benchmark's converter does);
+    WILDS's and the fairness sets also `npy` (the sample's metadata, a 1-D integer array)
 
 Text files are read as clip_benchmark reads them: split into lines, each stripped.
 """
@@ -31,6 +32,9 @@ CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 TYPE_FILE = "dataset_type.txt"
 KINDS = ("classification", "retrieval")
+# clip_benchmark's default --num_workers. Its webdataset gives each DataLoader worker its own shards and stops
+# with "No samples found" when one gets none, so a set read with its defaults needs at least this many shards.
+CLIP_BENCHMARK_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -78,11 +82,11 @@ def read_benchmark_set(root: str | Path, split: str = "test") -> BenchmarkSet:
                         _lines(root / TEMPLATES_FILE, "templates"))
 
 
-def write_benchmark_set(root: str | Path, samples: Iterable[tuple[bytes, str, int | Sequence[str]]], *,
+def write_benchmark_set(root: str | Path, samples: Iterable[tuple], *,
                         split: str = "test", classnames: Sequence[str] | None = None,
                         templates: Sequence[str] | None = None, shard_size: int = 10_000) -> BenchmarkSet:
-    """Write (image bytes, image extension, label or captions) samples under `root`: a classification set when
-    `classnames` and `templates` (class name as {c}) are given, else a retrieval set."""
+    """Write (image bytes, image extension, label or captions[, metadata array]) samples under `root`: a
+    classification set when `classnames` and `templates` (class name as {c}) are given, else a retrieval set."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if (classnames is None) != (templates is None):
@@ -95,7 +99,7 @@ def write_benchmark_set(root: str | Path, samples: Iterable[tuple[bytes, str, in
         (root / CLASSNAMES_FILE).write_text("".join(f"{name}\n" for name in classnames))
         (root / TEMPLATES_FILE).write_text("".join(f"{template}\n" for template in templates))
     count, tar = 0, None
-    for index, (image, extension, target) in enumerate(samples):
+    for index, (image, extension, target, *metadata) in enumerate(samples):
         if index % shard_size == 0:
             if tar is not None:
                 tar.close()
@@ -107,6 +111,8 @@ def write_benchmark_set(root: str | Path, samples: Iterable[tuple[bytes, str, in
             add_tar_member(tar, f"{key}.cls", str(target).encode())
         else:
             add_tar_member(tar, f"{key}.txt", "\n".join(c.replace("\n", "\\n") for c in target).encode())
+        if metadata:
+            add_tar_member(tar, f"{key}.npy", _npy_bytes(metadata[0]))
     if tar is None:
         raise ValueError("write_benchmark_set: no samples")
     tar.close()
@@ -114,20 +120,33 @@ def write_benchmark_set(root: str | Path, samples: Iterable[tuple[bytes, str, in
     return read_benchmark_set(root, split)
 
 
+def _npy_bytes(array) -> bytes:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array))
+    return buffer.getvalue()
+
+
 def write_synthetic_benchmark(out_dir: str | Path, *, num_zeroshot: int = 600, num_retrieval: int = 500,
-                              seed: int = 0, image_size: int = 64, shard_size: int = 10_000) -> dict[str, str]:
+                              seed: int = 0, image_size: int = 64, shard_size: int | None = None) -> dict[str, str]:
     """The synthetic zero-shot set (lossless WebP images, as clip_benchmark's converter writes them) and the
-    synthetic retrieval set (JPEG) as clip_benchmark sets under out_dir/zeroshot and out_dir/retrieval."""
+    synthetic retrieval set (JPEG) as clip_benchmark sets under out_dir/zeroshot and out_dir/retrieval.
+    shard_size None: each set in CLIP_BENCHMARK_WORKERS shards, so that clip_benchmark's defaults read it."""
     out_dir = Path(os.path.abspath(out_dir))
+    sizes = {name: shard_size or max(1, -(-count // CLIP_BENCHMARK_WORKERS))
+             for name, count in (("zeroshot", num_zeroshot), ("retrieval", num_retrieval))}
     zeroshot = write_benchmark_set(
         out_dir / "zeroshot",
         ((image, "webp", label) for image, label in
          (make_zeroshot_sample(i, seed, image_size, "webp") for i in range(num_zeroshot))),
         classnames=zeroshot_classnames(), templates=[t.replace("{}", "{c}") for t in ZEROSHOT_TEMPLATES],
-        shard_size=shard_size)
+        shard_size=sizes["zeroshot"])
     retrieval = write_benchmark_set(
         out_dir / "retrieval",
         ((image, "jpg", captions) for image, captions in
          (make_retrieval_sample(i, seed, image_size) for i in range(num_retrieval))),
-        shard_size=shard_size)
+        shard_size=sizes["retrieval"])
     return {"zeroshot": zeroshot.root, "retrieval": retrieval.root}

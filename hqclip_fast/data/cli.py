@@ -1,4 +1,5 @@
-"""`hqclip-data` console script: synthetic | synthetic-benchmark | validate | join | tags build | index."""
+"""`hqclip-data` console script: synthetic | synthetic-benchmark | validate | join | annotations index | tags build
+| index."""
 
 from __future__ import annotations
 
@@ -48,18 +49,43 @@ def _validate(args) -> int:
 def _join(args) -> int:
     from .join import join_shards
 
-    field_map = dict(item.split("=", 1) for item in args.map or [])
-    report = join_shards(args.shards, args.annotations, args.out, key_field=args.key_field, field_map=field_map)
+    report = join_shards(args.shards, args.annotations, args.out, id_field=args.id_field, key_field=args.key_field,
+                         field_map=_field_map(args.map), progress=not args.no_progress)
+    print(json.dumps(report))
+    return 0
+
+
+def _field_map(items: list[str] | None) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in items or []]
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"--map takes OURS=THEIRS pairs, got {items}")
+    return dict(pairs)
+
+
+def _annotations_index(args) -> int:
+    from .annotations import annotation_files, build_index
+
+    report = build_index(annotation_files(args.files), args.out, field_map=_field_map(args.map),
+                         key_field=args.key_field, batch_rows=args.batch_rows, progress=not args.no_progress)
     print(json.dumps(report))
     return 0
 
 
 def _tags_build(args) -> int:
     stats: Counter = Counter()
+    urls = [u for source in expand_sources(args.pattern) for u in source]
+    annotations = None
+    if args.annotations:  # the texts the loader's data.annotations gives: the same matcher
+        from .annotations import open_annotations
+
+        annotations = open_annotations(args.annotations, urls, id_field=args.id_field, field_map=_field_map(args.map),
+                                       key_field=args.key_field)
 
     def tag_lists():
-        for url in (u for source in expand_sources(args.pattern) for u in source):
+        for url in urls:
+            shard = annotations.for_shard(url) if annotations is not None else None
             for raw in iter_tar_samples(url, stats):
+                raw = shard.annotate(raw) if shard is not None else raw
                 try:
                     tags = parse_record(raw["json"]).get("positive_tags") if "json" in raw else None
                 except RecordError:
@@ -120,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--num-zeroshot", type=int, default=600)
     p.add_argument("--num-retrieval", type=int, default=500)
-    p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="samples per shard (default: each set in 4 shards, one for each of clip_benchmark's "
+                        "default 4 workers; fewer shards than workers stops it with 'No samples found')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.set_defaults(func=_synthetic_benchmark)
@@ -132,16 +160,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("join", help="merge annotation records into image shards by key")
+    p = sub.add_parser("join", help="write the shards again with each sample's annotation (matched by uid) in its "
+                                    ".json")
     p.add_argument("shards")
     p.add_argument("annotations", nargs="+",
-                   help=".jsonl (one record per line) or .json (list, or object keyed by id) files, folders of them "
-                        "(e.g. the recaptioner's output folder) or glob patterns")
+                   help="a folder of files named after the shards (X.tar <-> X.json/.jsonl/.parquet), an index "
+                        "(.sqlite, from `annotations index`), or a global set: .jsonl/.json/.parquet files, folders "
+                        "of .jsonl/.parquet (e.g. the recaptioner's output) or glob patterns, indexed into OUT first")
     p.add_argument("--out", required=True)
-    p.add_argument("--key-field", default="key", help="annotation field holding the sample key (e.g. uid)")
+    p.add_argument("--id-field", default="uid",
+                   help="field of each sample's .json holding its id (default: uid; the tar key when absent)")
+    p.add_argument("--key-field", default=None,
+                   help="annotation field holding the id (default: the first of uid, key, id, sample_id)")
     p.add_argument("--map", nargs="*", metavar="OURS=THEIRS",
-                   help="field mapping, e.g. positive_description=long_caption")
+                   help="field names beyond the known synonyms, e.g. positive_description=long_caption")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_join)
+
+    p = sub.add_parser("annotations", help="annotation tools")
+    annotations = p.add_subparsers(dest="annotations_command", required=True)
+    a = annotations.add_parser("index", help="stream a global annotation set into a SQLite index keyed by id, for "
+                                             "`join` and the training loader's data.annotations")
+    a.add_argument("files", nargs="+", help=".jsonl/.json/.parquet files, folders of .jsonl/.parquet, glob patterns")
+    a.add_argument("--out", required=True, help="the index file to write (.sqlite)")
+    a.add_argument("--key-field", default=None,
+                   help="annotation field holding the id (default: the first of uid, key, id, sample_id)")
+    a.add_argument("--map", nargs="*", metavar="OURS=THEIRS",
+                   help="field names beyond the known synonyms, e.g. positive_description=long_caption")
+    a.add_argument("--batch-rows", type=int, default=10_000, help="records held in memory at most")
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=_annotations_index)
 
     p = sub.add_parser("tags", help="tag vocabulary tools")
     tags = p.add_subparsers(dest="tags_command", required=True)
@@ -150,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--size", type=int, default=1000)
     b.add_argument("--min-count", type=int, default=1)
+    b.add_argument("--annotations", help="raw shards with annotations matched while reading, as data.annotations: "
+                                         "a folder of per-shard files or an index (.sqlite)")
+    b.add_argument("--id-field", default="uid", help="with --annotations: as in join")
+    b.add_argument("--key-field", default=None, help="with --annotations: as in join")
+    b.add_argument("--map", nargs="*", metavar="OURS=THEIRS", help="with --annotations: as in join")
     b.set_defaults(func=_tags_build)
 
     p = sub.add_parser("index", help="write DALI index files (one .idx per shard) listing only samples DALI reads "

@@ -1,7 +1,7 @@
 """DataConfig: every knob of the training data pipeline (the trainer nests it in its config tree)."""
 
 from dataclasses import dataclass, field
-from typing import List, Optional  # noqa: UP035  (OmegaConf structured configs need typing generics)
+from typing import Dict, List, Optional  # noqa: UP035  (OmegaConf structured configs need typing generics)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,10 +52,22 @@ class DataConfig:
     required_fields: List[str] = field(default_factory=list)  # noqa: UP006
     rrc_scale: List[float] = field(default_factory=lambda: [0.9, 1.0])  # noqa: UP006
     max_tags: int = 32  # tag_ids width cap per sample
+    # Annotations joined while reading (hqclip_fast.data.annotations; `hqclip-data join` writes the same into the
+    # shards instead): a folder of files named after the shards (X.tar <-> X.json/.jsonl/.parquet) or an index
+    # from `hqclip-data annotations index` (.sqlite). A sample's id is annotation_id_field of its .json (img2dataset
+    # writes uid), else its tar key; an annotation's id is annotation_key_field (default: uid, key, id or
+    # sample_id); annotation_map names fields beyond the known synonyms (ours -> theirs).
+    annotations: Optional[str] = None  # noqa: UP045
+    annotation_id_field: str = "uid"
+    annotation_key_field: Optional[str] = None  # noqa: UP045
+    annotation_map: Dict[str, str] = field(default_factory=dict)  # noqa: UP006
 
     def validate(self) -> None:
         if self.decoder not in ("cpu", "dali"):
             raise ValueError(f"decoder must be 'cpu' or 'dali', got {self.decoder!r}")
+        if self.annotations and self.decoder == "dali":
+            raise ValueError("annotations (joined while reading) work with decoder 'cpu'; for DALI, write them into "
+                             "the shards with `hqclip-data join` first")
         if self.dali_device not in ("gpu", "cpu"):
             raise ValueError(f"dali_device must be 'gpu' or 'cpu', got {self.dali_device!r}")
         for name in ("p_description", "p_neg_tags"):

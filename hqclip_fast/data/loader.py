@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .annotations import load_time_annotations
 from .config import DataConfig
 from .samples import (
     SkipSample,
@@ -46,8 +47,9 @@ def summarize(reasons: Counter | dict, samples_ok: int) -> dict:
 
 
 def slot_stream(urls: list[str], source: int, slot: int, num_slots: int, seed: int, resampled: bool,
-                stats: Counter) -> Iterator[tuple[int, dict]]:
-    """Infinite (epoch, raw sample) stream of one source for one slot."""
+                stats: Counter, annotations=None) -> Iterator[tuple[int, dict]]:
+    """Infinite (epoch, raw sample) stream of one source for one slot; with `annotations`
+    (hqclip_fast.data.annotations), each sample comes with its annotation merged in, as `hqclip-data join` writes."""
     epoch = 0
     while True:
         read = 0
@@ -63,12 +65,13 @@ def slot_stream(urls: list[str], source: int, slot: int, num_slots: int, seed: i
                 shards, keep_every = [urls[i] for i in order], num_slots
         position = 0
         for url in shards:
+            shard_annotations = annotations.for_shard(url) if annotations is not None else None
             for sample in iter_tar_samples(url, stats):
                 mine = keep_every == 1 or position % keep_every == slot
                 position += 1
                 if mine:
                     read += 1
-                    yield epoch, sample
+                    yield epoch, shard_annotations.annotate(sample) if shard_annotations else sample
         if read == 0:
             raise RuntimeError(
                 f"train_data: no readable sample in {len(shards)} shard(s) of source {source} for slot {slot} "
@@ -127,13 +130,14 @@ class ShardStream(IterableDataset):
         if len(weights) != len(self.sources) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"train_data_weights: need {len(self.sources)} non-negative weights, got {weights}")
         self.weights = list(weights)
+        self.annotations = load_time_annotations(cfg, [u for urls in self.sources for u in urls])
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         stats: Counter = Counter()
-        streams = [slot_stream(urls, i, slot, num_slots, self.seed, self.cfg.resampled, stats)
+        streams = [slot_stream(urls, i, slot, num_slots, self.seed, self.cfg.resampled, stats, self.annotations)
                    for i, urls in enumerate(self.sources)]
         raw = mix_sources(streams, self.weights, random.Random(f"mix-{self.seed}-{slot}"))
         raw = shuffle_buffer(raw, self.cfg.shuffle_buffer, random.Random(f"shuffle-{self.seed}-{slot}"),

@@ -3,6 +3,6 @@
 `hqclip_loss` / `HQCLIPLoss` are the single entry point; impl="reference" | "chunked" | "triton" | "auto".
 """
 
-from .api import IMPLS, HQCLIPLoss, LossOutput, hqclip_loss
+from .api import IMPLS, STC_REDUCTIONS, HQCLIPLoss, LossOutput, hqclip_loss
 
-__all__ = ["IMPLS", "HQCLIPLoss", "LossOutput", "hqclip_loss"]
+__all__ = ["IMPLS", "STC_REDUCTIONS", "HQCLIPLoss", "LossOutput", "hqclip_loss"]

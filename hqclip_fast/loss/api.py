@@ -54,7 +54,7 @@ from torch import nn
 
 from .gather import all_gather_with_grad, group_rank_and_size
 
-__all__ = ["LossOutput", "hqclip_loss", "HQCLIPLoss", "IMPLS"]
+__all__ = ["LossOutput", "hqclip_loss", "HQCLIPLoss", "IMPLS", "STC_REDUCTIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,14 @@ _IMPLS = {
     "triton": "hqclip_fast.loss.fused",
 }
 IMPLS = ("auto", *_IMPLS)
+
+# How the tag BCE over a (b, V) logit matrix becomes the stc term; both average over the b samples.
+# "sum_over_tags" (default) sums a sample's V entries: an image with k true tags gets k positive terms and V - k
+# negative ones whose probabilities, once the head's bias has learned how rare tags are, add up to about k, so
+# the term and its gradient follow the tags an image has, not the vocabulary size, and stc_weight means the same
+# strength for 1,000 or 50,000 tags. "mean_over_tags" divides that by V as well (BCEWithLogitsLoss's "mean"):
+# the per-tag signal shrinks as 1/V, so stc_weight must grow with the vocabulary.
+STC_REDUCTIONS = ("sum_over_tags", "mean_over_tags")
 
 
 @dataclass
@@ -208,6 +216,12 @@ def _validate(image_features, text_features, logit_scale, neg_text_features, hni
     return logit_scale, hni_weight, stc_weight
 
 
+def _check_stc_reduction(stc_reduction: str) -> str:
+    if stc_reduction not in STC_REDUCTIONS:
+        raise ValueError(f"stc_reduction must be one of {STC_REDUCTIONS}, got {stc_reduction!r}")
+    return stc_reduction
+
+
 def _check_same_batch_across_ranks(image_features: torch.Tensor, group, world_size: int) -> None:
     import torch.distributed as dist
 
@@ -224,12 +238,15 @@ def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
                 hni_weight: float = 0.0,
                 tag_features: torch.Tensor | None = None, tag_weight: torch.Tensor | None = None,
                 tag_bias: torch.Tensor | None = None, tag_targets: torch.Tensor | None = None,
-                stc_weight: float = 0.0, group=None, impl: str = "auto") -> LossOutput:
+                stc_weight: float = 0.0, stc_reduction: str = "sum_over_tags", group=None,
+                impl: str = "auto") -> LossOutput:
     """HQ-CLIP loss of this rank: total = clip + hni_weight * hni + stc_weight * stc.
 
     clip: symmetric InfoNCE over the gathered batch (negative texts as extra image->text columns when
     given and `negatives_in_softmax`); hni: -log(e^{s<I,T>} / (e^{s<I,T>} + e^{s<I,N>})) per sample;
-    stc: mean multi-label BCE of tag_features @ tag_weight.T + tag_bias against multi-hot(tag_targets).
+    stc: multi-label BCE of tag_features @ tag_weight.T + tag_bias against multi-hot(tag_targets), summed
+    over the V tags and averaged over the samples (stc_reduction="sum_over_tags"), or averaged over both
+    ("mean_over_tags"); see STC_REDUCTIONS.
     A term whose weight is 0 is a zero tensor and its inputs are not needed.
 
     Each rank returns its own rows (image->text, hni, stc) and columns (text->image), normalized by the
@@ -239,6 +256,7 @@ def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     logit_scale, hni_weight, stc_weight = _validate(
         image_features, text_features, logit_scale, neg_text_features, hni_weight,
         tag_features, tag_weight, tag_bias, tag_targets, stc_weight)
+    _check_stc_reduction(stc_reduction)
     backend = get_impl(impl, image_features.device)
 
     group, rank, world_size = group_rank_and_size(group)
@@ -274,7 +292,8 @@ def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     stc = zero
     if stc_weight > 0:
         targets = tag_targets.to(torch.int64)
-        stc = backend.tag_bce_sum(tag_features, tag_weight, tag_bias, targets) / (b * tag_weight.shape[0])
+        entries = b if stc_reduction == "sum_over_tags" else b * tag_weight.shape[0]
+        stc = backend.tag_bce_sum(tag_features, tag_weight, tag_bias, targets) / entries
         total = total + stc_weight * stc
     return LossOutput(total=total, clip=clip, hni=hni, stc=stc)
 
@@ -282,13 +301,14 @@ def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
 class HQCLIPLoss(nn.Module):
     """`hqclip_loss` with its options held by a module (built from the training config)."""
 
-    def __init__(self, *, hni_weight: float = 0.0, stc_weight: float = 0.0, negatives_in_softmax: bool = True,
-                 impl: str = "auto", group=None):
+    def __init__(self, *, hni_weight: float = 0.0, stc_weight: float = 0.0, stc_reduction: str = "sum_over_tags",
+                 negatives_in_softmax: bool = True, impl: str = "auto", group=None):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self.hni_weight = _check_weight("hni_weight", hni_weight)
         self.stc_weight = _check_weight("stc_weight", stc_weight)
+        self.stc_reduction = _check_stc_reduction(stc_reduction)
         self.negatives_in_softmax = negatives_in_softmax
         self.impl = impl
         self.group = group
@@ -299,8 +319,8 @@ class HQCLIPLoss(nn.Module):
                            neg_text_features=neg_text_features, negatives_in_softmax=self.negatives_in_softmax,
                            hni_weight=self.hni_weight, tag_features=tag_features, tag_weight=tag_weight,
                            tag_bias=tag_bias, tag_targets=tag_targets, stc_weight=self.stc_weight,
-                           group=self.group, impl=self.impl)
+                           stc_reduction=self.stc_reduction, group=self.group, impl=self.impl)
 
     def extra_repr(self) -> str:
-        return (f"hni_weight={self.hni_weight}, stc_weight={self.stc_weight}, "
+        return (f"hni_weight={self.hni_weight}, stc_weight={self.stc_weight}, stc_reduction={self.stc_reduction!r}, "
                 f"negatives_in_softmax={self.negatives_in_softmax}, impl={self.impl!r}")

@@ -18,7 +18,7 @@ from .vision import VisionTransformer
 
 
 class CLIP(nn.Module):
-    def __init__(self, config: CLIPConfig, num_tags: int = 0):
+    def __init__(self, config: CLIPConfig, num_tags: int = 0, tag_bias_prior: bool = True):
         super().__init__()
         config.validate()
         check_backend(config.attn_backend)
@@ -36,6 +36,10 @@ class CLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         # Short-tag classification: multi-label linear head on the normalized image embedding.
         self.tag_head = nn.Linear(config.embed_dim, num_tags) if num_tags > 0 else None
+        if self.tag_head is not None and tag_bias_prior:
+            # Each tag starts at probability 1/(V+1): the V absent tags of an image then cost about 1 in a loss
+            # summed over the vocabulary, not V * log 2 (RetinaNet's prior init).
+            nn.init.constant_(self.tag_head.bias, -math.log(num_tags))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual(images)
@@ -77,9 +81,10 @@ class CLIP(nn.Module):
         return to_open_clip_state_dict(self.state_dict())
 
 
-def create_model(name: str, num_tags: int = 0, **overrides: Any) -> CLIP:
+def create_model(name: str, num_tags: int = 0, tag_bias_prior: bool = True, **overrides: Any) -> CLIP:
     """A freshly initialized model for an open_clip config name (or an hqclip-* CPU config).
 
     overrides: image_size, patch_size, context_length, vocab_size, embed_dim, quick_gelu, attn_backend,
-    pack_text, or vision_cfg={...} / text_cfg={...} for any sub-field."""
-    return CLIP(get_config(name, **overrides), num_tags=num_tags)
+    pack_text, or vision_cfg={...} / text_cfg={...} for any sub-field. tag_bias_prior: the tag head's bias starts
+    at -log(num_tags) (else nn.Linear's init)."""
+    return CLIP(get_config(name, **overrides), num_tags=num_tags, tag_bias_prior=tag_bias_prior)
