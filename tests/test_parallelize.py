@@ -204,3 +204,51 @@ def _fsdp_worker(rank, world_size, init_file, name):
 def test_fsdp2_step_on_two_gloo_ranks_equals_single_process(tmp_path, name):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), name), nprocs=2, join=True)
+
+
+def _fp32_logit_scale_worker(rank, world_size, init_file):
+    torch.set_num_threads(1)
+    batch = make_batch(4, seed=5, image_size=image_size("hqclip-micro"))
+    local = tuple(t[rank * 2 : rank * 2 + 2] for t in batch)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = create_model("hqclip-micro", num_tags=5)
+        with torch.no_grad():  # a value that bf16 cannot hold: 1 + 2^-12
+            model.logit_scale.fill_(1 + 2**-12)
+        model = parallelize_model(model, param_dtype=torch.bfloat16)
+        images, texts, negs, tags = local
+        out = model(images, texts, neg_texts=negs)
+        assert out["image_features"].dtype == torch.bfloat16  # the towers still compute in bf16
+        assert out["logit_scale"].dtype == torch.float32
+        assert out["tag_weight"].dtype == torch.float32
+        parameter = model.logit_scale.full_tensor()
+        assert parameter.dtype == torch.float32 and parameter.item() == 1 + 2**-12
+        assert torch.equal(out["logit_scale"], torch.exp(parameter.reshape(())))
+
+        loss = hqclip_loss(out["image_features"], out["text_features"], out["logit_scale"],
+                           neg_text_features=out["neg_text_features"], hni_weight=0.5,
+                           tag_features=out["tag_features"], tag_weight=out["tag_weight"],
+                           tag_bias=out["tag_bias"], tag_targets=tags, stc_weight=0.3, impl="reference")
+        # This rank's gradient w.r.t. the parameter (d exp(p) / dp = exp(p)); FSDP must hand every rank the
+        # mean over ranks.
+        (d_scale,) = torch.autograd.grad(loss.total, out["logit_scale"], retain_graph=True)
+        own = (d_scale * out["logit_scale"]).detach().reshape(1)
+        loss.total.backward()
+        mean = own.clone()
+        dist.all_reduce(mean)
+        mean /= world_size
+        grad = model.logit_scale.grad.full_tensor()
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, mean, rtol=1e-6, atol=0)
+        others = [torch.empty_like(own) for _ in range(world_size)]
+        dist.all_gather(others, own)
+        assert not torch.equal(others[0], others[1])  # the ranks' gradients differ: the mean is a real check
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_bf16_fsdp_keeps_the_logit_scale_fp32_and_reduces_its_gradient(tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_fp32_logit_scale_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
