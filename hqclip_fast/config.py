@@ -35,6 +35,8 @@ class LossConfig:
     stc_weight: float = 0.0
     negatives_in_softmax: bool = True
     impl: str = "auto"  # "auto" | "reference" | "chunked" | "triton"
+    # Several ranks: "auto" (cost model, hqclip_fast/loss/exchange.py) | "ring" (impl=triton) | "all_gather"
+    exchange: str = "auto"
 
 
 @dataclass
@@ -60,6 +62,9 @@ class CheckpointConfig:
     every_steps: int = 1000  # also written at the last step; 0 = only at the last step
     keep_last: int = 2
     resume: bool = True  # continue from the latest complete checkpoint under <run_dir>/checkpoints
+    # Several ranks: how often they vote on a preemption signal (in the background; a signal stops the run at
+    # most this many steps + 1 after it arrived, see hqclip_fast.preemption).
+    preemption_vote_every: int = 10
 
 
 @dataclass
@@ -146,10 +151,12 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.optim.warmup_steps <= cfg.steps, "optim.warmup_steps", "must be in [0, steps]"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
         (cfg.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "must be fp32 or bf16"),
+        (cfg.loss.exchange in ("auto", "ring", "all_gather"), "loss.exchange", "must be auto, ring or all_gather"),
         (cfg.loss.hni_weight >= 0, "loss.hni_weight", "must be >= 0"),
         (cfg.loss.stc_weight >= 0, "loss.stc_weight", "must be >= 0"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
+        (cfg.checkpoint.preemption_vote_every >= 1, "checkpoint.preemption_vote_every", "must be >= 1"),
         (cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0"),
         (cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1"),
     ]

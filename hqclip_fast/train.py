@@ -128,7 +128,8 @@ class Trainer:
         self.scheduler = build_lr_scheduler(self.optimizer, warmup_steps=cfg.optim.warmup_steps,
                                             total_steps=cfg.steps, min_lr_ratio=cfg.optim.min_lr_ratio)
         self.loss_fn = HQCLIPLoss(hni_weight=cfg.loss.hni_weight, stc_weight=cfg.loss.stc_weight,
-                                  negatives_in_softmax=cfg.loss.negatives_in_softmax, impl=cfg.loss.impl)
+                                  negatives_in_softmax=cfg.loss.negatives_in_softmax, impl=cfg.loss.impl,
+                                  exchange=cfg.loss.exchange)
         # bf16: FSDP2's mixed-precision policy when there is a process group, else autocast on this process.
         single_process_bf16 = cfg.parallel.param_dtype == "bf16" and not dist.is_initialized()
         self.train_step = TrainStep(
@@ -207,7 +208,7 @@ class Trainer:
             window_steps += 1
             bar.update(1)
             last = self.step == cfg.steps
-            stop_signal = preemption.requested() if preemption is not None else 0  # collective: ranks agree
+            stop_signal = preemption.requested(self.step) if preemption is not None else 0  # ranks agree
             if self.step % cfg.log.every_steps == 0 or last or stop_signal:
                 values = mean_over_ranks({name: total / window_steps for name, total in window_sums.items()})
                 now = time.perf_counter()
@@ -246,11 +247,12 @@ class Trainer:
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training described by `cfg`; returns a summary with the final evaluation.
 
-    SIGTERM / SIGUSR1 while it runs: the current step finishes, a checkpoint is written at that step and
+    SIGTERM / SIGUSR1 while it runs: the current step finishes (on several ranks: the step at which the ranks'
+    next vote says so, see hqclip_fast.preemption), a checkpoint is written at that step and
     TrainingPreempted is raised (hqclip-train then exits with 128 + the signal number). The previous signal
     handlers are restored when train() returns or raises."""
     try:
-        with PreemptionWatcher() as preemption:
+        with PreemptionWatcher(vote_every=cfg.checkpoint.preemption_vote_every) as preemption:
             return Trainer(cfg).fit(preemption)
     finally:
         shutdown_runtime()
