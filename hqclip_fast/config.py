@@ -55,6 +55,10 @@ class ParallelConfig:
     param_dtype: str = "fp32"  # "fp32" | "bf16" (bf16 parameters and compute, fp32 reduction: FSDP2 policy)
     activation_checkpointing: bool = False
     compile: bool = False
+    # HSDP (torchtitan's names): dp_replicate x dp_shard = the ranks. 0 = default: shard within a node
+    # (LOCAL_WORLD_SIZE ranks) and replicate across nodes. dp_replicate=1: plain FSDP over all ranks.
+    dp_replicate: int = 0
+    dp_shard: int = 0
 
 
 @dataclass
@@ -151,6 +155,8 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.optim.warmup_steps <= cfg.steps, "optim.warmup_steps", "must be in [0, steps]"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
         (cfg.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "must be fp32 or bf16"),
+        (cfg.parallel.dp_replicate >= 0, "parallel.dp_replicate", "must be >= 0 (0 = default)"),
+        (cfg.parallel.dp_shard >= 0, "parallel.dp_shard", "must be >= 0 (0 = default)"),
         (cfg.loss.exchange in ("auto", "ring", "all_gather"), "loss.exchange", "must be auto, ring or all_gather"),
         (cfg.loss.hni_weight >= 0, "loss.hni_weight", "must be >= 0"),
         (cfg.loss.stc_weight >= 0, "loss.stc_weight", "must be >= 0"),

@@ -24,6 +24,7 @@ class Runtime:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE, or SLURM's tasks per node)
 
     @property
     def is_main(self) -> bool:
@@ -91,7 +92,9 @@ def init_runtime(requested_device: str = "auto", cpu_threads: int = 0) -> Runtim
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     if dist.is_initialized():
-        return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, device)
+        world_size = dist.get_world_size()
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        return Runtime(dist.get_rank(), world_size, local_rank, device, local_world_size)
     return Runtime(0, 1, 0, device)
 
 

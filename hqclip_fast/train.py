@@ -31,7 +31,7 @@ from hqclip_fast.loss import HQCLIPLoss
 from hqclip_fast.metrics import MetricsLogger
 from hqclip_fast.model import create_model, load_open_clip_state_dict
 from hqclip_fast.optim import build_optimizer
-from hqclip_fast.parallelize import parallelize_model
+from hqclip_fast.parallelize import data_parallel_dims, data_parallel_mesh, parallelize_model
 from hqclip_fast.preemption import PreemptionWatcher, TrainingPreempted
 from hqclip_fast.runtime import Runtime, init_runtime, seed_everything, shutdown_runtime
 from hqclip_fast.schedule import build_lr_scheduler
@@ -46,7 +46,12 @@ def build_model(cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
         load_open_clip_state_dict(model, load_weights(cfg.model.pretrained))
     model.to(runtime.device)
     param_dtype = torch.bfloat16 if cfg.parallel.param_dtype == "bf16" else None
-    return parallelize_model(model, param_dtype=param_dtype, reduce_dtype=torch.float32,
+    mesh = None
+    if runtime.world_size > 1:  # HSDP by default: shard within a node, replicate across nodes
+        dims = data_parallel_dims(runtime.world_size, runtime.local_world_size, cfg.parallel.dp_replicate,
+                                  cfg.parallel.dp_shard)
+        mesh = data_parallel_mesh(runtime.device.type, *dims)
+    return parallelize_model(model, mesh=mesh, param_dtype=param_dtype, reduce_dtype=torch.float32,
                              activation_checkpointing=cfg.parallel.activation_checkpointing,
                              compile=cfg.parallel.compile)
 
