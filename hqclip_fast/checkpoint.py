@@ -13,6 +13,14 @@ entries are checked with `weights_only=True` (hqclip_fast.serialization); a refu
 Atomicity: every rank writes into `<dir>/.tmp-step_00000100/`; once all ranks are done, rank 0 renames it to
 `step_00000100`. A folder named `step_*` is therefore always complete, and a run killed mid-write (SIGKILL
 included) leaves only a `.tmp-*` folder, which the next run deletes. Only the last `keep_last` are kept.
+
+Asynchronous saves (`asynchronous=True`): `save` copies the state to CPU memory (DCP's stager), writes the
+small per-rank JSON, and returns while a background thread writes the shards (`dcp.async_save`, its
+collectives on a gloo group of their own so they never interleave with the training's); training goes on.
+When rank 0's write has finished, every rank's has (DCP's coordinator writes `.metadata` last, after all
+ranks reported), and rank 0 renames the folder: at the next `poll()` (the trainer calls it every step), the
+next `save` (a second save first waits for the first) or `wait()`. Until then the checkpoint is a `.tmp-*`
+folder like any interrupted one.
 """
 
 from __future__ import annotations
@@ -66,10 +74,14 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _dcp_save(state: dict, path: Path) -> None:
+def _dcp_save(state: dict, path: Path, *, asynchronous: bool = False, group=None):
+    """dcp.save, or dcp.async_save returning its Future."""
     with warnings.catch_warnings():  # DCP warns that a single process is assumed: that is our intent
         warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+        if asynchronous:
+            return dcp.async_save(state, checkpoint_id=str(path), process_group=group, no_dist=not _distributed())
         dcp.save(state, checkpoint_id=str(path), no_dist=not _distributed())
+        return None
 
 
 class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
@@ -168,12 +180,16 @@ def checkpoint_step(path: str | Path) -> int:
 class Checkpointer:
     """Saves and restores model, optimizer and per-rank trainer state under `directory`."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 2):
+    def __init__(self, directory: str | Path, keep_last: int = 2, *, asynchronous: bool = False):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.directory = Path(directory)
         self.keep_last = keep_last
+        self.asynchronous = asynchronous
         self.rank, self.world_size = _rank_and_world()
+        self._in_flight = None  # (future, tmp folder, final folder) of an asynchronous save
+        # Collective on every rank, here where all ranks are: the background writes' own CPU group.
+        self._group = dist.new_group(backend="gloo") if asynchronous and _distributed() else None
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             for stale in self.directory.glob(TMP_PREFIX + "*"):
@@ -181,25 +197,53 @@ class Checkpointer:
         _barrier()
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
-        """Write a checkpoint for `step` (collective: every rank calls it). Returns the final folder."""
+        """Write a checkpoint for `step` (collective: every rank calls it). Returns the final folder, which
+        exists on return, or once `wait()` returns when asynchronous."""
+        self.wait()
         final = self.directory / f"step_{step:08d}"
         tmp = self.directory / f"{TMP_PREFIX}{final.name}"
         model_sd, optim_sd = get_state_dict(model, optimizer)
         per_rank = json.dumps({"step": step, "world_size": self.world_size, "rng": rng_state(), **trainer_state})
-        if self.rank == 0 and tmp.exists():
-            shutil.rmtree(tmp)
+        if self.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
         _barrier()
-        _dcp_save({"model": model_sd, "optim": optim_sd}, tmp)
         _rank_file(tmp, self.rank).write_text(per_rank + "\n")
+        future = _dcp_save({"model": model_sd, "optim": optim_sd}, tmp, asynchronous=self.asynchronous,
+                           group=self._group)
+        if future is not None:
+            self._in_flight = (future, tmp, final)
+            return final
         _barrier()
         if self.rank == 0:
-            if final.exists():  # a previous run saved this step already; ours is just as complete
-                shutil.rmtree(final)
-            tmp.rename(final)
-            for old in list_checkpoints(self.directory)[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._commit(tmp, final)
         _barrier()
         return final
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        """Rank 0: the written folder becomes a checkpoint; the oldest beyond keep_last go."""
+        if final.exists():  # a previous run saved this step already; ours is just as complete
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(self.directory)[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def poll(self) -> None:
+        """Commit an asynchronous save if its write has finished; never blocks (not collective)."""
+        if self._in_flight is not None and self._in_flight[0].done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until an asynchronous save in flight is written and committed (a write error is raised here).
+        Rank 0 commits; other ranks return when their part is written (which is after rank 0's, see above)."""
+        if self._in_flight is None:
+            return
+        future, tmp, final = self._in_flight
+        self._in_flight = None
+        future.result()
+        if self.rank == 0:
+            self._commit(tmp, final)
 
     def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Restore model and optimizer in place, set the RNG states, and return this rank's trainer state."""

@@ -66,6 +66,8 @@ class CheckpointConfig:
     every_steps: int = 1000  # also written at the last step; 0 = only at the last step
     keep_last: int = 2
     resume: bool = True  # continue from the latest complete checkpoint under <run_dir>/checkpoints
+    # Write checkpoints in the background (training goes on; a second save waits for the first).
+    async_save: bool = True
     # Several ranks: how often they vote on a preemption signal (in the background; a signal stops the run at
     # most this many steps + 1 after it arrived, see hqclip_fast.preemption).
     preemption_vote_every: int = 10

@@ -146,7 +146,8 @@ class Trainer:
                                          world_size=self.runtime.world_size, seed=cfg.seed,
                                          tokenizer=self.tokenizer, tag_vocab=self.tag_vocab)
         self.eval_suite = EvalSuite.from_config(cfg.eval, image_size=cfg.data.image_size)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                         asynchronous=cfg.checkpoint.async_save)
         self.step = 0
         if cfg.checkpoint.resume:
             self._resume()
@@ -174,6 +175,7 @@ class Trainer:
                                       {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()})
 
     def _stop_for_preemption(self, signum: int, checkpoint: Path) -> None:
+        self.checkpointer.wait()  # the checkpoint must be whole before the process goes
         stopped = TrainingPreempted(signum, self.step, checkpoint)
         self.metrics.log(self.step, "preempted", {"signal": stopped.signal.name, "checkpoint": str(checkpoint)})
         self.metrics.close()
@@ -231,6 +233,8 @@ class Trainer:
             if stop_signal:
                 bar.close()
                 self._stop_for_preemption(stop_signal, checkpoint)
+            self.checkpointer.poll()  # commits a finished background save
+        self.checkpointer.wait()
         bar.close()
         train_seconds = time.perf_counter() - start_time
         if self.eval_suite.enabled:
