@@ -63,6 +63,9 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    # Where checkpoints go: null = <run_dir>/checkpoints, or any folder or fsspec URL (s3://bucket/run, gs://...,
+    # file://...; the protocol's fsspec package, e.g. s3fs or gcsfs, must be installed).
+    folder: str | None = None
     every_steps: int = 1000  # also written at the last step; 0 = only at the last step
     keep_last: int = 2
     resume: bool = True  # continue from the latest complete checkpoint under <run_dir>/checkpoints
@@ -198,6 +201,11 @@ def num_tags(cfg: TrainConfig) -> int:
 def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """create_model overrides of a run: the image size and context length follow the data section."""
     return {**cfg.model.overrides, "image_size": cfg.data.image_size, "context_length": cfg.data.context_length}
+
+
+def checkpoint_folder(cfg: TrainConfig) -> str | Path:
+    """The run's checkpoint folder: checkpoint.folder (a path or an fsspec URL), else <run_dir>/checkpoints."""
+    return cfg.checkpoint.folder or Path(cfg.run_dir) / "checkpoints"
 
 
 def save_run_config(cfg: TrainConfig, run_dir: str | Path) -> Path:

@@ -34,7 +34,7 @@ PREEMPTION_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1"
 class TrainingPreempted(Exception):
     """Training stopped on a preemption signal after writing a checkpoint at `step`."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path):
+    def __init__(self, signum: int, step: int, checkpoint: Path | str):
         self.signal = signal.Signals(signum)
         self.step, self.checkpoint = step, checkpoint
         super().__init__(f"preempted by {self.signal.name} at step {step}; checkpoint {checkpoint}; "

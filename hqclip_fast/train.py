@@ -23,7 +23,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from hqclip_fast.checkpoint import Checkpointer, latest_checkpoint
-from hqclip_fast.config import TrainConfig, load_config, model_kwargs, num_tags, save_run_config
+from hqclip_fast.config import (
+    TrainConfig,
+    checkpoint_folder,
+    load_config,
+    model_kwargs,
+    num_tags,
+    save_run_config,
+)
 from hqclip_fast.data import ClipTokenizer, TagVocab, build_train_loader
 from hqclip_fast.eval import EvalSuite
 from hqclip_fast.eval_ranks import EvalRanks
@@ -146,7 +153,7 @@ class Trainer:
                                          world_size=self.runtime.world_size, seed=cfg.seed,
                                          tokenizer=self.tokenizer, tag_vocab=self.tag_vocab)
         self.eval_suite = EvalSuite.from_config(cfg.eval, image_size=cfg.data.image_size)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+        self.checkpointer = Checkpointer(checkpoint_folder(cfg), keep_last=cfg.checkpoint.keep_last,
                                          asynchronous=cfg.checkpoint.async_save)
         self.step = 0
         if cfg.checkpoint.resume:
@@ -170,11 +177,11 @@ class Trainer:
         if self.runtime.is_main:
             tqdm.write(f"resumed from {path} at step {self.step}")
 
-    def _save(self) -> Path:
+    def _save(self):
         return self.checkpointer.save(self.step, self.model, self.optimizer,
                                       {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()})
 
-    def _stop_for_preemption(self, signum: int, checkpoint: Path) -> None:
+    def _stop_for_preemption(self, signum: int, checkpoint) -> None:
         self.checkpointer.wait()  # the checkpoint must be whole before the process goes
         stopped = TrainingPreempted(signum, self.step, checkpoint)
         self.metrics.log(self.step, "preempted", {"signal": stopped.signal.name, "checkpoint": str(checkpoint)})
