@@ -10,9 +10,23 @@ Loading runs no code from the folder: DCP unpickles `.metadata` and the optimize
 plain pickle, so `.metadata` is first read with only DCP's own metadata classes allowed, and the non-tensor
 entries are checked with `weights_only=True` (hqclip_fast.serialization); a refused file is an UnsafeFileError.
 
-Atomicity: every rank writes into `<dir>/.tmp-step_00000100/`; once all ranks are done, rank 0 renames it to
-`step_00000100`. A folder named `step_*` is therefore always complete, and a run killed mid-write (SIGKILL
-included) leaves only a `.tmp-*` folder, which the next run deletes. Only the last `keep_last` are kept.
+The folder `<dir>` may be a local path or any fsspec URL (`s3://bucket/run/checkpoints`, `gs://...`,
+`file://...`, `memory://...`): file operations go through fsspec, the shards through DCP's FsspecWriter /
+FsspecReader (a local path keeps DCP's FileSystemWriter / Reader).
+
+Atomicity without renaming folders (object stores cannot rename one atomically): every rank writes its
+`rank{r}.json` into `step_00000100/`, then the DCP shards; DCP's coordinator writes `.metadata` last, once
+every rank has reported its shards written, as one atomic file creation. A `step_*` folder counts as a
+checkpoint only when it holds `.metadata`, so a run killed mid-write (SIGKILL included) leaves a folder that is
+never picked, and that the next run deletes (with any `.tmp-*` folder of older versions). Only the last
+`keep_last` are kept.
+
+Asynchronous saves (`asynchronous=True`): `save` copies the state to CPU memory (DCP's stager), writes the
+small per-rank JSON, and returns while a background thread writes the shards (`dcp.async_save`, its
+collectives on a gloo group of their own so they never interleave with the training's); training goes on.
+The checkpoint is complete when its `.metadata` appears; rank 0 then drops the oldest ones at the next
+`poll()` (the trainer calls it every step), the next `save` (a second save first waits for the first) or
+`wait()`.
 """
 
 from __future__ import annotations
@@ -22,16 +36,17 @@ import io
 import json
 import random
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -66,10 +81,58 @@ def _rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _dcp_save(state: dict, path: Path) -> None:
+Location = Path | str  # a local folder, or an fsspec URL
+
+
+def as_location(directory: str | Path) -> Location:
+    """A local folder as a Path; an fsspec URL ("s3://...", "file://...") as the URL string."""
+    text = str(directory)
+    return text.rstrip("/") if "://" in text else Path(text)
+
+
+def _join(base: Location, name: str) -> Location:
+    return base / name if isinstance(base, Path) else f"{base}/{name}"
+
+
+def _fs(location: Location):
+    return fsspec.core.url_to_fs(str(location))[0]
+
+
+def _exists(location: Location) -> bool:
+    return _fs(location).exists(str(location))
+
+
+def _remove(location: Location) -> None:
+    if _exists(location):
+        _fs(location).rm(str(location), recursive=True)
+
+
+def _names(directory: Location) -> list[str]:
+    """Names of the entries of `directory` ([] when it does not exist)."""
+    if not _exists(directory):
+        return []
+    return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in _fs(directory).ls(str(directory), detail=False)]
+
+
+def _write_text(location: Location, text: str) -> None:
+    with _fs(location).open(str(location), "w") as f:
+        f.write(text)
+
+
+def _read_text(location: Location) -> str:
+    with _fs(location).open(str(location), "r") as f:
+        return f.read()
+
+
+def _dcp_save(state: dict, path: Location, *, asynchronous: bool = False, group=None):
+    """dcp.save, or dcp.async_save returning its Future."""
+    writer = FileSystemWriter(path) if isinstance(path, Path) else FsspecWriter(path)
     with warnings.catch_warnings():  # DCP warns that a single process is assumed: that is our intent
         warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-        dcp.save(state, checkpoint_id=str(path), no_dist=not _distributed())
+        if asynchronous:
+            return dcp.async_save(state, storage_writer=writer, process_group=group, no_dist=not _distributed())
+        dcp.save(state, storage_writer=writer, no_dist=not _distributed())
+        return None
 
 
 class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
@@ -82,21 +145,23 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, value)
 
 
-def _check_metadata(path: Path) -> None:
+def _check_metadata(path: Location) -> None:
     """Refuse a `.metadata` that names anything but DCP's metadata types (DCP reads it with plain pickle)."""
+    metadata = _join(path, ".metadata")
     try:
-        with open(path / ".metadata", "rb") as f:
-            restricted_load(f, _METADATA_GLOBALS, f"{path / '.metadata'}")
+        with _fs(metadata).open(str(metadata), "rb") as f:
+            restricted_load(f, _METADATA_GLOBALS, str(metadata))
     except FileNotFoundError:
         raise ValueError(f"checkpoint {path} has no .metadata: not a complete DCP checkpoint") from None
 
 
-def _dcp_load(state: dict, path: Path, *, no_dist: bool) -> None:
+def _dcp_load(state: dict, path: Location, *, no_dist: bool) -> None:
     _check_metadata(path)
+    reader = FileSystemReader(path) if isinstance(path, Path) else FsspecReader(path)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
         try:
-            dcp.load(state, checkpoint_id=str(path), planner=_WeightsOnlyLoadPlanner(), no_dist=no_dist)
+            dcp.load(state, storage_reader=reader, planner=_WeightsOnlyLoadPlanner(), no_dist=no_dist)
         except CheckpointException as err:  # DCP wraps each rank's error; a refusal should read as one
             refused = [exc for exc, _ in err.failures.values() if isinstance(exc, UnsafeFileError)]
             if refused:
@@ -140,71 +205,102 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(_text_to_tensor(state["cuda"]))
 
 
-def _rank_file(path: Path, rank: int) -> Path:
-    return path / f"rank{rank}.json"
+def _rank_file(path: Location, rank: int) -> Location:
+    return _join(path, f"rank{rank}.json")
 
 
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints in `directory`, oldest first."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+def _step_folders(directory: Location) -> list[Location]:
+    return [_join(directory, name) for name in _names(directory) if STEP_DIR.match(name)]
 
 
-def latest_checkpoint(directory: str | Path) -> Path | None:
+def list_checkpoints(directory: str | Path) -> list[Location]:
+    """Complete checkpoints in `directory` (a path or an fsspec URL), oldest first: step folders with
+    `.metadata` (see the module docstring)."""
+    found = [p for p in _step_folders(as_location(directory)) if _exists(_join(p, ".metadata"))]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(directory: str | Path) -> Location | None:
     found = list_checkpoints(directory)
     return found[-1] if found else None
 
 
 def checkpoint_step(path: str | Path) -> int:
-    match = STEP_DIR.match(Path(path).name)
+    match = STEP_DIR.match(str(path).rstrip("/").rsplit("/", 1)[-1])
     if match is None:
         raise ValueError(f"checkpoint path must end in step_XXXXXXXX, got {path}")
     return int(match.group(1))
 
 
 class Checkpointer:
-    """Saves and restores model, optimizer and per-rank trainer state under `directory`."""
+    """Saves and restores model, optimizer and per-rank trainer state under `directory` (a path or an fsspec
+    URL)."""
 
-    def __init__(self, directory: str | Path, keep_last: int = 2):
+    def __init__(self, directory: str | Path, keep_last: int = 2, *, asynchronous: bool = False):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self.directory = Path(directory)
+        self.directory = as_location(directory)
         self.keep_last = keep_last
+        self.asynchronous = asynchronous
         self.rank, self.world_size = _rank_and_world()
-        if self.rank == 0:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob(TMP_PREFIX + "*"):
-                shutil.rmtree(stale, ignore_errors=True)
+        self._in_flight = None  # (future, tmp folder, final folder) of an asynchronous save
+        # Collective on every rank, here where all ranks are: the background writes' own CPU group.
+        self._group = dist.new_group(backend="gloo") if asynchronous and _distributed() else None
+        if self.rank == 0:  # what a killed run left: incomplete step folders, and older versions' tmp folders
+            _fs(self.directory).makedirs(str(self.directory), exist_ok=True)
+            complete = set(map(str, list_checkpoints(self.directory)))
+            for name in _names(self.directory):
+                stale = _join(self.directory, name)
+                if name.startswith(TMP_PREFIX) or (STEP_DIR.match(name) and str(stale) not in complete):
+                    _remove(stale)
         _barrier()
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
-        """Write a checkpoint for `step` (collective: every rank calls it). Returns the final folder."""
-        final = self.directory / f"step_{step:08d}"
-        tmp = self.directory / f"{TMP_PREFIX}{final.name}"
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict) -> Location:
+        """Write a checkpoint for `step` (collective: every rank calls it). Returns its folder, complete on
+        return, or once `wait()` returns when asynchronous."""
+        self.wait()
+        folder = _join(self.directory, f"step_{step:08d}")
         model_sd, optim_sd = get_state_dict(model, optimizer)
         per_rank = json.dumps({"step": step, "world_size": self.world_size, "rng": rng_state(), **trainer_state})
-        if self.rank == 0 and tmp.exists():
-            shutil.rmtree(tmp)
-        _barrier()
-        _dcp_save({"model": model_sd, "optim": optim_sd}, tmp)
-        _rank_file(tmp, self.rank).write_text(per_rank + "\n")
-        _barrier()
         if self.rank == 0:
-            if final.exists():  # a previous run saved this step already; ours is just as complete
-                shutil.rmtree(final)
-            tmp.rename(final)
-            for old in list_checkpoints(self.directory)[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            _remove(folder)  # a previous run saved this step already; ours is just as complete
+            _fs(folder).makedirs(str(folder), exist_ok=True)
         _barrier()
-        return final
+        _write_text(_rank_file(folder, self.rank), per_rank + "\n")  # before the shards: .metadata comes last
+        future = _dcp_save({"model": model_sd, "optim": optim_sd}, folder, asynchronous=self.asynchronous,
+                           group=self._group)
+        if future is not None:
+            self._in_flight = future
+            return folder
+        if self.rank == 0:
+            self._drop_old()
+        _barrier()
+        return folder
+
+    def _drop_old(self) -> None:
+        """Rank 0: the oldest complete checkpoints beyond keep_last go."""
+        for old in list_checkpoints(self.directory)[: -self.keep_last]:
+            _remove(old)
+
+    def poll(self) -> None:
+        """Finish an asynchronous save whose write is done; never blocks (not collective)."""
+        if self._in_flight is not None and self._in_flight.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until an asynchronous save in flight is complete (a write error is raised here)."""
+        if self._in_flight is None:
+            return
+        future, self._in_flight = self._in_flight, None
+        future.result()
+        if self.rank == 0:
+            self._drop_old()
 
     def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """Restore model and optimizer in place, set the RNG states, and return this rank's trainer state."""
-        path = Path(path)
-        saved_ranks = sum(1 for p in path.iterdir() if re.fullmatch(r"rank\d+\.json", p.name))
+        path = as_location(path)
+        saved_ranks = sum(1 for name in _names(path) if re.fullmatch(r"rank\d+\.json", name))
         if saved_ranks == 0:
             raise ValueError(f"checkpoint {path} has no rank*.json trainer state: not a checkpoint of this "
                              "version of hqclip-fast (older ones kept that state in a pickle, no longer loaded)")
@@ -213,7 +309,7 @@ class Checkpointer:
                 f"checkpoint {path} holds the state of {saved_ranks} ranks (rank*.json); resuming it exactly "
                 f"needs the same world size, got {self.world_size}"
             )
-        per_rank = json.loads(_rank_file(path, self.rank).read_text())
+        per_rank = json.loads(_read_text(_rank_file(path, self.rank)))
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         _dcp_load(state, path, no_dist=not _distributed())
@@ -225,5 +321,5 @@ class Checkpointer:
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
     """Load only the model part of a training checkpoint into a plain (unsharded) model, on one process."""
     state = {"model": get_model_state_dict(model)}
-    _dcp_load(state, Path(path), no_dist=True)
+    _dcp_load(state, as_location(path), no_dist=True)
     set_model_state_dict(model, state["model"])

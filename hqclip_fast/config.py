@@ -42,6 +42,8 @@ class LossConfig:
     stc_reduction: str = "sum_over_tags"
     negatives_in_softmax: bool = True
     impl: str = "auto"  # "auto" | "reference" | "chunked" | "triton"
+    # Several ranks: "auto" (cost model, hqclip_fast/loss/exchange.py) | "ring" (impl=triton) | "all_gather"
+    exchange: str = "auto"
 
 
 @dataclass
@@ -60,13 +62,25 @@ class ParallelConfig:
     param_dtype: str = "fp32"  # "fp32" | "bf16" (bf16 parameters and compute, fp32 reduction: FSDP2 policy)
     activation_checkpointing: bool = False
     compile: bool = False
+    # HSDP (torchtitan's names): dp_replicate x dp_shard = the ranks. 0 = default: shard within a node
+    # (LOCAL_WORLD_SIZE ranks) and replicate across nodes. dp_replicate=1: plain FSDP over all ranks.
+    dp_replicate: int = 0
+    dp_shard: int = 0
 
 
 @dataclass
 class CheckpointConfig:
+    # Where checkpoints go: null = <run_dir>/checkpoints, or any folder or fsspec URL (s3://bucket/run, gs://...,
+    # file://...; the protocol's fsspec package, e.g. s3fs or gcsfs, must be installed).
+    folder: str | None = None
     every_steps: int = 1000  # also written at the last step; 0 = only at the last step
     keep_last: int = 2
     resume: bool = True  # continue from the latest complete checkpoint under <run_dir>/checkpoints
+    # Write checkpoints in the background (training goes on; a second save waits for the first).
+    async_save: bool = True
+    # Several ranks: how often they vote on a preemption signal (in the background; a signal stops the run at
+    # most this many steps + 1 after it arrived, see hqclip_fast.preemption).
+    preemption_vote_every: int = 10
 
 
 @dataclass
@@ -153,12 +167,16 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.optim.warmup_steps <= cfg.steps, "optim.warmup_steps", "must be in [0, steps]"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
         (cfg.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "must be fp32 or bf16"),
+        (cfg.parallel.dp_replicate >= 0, "parallel.dp_replicate", "must be >= 0 (0 = default)"),
+        (cfg.parallel.dp_shard >= 0, "parallel.dp_shard", "must be >= 0 (0 = default)"),
+        (cfg.loss.exchange in ("auto", "ring", "all_gather"), "loss.exchange", "must be auto, ring or all_gather"),
         (cfg.loss.hni_weight >= 0, "loss.hni_weight", "must be >= 0"),
         (cfg.loss.stc_weight >= 0, "loss.stc_weight", "must be >= 0"),
         (cfg.loss.stc_reduction in ("sum_over_tags", "mean_over_tags"), "loss.stc_reduction",
          "must be sum_over_tags or mean_over_tags"),
         (cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0"),
         (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
+        (cfg.checkpoint.preemption_vote_every >= 1, "checkpoint.preemption_vote_every", "must be >= 1"),
         (cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0"),
         (cfg.log.every_steps >= 1, "log.every_steps", "must be >= 1"),
     ]
@@ -192,6 +210,11 @@ def num_tags(cfg: TrainConfig) -> int:
 def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     """create_model overrides of a run: the image size and context length follow the data section."""
     return {**cfg.model.overrides, "image_size": cfg.data.image_size, "context_length": cfg.data.context_length}
+
+
+def checkpoint_folder(cfg: TrainConfig) -> str | Path:
+    """The run's checkpoint folder: checkpoint.folder (a path or an fsspec URL), else <run_dir>/checkpoints."""
+    return cfg.checkpoint.folder or Path(cfg.run_dir) / "checkpoints"
 
 
 def save_run_config(cfg: TrainConfig, run_dir: str | Path) -> Path:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from hqclip_fast.checkpoint import latest_checkpoint, load_model_weights
-from hqclip_fast.config import TrainConfig, load_run_config, model_kwargs, num_tags
+from hqclip_fast.config import TrainConfig, checkpoint_folder, load_run_config, model_kwargs, num_tags
 from hqclip_fast.model import CLIP, create_model
 from hqclip_fast.parallelize import one_dim_logit_scale_
 from hqclip_fast.serialization import save_weights
@@ -70,9 +70,10 @@ def load_trained_model(run_dir: str | Path, checkpoint: str | Path | None = None
     """The model of a training run (its latest checkpoint unless `checkpoint` is given), on the CPU."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
+    folder = checkpoint_folder(cfg)
+    path = checkpoint if checkpoint else latest_checkpoint(folder)
     if path is None:
-        raise ValueError(f"run_dir: no complete checkpoint under {run_dir / 'checkpoints'}")
+        raise ValueError(f"run_dir: no complete checkpoint under {folder}")
     model = model_from_run(cfg)
     load_model_weights(path, model)
     return model.eval(), cfg

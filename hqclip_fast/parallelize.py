@@ -4,12 +4,22 @@
    reshapes it back to 0-d for its output and for open_clip state dicts);
 2. activation checkpointing of each residual block (optional);
 3. ``torch.compile`` of each residual block (optional; ``nn.Module.compile`` keeps parameter names);
-4. FSDP2: ``fully_shard`` on every residual block of both towers, then on the root, with a
-   ``MixedPrecisionPolicy``; ``encode_image`` / ``encode_text`` registered as FSDP forward methods so calling
-   them directly (evaluation) gathers the root's parameters too.
+4. FSDP2: ``fully_shard`` on every residual block of both towers, then on each tower (its stem, embeddings,
+   final norm and projection), all with the ``MixedPrecisionPolicy``; last on the root, which holds only the
+   logit scale and the short-tag head and always keeps them in fp32 (below). ``encode_image`` /
+   ``encode_text`` are registered as FSDP forward methods so calling them directly (evaluation) gathers the
+   root's parameters too.
+
+Why the root stays fp32: the model returns ``exp(logit_scale)``, and near ln 100 a bf16 step of the parameter
+is 2^-5, so a bf16 cast would move the temperature in ~3% jumps (14.25 instead of 14.29 at init) and quantize
+its gradient. The tag head's logits are computed in fp32 by the loss in any case. FSDP still shards these
+parameters and reduces their gradients like any other (in ``reduce_dtype``).
 
 Step 4 runs when a process group is initialized (torchrun: NCCL on GPUs, gloo on CPU processes) or a mesh is
-given. A single process without a group gets steps 1-3 only; mixed precision there is the caller's
+given. The mesh is 1-D (plain FSDP: every rank holds 1/n of each parameter) or, for HSDP, 2-D
+``(dp_replicate, dp_shard)`` as torchtitan names it: parameters sharded over the ``dp_shard`` ranks of a node,
+replicated across the ``dp_replicate`` nodes, so all-gathers and reduce-scatters stay on the fast intra-node
+links and only one gradient all-reduce per shard crosses nodes (``data_parallel_mesh``). A single process without a group gets steps 1-3 only; mixed precision there is the caller's
 ``torch.autocast``.
 
 The residual blocks are the transformer blocks of a ViT or text tower, and the bottleneck blocks of a ResNet
@@ -79,11 +89,41 @@ def _running_stats_kept(norms: list[_BatchNorm]):
             m.num_batches_tracked.copy_(count)
 
 
+def data_parallel_dims(world_size: int, local_world_size: int, dp_replicate: int = 0,
+                       dp_shard: int = 0) -> tuple[int, int]:
+    """(dp_replicate, dp_shard) with dp_replicate * dp_shard == world_size. 0 means "default": shard within a
+    node (dp_shard = local_world_size, the ranks per node) and replicate across nodes; one given, the other
+    follows from the world size."""
+    if dp_replicate < 0 or dp_shard < 0:
+        raise ValueError(f"parallel.dp_replicate / dp_shard must be >= 0 (0 = default), got {dp_replicate}, "
+                         f"{dp_shard}")
+    if dp_shard == 0:
+        dp_shard = world_size // dp_replicate if dp_replicate else min(local_world_size, world_size)
+    if dp_replicate == 0:
+        dp_replicate = world_size // dp_shard if dp_shard and world_size % dp_shard == 0 else 0
+    if dp_replicate * dp_shard != world_size:
+        raise ValueError(f"parallel.dp_replicate x parallel.dp_shard must equal the {world_size} ranks, got "
+                         f"{dp_replicate} x {dp_shard} (ranks per node: {local_world_size})")
+    return dp_replicate, dp_shard
+
+
+def data_parallel_mesh(device_type: str, dp_replicate: int, dp_shard: int):
+    """The device mesh for fully_shard: 1-D ("dp_shard") for plain FSDP, 2-D ("dp_replicate", "dp_shard") for
+    HSDP. Ranks are laid out replica-major, so with torchrun's and SLURM's rank order a replica is a node."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if dp_replicate == 1:
+        return init_device_mesh(device_type, (dp_shard,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(device_type, (dp_replicate, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
 def parallelize_model(model: nn.Module, *, mesh=None, param_dtype: torch.dtype | None = None,
                       reduce_dtype: torch.dtype | None = torch.float32, activation_checkpointing: bool = False,
                       compile: bool = False, compile_backend: str = "inductor") -> nn.Module:
     """Parallelize ``model`` in place and return it (see the module docstring for the order).
 
+    mesh: a 1-D mesh (FSDP) or a 2-D (dp_replicate, dp_shard) one (HSDP, see ``data_parallel_mesh``); None
+    with a process group: 1-D over all ranks.
     param_dtype: dtype of the gathered parameters in forward/backward (e.g. torch.bfloat16); None keeps the
     parameters' dtype. reduce_dtype: dtype of the gradient reduce-scatter. Both need FSDP (a process group).
     Build the optimizer after this call: the logit scale is a new parameter, and FSDP2 makes every parameter
@@ -110,14 +150,14 @@ def parallelize_model(model: nn.Module, *, mesh=None, param_dtype: torch.dtype |
         return model
 
     if mesh is None:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        device_type = next(model.parameters()).device.type
-        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+        mesh = data_parallel_mesh(next(model.parameters()).device.type, 1, dist.get_world_size())
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for blocks, i in residual_blocks(model):
         fully_shard(blocks[i], mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for tower in (model.visual, model.text):
+        fully_shard(tower, mesh=mesh, mp_policy=policy)
+    # No param_dtype: the root's own parameters (logit scale, tag head) are used in their fp32.
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=reduce_dtype))
     for method in FORWARD_METHODS:
         register_fsdp_forward_method(model, method)
     return model

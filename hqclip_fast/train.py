@@ -23,7 +23,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from hqclip_fast.checkpoint import Checkpointer, latest_checkpoint
-from hqclip_fast.config import TrainConfig, load_config, model_kwargs, num_tags, save_run_config
+from hqclip_fast.config import (
+    TrainConfig,
+    checkpoint_folder,
+    load_config,
+    model_kwargs,
+    num_tags,
+    save_run_config,
+)
 from hqclip_fast.data import ClipTokenizer, TagVocab, build_train_loader, normalize_images
 from hqclip_fast.eval import EvalSuite
 from hqclip_fast.eval_ranks import EvalRanks
@@ -31,7 +38,7 @@ from hqclip_fast.loss import HQCLIPLoss
 from hqclip_fast.metrics import MetricsLogger
 from hqclip_fast.model import create_model, load_open_clip_state_dict
 from hqclip_fast.optim import build_optimizer
-from hqclip_fast.parallelize import parallelize_model
+from hqclip_fast.parallelize import data_parallel_dims, data_parallel_mesh, parallelize_model
 from hqclip_fast.preemption import PreemptionWatcher, TrainingPreempted
 from hqclip_fast.runtime import Runtime, init_runtime, seed_everything, shutdown_runtime
 from hqclip_fast.schedule import build_lr_scheduler
@@ -47,7 +54,12 @@ def build_model(cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
         load_open_clip_state_dict(model, load_weights(cfg.model.pretrained))
     model.to(runtime.device)
     param_dtype = torch.bfloat16 if cfg.parallel.param_dtype == "bf16" else None
-    return parallelize_model(model, param_dtype=param_dtype, reduce_dtype=torch.float32,
+    mesh = None
+    if runtime.world_size > 1:  # HSDP by default: shard within a node, replicate across nodes
+        dims = data_parallel_dims(runtime.world_size, runtime.local_world_size, cfg.parallel.dp_replicate,
+                                  cfg.parallel.dp_shard)
+        mesh = data_parallel_mesh(runtime.device.type, *dims)
+    return parallelize_model(model, mesh=mesh, param_dtype=param_dtype, reduce_dtype=torch.float32,
                              activation_checkpointing=cfg.parallel.activation_checkpointing,
                              compile=cfg.parallel.compile)
 
@@ -132,7 +144,8 @@ class Trainer:
                                             total_steps=cfg.steps, min_lr_ratio=cfg.optim.min_lr_ratio)
         self.loss_fn = HQCLIPLoss(hni_weight=cfg.loss.hni_weight, stc_weight=cfg.loss.stc_weight,
                                   stc_reduction=cfg.loss.stc_reduction,
-                                  negatives_in_softmax=cfg.loss.negatives_in_softmax, impl=cfg.loss.impl)
+                                  negatives_in_softmax=cfg.loss.negatives_in_softmax, impl=cfg.loss.impl,
+                                  exchange=cfg.loss.exchange)
         # bf16: FSDP2's mixed-precision policy when there is a process group, else autocast on this process.
         single_process_bf16 = cfg.parallel.param_dtype == "bf16" and not dist.is_initialized()
         self.train_step = TrainStep(
@@ -144,7 +157,8 @@ class Trainer:
                                          world_size=self.runtime.world_size, seed=cfg.seed,
                                          tokenizer=self.tokenizer, tag_vocab=self.tag_vocab)
         self.eval_suite = EvalSuite.from_config(cfg.eval, image_size=cfg.data.image_size)
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(checkpoint_folder(cfg), keep_last=cfg.checkpoint.keep_last,
+                                         asynchronous=cfg.checkpoint.async_save)
         self.step = 0
         if cfg.checkpoint.resume:
             self._resume()
@@ -167,11 +181,12 @@ class Trainer:
         if self.runtime.is_main:
             tqdm.write(f"resumed from {path} at step {self.step}")
 
-    def _save(self) -> Path:
+    def _save(self):
         return self.checkpointer.save(self.step, self.model, self.optimizer,
                                       {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()})
 
-    def _stop_for_preemption(self, signum: int, checkpoint: Path) -> None:
+    def _stop_for_preemption(self, signum: int, checkpoint) -> None:
+        self.checkpointer.wait()  # the checkpoint must be whole before the process goes
         stopped = TrainingPreempted(signum, self.step, checkpoint)
         self.metrics.log(self.step, "preempted", {"signal": stopped.signal.name, "checkpoint": str(checkpoint)})
         self.metrics.close()
@@ -211,7 +226,7 @@ class Trainer:
             window_steps += 1
             bar.update(1)
             last = self.step == cfg.steps
-            stop_signal = preemption.requested() if preemption is not None else 0  # collective: ranks agree
+            stop_signal = preemption.requested(self.step) if preemption is not None else 0  # ranks agree
             if self.step % cfg.log.every_steps == 0 or last or stop_signal:
                 values = mean_over_ranks({name: total / window_steps for name, total in window_sums.items()})
                 now = time.perf_counter()
@@ -229,6 +244,8 @@ class Trainer:
             if stop_signal:
                 bar.close()
                 self._stop_for_preemption(stop_signal, checkpoint)
+            self.checkpointer.poll()  # commits a finished background save
+        self.checkpointer.wait()
         bar.close()
         train_seconds = time.perf_counter() - start_time
         if self.eval_suite.enabled:
@@ -250,11 +267,12 @@ class Trainer:
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the training described by `cfg`; returns a summary with the final evaluation.
 
-    SIGTERM / SIGUSR1 while it runs: the current step finishes, a checkpoint is written at that step and
+    SIGTERM / SIGUSR1 while it runs: the current step finishes (on several ranks: the step at which the ranks'
+    next vote says so, see hqclip_fast.preemption), a checkpoint is written at that step and
     TrainingPreempted is raised (hqclip-train then exits with 128 + the signal number). The previous signal
     handlers are restored when train() returns or raises."""
     try:
-        with PreemptionWatcher() as preemption:
+        with PreemptionWatcher(vote_every=cfg.checkpoint.preemption_vote_every) as preemption:
             return Trainer(cfg).fit(preemption)
     finally:
         shutdown_runtime()

@@ -1,7 +1,7 @@
 """Distributed impl="triton" on 2 gloo CPU processes (Triton interpreter) against impl="reference".
 
-Both paths are checked per rank: the overlapped ring that api.py picks for impl="triton" on several ranks
-(`contrastive_sums_ring` on local features) and the plain path (`contrastive_sums` on features from the
+Both paths are checked per rank: the overlapped ring (impl="triton", exchange="ring"; `contrastive_sums_ring`
+on local features) and the plain path (`contrastive_sums` on features from the
 autograd all-gather). Each rank's values and
 gradients must equal the reference's for the same rank, i.e. open_clip's local_loss + gather_with_grad
 semantics of issue 2.
@@ -67,7 +67,8 @@ def _worker(rank, world, init_file, cases):
                 leaves = [_leaf(x) for x in local] + [_leaf(scale)]
                 out = hqclip_loss(leaves[0], leaves[1], leaves[3],
                                   neg_text_features=leaves[2] if negatives else None,
-                                  negatives_in_softmax=in_softmax, hni_weight=hni_weight, impl=impl)
+                                  negatives_in_softmax=in_softmax, hni_weight=hni_weight, impl=impl,
+                                  exchange="ring" if impl == "triton" else "all_gather")
                 out.total.backward()
                 results[impl] = (out.total, out.hni, [x.grad for x in leaves])
 

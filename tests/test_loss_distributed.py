@@ -7,6 +7,7 @@ ClipLoss gives the same per-rank CLIP value, unequal local batches raise ValueEr
 subgroup passed as `group` is used instead of the default group.
 """
 
+import os
 import socket
 
 import pytest
@@ -66,18 +67,23 @@ def _worker(rank, world_size, port, dtype, out_dir):
             open_clip_value = float(ClipLoss(local_loss=True, gather_with_grad=True, rank=rank,
                                              world_size=world_size)(
                 local["image_features"], local["text_features"], local["logit_scale"]))
-        uneven = local["image_features"][: BATCH - rank]
-        try:
-            hqclip_loss(uneven, uneven, local["logit_scale"], impl="chunked")
-            uneven_error = ""
-        except ValueError as err:
-            uneven_error = str(err)
+        # Shapes are checked once per shape: a shape new on every rank is checked on every rank; a change on
+        # only some ranks needs the debug flag (rank 0's full batch was checked above).
+        uneven_errors = []
+        for uneven_batch, flag in ((BATCH - 1 - rank, "0"), (BATCH - rank, "1")):
+            os.environ["HQCLIP_CHECK_SHAPES"] = flag
+            uneven = local["image_features"][:uneven_batch]
+            try:
+                hqclip_loss(uneven, uneven, local["logit_scale"], impl="chunked")
+                uneven_errors.append("")
+            except ValueError as err:
+                uneven_errors.append(str(err))
         subgroup_total = None
         if world_size == 3:  # `group` is honoured: ranks 0 and 1 alone
             subgroup = dist.new_group([0, 1])
             if rank < 2:
                 subgroup_total = run_loss(local, "chunked", **OPTIONS, group=subgroup)[0]["total"]
-        torch.save((out, open_clip_value, float(plain.clip), uneven_error, subgroup_total),
+        torch.save((out, open_clip_value, float(plain.clip), uneven_errors, subgroup_total),
                    out_dir / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -117,7 +123,8 @@ def test_ranks_match_single_process(world_size, dtype, tmp_path):
         torch.testing.assert_close(mean, expected_terms["total"], **tol)
         assert results[2][4] is None
 
-    for _, open_clip_value, plain_clip, uneven_error, _ in results:
+    for _, open_clip_value, plain_clip, uneven_errors, _ in results:
         if world_size == 2:
             assert plain_clip == pytest.approx(open_clip_value, rel=1e-5)
-        assert "image_features" in uneven_error and "every rank" in uneven_error
+        assert len(uneven_errors) == 2
+        assert all("image_features" in error and "every rank" in error for error in uneven_errors)

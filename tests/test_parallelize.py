@@ -204,3 +204,124 @@ def _fsdp_worker(rank, world_size, init_file, name):
 def test_fsdp2_step_on_two_gloo_ranks_equals_single_process(tmp_path, name):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), name), nprocs=2, join=True)
+
+
+def _fp32_logit_scale_worker(rank, world_size, init_file):
+    torch.set_num_threads(1)
+    batch = make_batch(4, seed=5, image_size=image_size("hqclip-micro"))
+    local = tuple(t[rank * 2 : rank * 2 + 2] for t in batch)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = create_model("hqclip-micro", num_tags=5)
+        with torch.no_grad():  # a value that bf16 cannot hold: 1 + 2^-12
+            model.logit_scale.fill_(1 + 2**-12)
+        model = parallelize_model(model, param_dtype=torch.bfloat16)
+        images, texts, negs, tags = local
+        out = model(images, texts, neg_texts=negs)
+        assert out["image_features"].dtype == torch.bfloat16  # the towers still compute in bf16
+        assert out["logit_scale"].dtype == torch.float32
+        assert out["tag_weight"].dtype == torch.float32
+        parameter = model.logit_scale.full_tensor()
+        assert parameter.dtype == torch.float32 and parameter.item() == 1 + 2**-12
+        assert torch.equal(out["logit_scale"], torch.exp(parameter.reshape(())))
+
+        loss = hqclip_loss(out["image_features"], out["text_features"], out["logit_scale"],
+                           neg_text_features=out["neg_text_features"], hni_weight=0.5,
+                           tag_features=out["tag_features"], tag_weight=out["tag_weight"],
+                           tag_bias=out["tag_bias"], tag_targets=tags, stc_weight=0.3, impl="reference")
+        # This rank's gradient w.r.t. the parameter (d exp(p) / dp = exp(p)); FSDP must hand every rank the
+        # mean over ranks.
+        (d_scale,) = torch.autograd.grad(loss.total, out["logit_scale"], retain_graph=True)
+        own = (d_scale * out["logit_scale"]).detach().reshape(1)
+        loss.total.backward()
+        mean = own.clone()
+        dist.all_reduce(mean)
+        mean /= world_size
+        grad = model.logit_scale.grad.full_tensor()
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, mean, rtol=1e-6, atol=0)
+        others = [torch.empty_like(own) for _ in range(world_size)]
+        dist.all_gather(others, own)
+        assert not torch.equal(others[0], others[1])  # the ranks' gradients differ: the mean is a real check
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_bf16_fsdp_keeps_the_logit_scale_fp32_and_reduces_its_gradient(tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_fp32_logit_scale_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+
+
+def test_data_parallel_dims_default_to_shard_within_a_node():
+    from hqclip_fast.parallelize import data_parallel_dims
+
+    assert data_parallel_dims(512, 8) == (64, 8)  # 64 nodes of 8 GPUs
+    assert data_parallel_dims(8, 8) == (1, 8)  # one node: plain FSDP
+    assert data_parallel_dims(512, 8, dp_replicate=1) == (1, 512)
+    assert data_parallel_dims(512, 8, dp_shard=16) == (32, 16)  # shard over node pairs
+    assert data_parallel_dims(512, 8, dp_replicate=128) == (128, 4)
+    for bad in (dict(dp_replicate=3), dict(dp_shard=3), dict(dp_replicate=4, dp_shard=4)):
+        with pytest.raises(ValueError, match="dp_replicate x parallel.dp_shard"):
+            data_parallel_dims(512, 8, **bad)
+    with pytest.raises(ValueError, match=">= 0"):
+        data_parallel_dims(8, 8, dp_shard=-1)
+
+
+def _hsdp_steps(model, batches, rank, world_size):
+    """Two SGD steps on this rank's quarter of each batch: (global losses, full state dict on rank 0). (Not
+    Adam: it divides the attention key bias's gradient, zero up to rounding, by its own size.)"""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for batch in batches:
+        b = len(batch[0]) // world_size
+        _, loss = train_step(model, optimizer, tuple(t[rank * b:(rank + 1) * b] for t in batch))
+        dist.all_reduce(loss)
+        losses.append(loss / world_size)
+    return torch.stack(losses), full_state_dict(model)
+
+
+def _hsdp_worker(rank, world_size, init_file):
+    from torch.distributed.tensor import Replicate, Shard
+
+    from hqclip_fast.parallelize import data_parallel_mesh
+
+    torch.set_num_threads(1)
+    name = "hqclip-micro"
+    batches = [make_batch(8, seed=s, image_size=image_size(name)) for s in (7, 8)]
+    torch.manual_seed(0)
+    initial = create_model(name, num_tags=5).state_dict()
+
+    def fresh():
+        model = create_model(name, num_tags=5)
+        model.load_state_dict(initial)
+        return model
+
+    single = fresh()  # one process, the whole batch
+    single_opt = torch.optim.SGD(single.parameters(), lr=0.5)
+    single_losses = torch.stack([train_step(single, single_opt, batch)[1] for batch in batches])
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        fsdp = parallelize_model(fresh(), mesh=data_parallel_mesh("cpu", 1, 4))
+        hsdp = parallelize_model(fresh(), mesh=data_parallel_mesh("cpu", 2, 2))
+        weight = hsdp.visual.transformer.resblocks[0].mlp.c_fc.weight
+        assert weight.device_mesh.mesh_dim_names == ("dp_replicate", "dp_shard")
+        assert weight.placements == (Replicate(), Shard(0))
+        fsdp_losses, fsdp_state = _hsdp_steps(fsdp, batches, rank, world_size)
+        hsdp_losses, hsdp_state = _hsdp_steps(hsdp, batches, rank, world_size)
+        tol = dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fsdp_losses, single_losses, **tol)
+        torch.testing.assert_close(hsdp_losses, single_losses, **tol)
+        if rank == 0:
+            for key, want in single.state_dict().items():
+                torch.testing.assert_close(fsdp_state[key].reshape(want.shape), want, msg=key, **tol)
+                torch.testing.assert_close(hsdp_state[key].reshape(want.shape), want, msg=key, **tol)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_hsdp_2x2_steps_equal_fsdp_and_one_process(tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_hsdp_worker, args=(4, str(tmp_path / "init")), nprocs=4, join=True)

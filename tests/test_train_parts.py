@@ -202,3 +202,56 @@ def test_metrics_disabled_on_other_ranks_writes_nothing(tmp_path):
     log.log(1, "train", {"loss": 1.0})
     log.close()
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_async_checkpoint_holds_the_state_of_its_step_while_training_goes_on(tmp_path):
+    torch.manual_seed(0)
+    model = _Towerish()
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    _train_a_bit(model, opt, 1)
+    ckpt = Checkpointer(tmp_path, keep_last=3, asynchronous=True)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    final = ckpt.save(1, model, opt, {})
+    _train_a_bit(model, opt, 2)  # in place, while the background write may still run
+    ckpt.save(2, model, opt, {})  # waits for the first save, then starts its own
+    assert [p.name for p in list_checkpoints(tmp_path)][:1] == ["step_00000001"]
+    ckpt.wait()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]
+    restored = _Towerish()
+    ckpt.load(final, restored, build_optimizer(restored, lr=1e-2, weight_decay=0.1))
+    for key, value in restored.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert not torch.equal(model.state_dict()[next(iter(saved))], saved[next(iter(saved))])
+
+
+_KILLED_MID_SAVE = """
+import os, signal, sys, torch
+from torch.distributed.checkpoint import FileSystemWriter
+from hqclip_fast.checkpoint import Checkpointer
+model = torch.nn.Linear(64, 64)
+optimizer = torch.optim.AdamW(model.parameters())
+model(torch.randn(2, 64)).sum().backward()
+optimizer.step()
+checkpointer = Checkpointer(sys.argv[1], asynchronous=True)
+checkpointer.save(1, model, optimizer, {})
+checkpointer.wait()
+# The second save dies in its background write: shards and rank0.json written, .metadata not yet.
+FileSystemWriter.finish = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+checkpointer.save(2, model, optimizer, {})
+checkpointer.wait()
+"""
+
+
+def test_async_save_killed_mid_write_never_becomes_the_latest(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _KILLED_MID_SAVE, str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == -9, result.stderr[-2000:]
+    torn = tmp_path / "step_00000002"
+    assert (torn / "rank0.json").is_file() and any(torn.glob("*.distcp")) and not (torn / ".metadata").exists()
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    Checkpointer(tmp_path)  # the next run clears it
+    assert not torn.exists()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]

@@ -28,8 +28,8 @@ def synthetic(tmp_path_factory):
                            num_hardneg=4)
 
 
-def _config(synthetic: dict, run_dir, steps: int):
-    return load_config(None, [
+def _config(synthetic: dict, run_dir, steps: int, *extra: str):
+    return load_config(None, [*extra,
         f"run_dir={run_dir}", f"steps={steps}", "batch_size=4", "device=cpu", "cpu_threads=1",
         "model.name=hqclip-micro", f"model.tag_vocab={synthetic['tags']}",
         f"data.train_data={synthetic['train']}", "data.image_size=32", "data.context_length=36",
@@ -86,9 +86,9 @@ def test_watcher_records_only_while_open():
     previous = signal.signal(signal.SIGTERM, _ignore)
     try:
         with PreemptionWatcher() as watcher:
-            assert watcher.requested() == 0
+            assert watcher.requested(1) == 0
             os.kill(os.getpid(), signal.SIGTERM)
-            assert watcher.requested() == signal.SIGTERM
+            assert watcher.requested(2) == signal.SIGTERM  # one process: at once, no vote
         assert signal.getsignal(signal.SIGTERM) is _ignore
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -108,10 +108,12 @@ def _rank_worker(rank: int, world_size: int, port: int, synthetic: dict, run_dir
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     if rank == 1:  # only rank 1 is signalled; rank 0 must stop at the same step all the same
         monkeypatch = pytest.MonkeyPatch()
-        _signal_self_after_step(monkeypatch, signal.SIGTERM, after_step=2)
+        _signal_self_after_step(monkeypatch, signal.SIGTERM, after_step=1)
     result = {"rank": rank, "finished": True}
     try:
-        train(_config(synthetic, run_dir, steps=5))
+        # The ranks vote after steps 2, 4, ... and read each vote one step later: the signal of step 1 stops
+        # both after step 3.
+        train(_config(synthetic, run_dir, 5, "checkpoint.preemption_vote_every=2"))
     except TrainingPreempted as stopped:
         result = {"rank": rank, "step": stopped.step, "signal": stopped.signal.name,
                   "checkpoint": str(stopped.checkpoint)}
@@ -125,10 +127,10 @@ def test_ranks_agree_to_stop_when_only_one_is_signalled(synthetic, tmp_path):
     out_dir.mkdir()
     mp.spawn(_rank_worker, args=(2, _free_port(), synthetic, str(run_dir), str(out_dir)), nprocs=2, join=True)
     results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
-    checkpoint = str(run_dir / "checkpoints" / "step_00000002")
+    checkpoint = str(run_dir / "checkpoints" / "step_00000003")
     for rank, result in enumerate(results):
-        assert result == {"rank": rank, "step": 2, "signal": "SIGTERM", "checkpoint": checkpoint}
-    assert [checkpoint_step(p) for p in list_checkpoints(run_dir / "checkpoints")] == [2]
+        assert result == {"rank": rank, "step": 3, "signal": "SIGTERM", "checkpoint": checkpoint}
+    assert [checkpoint_step(p) for p in list_checkpoints(run_dir / "checkpoints")] == [3]
     assert {"rank0.json", "rank1.json"} <= {p.name for p in Path(checkpoint).iterdir()}
     events = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "preempted"]
-    assert [(e["step"], e["signal"]) for e in events] == [(2, "SIGTERM")]
+    assert [(e["step"], e["signal"]) for e in events] == [(3, "SIGTERM")]

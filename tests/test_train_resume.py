@@ -62,9 +62,11 @@ def expected(synthetic, tmp_path_factory):
 
 
 @pytest.mark.distributed
-def test_sigkill_then_resume_follows_the_uninterrupted_trajectory(synthetic, expected, tmp_path):
-
-    # Kill the second run as soon as it has a complete checkpoint and has logged a step past it.
+@pytest.mark.parametrize("kill_at", ["past_a_checkpoint", 4, 10])
+def test_sigkill_then_resume_follows_the_uninterrupted_trajectory(synthetic, expected, tmp_path, kill_at):
+    """Checkpoints are written in the background (checkpoint.async_save, the default) every 3 steps. Killed as
+    soon as it has a complete checkpoint and has logged a step past it, or once step 4 / 10 is logged: just
+    after the background save of step 3 / 9 started, before or after it was committed."""
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_command(synthetic, killed), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -73,7 +75,11 @@ def test_sigkill_then_resume_follows_the_uninterrupted_trajectory(synthetic, exp
         while time.monotonic() < deadline and proc.poll() is None:
             saved = list_checkpoints(killed / "checkpoints")
             logged = _losses(killed)
-            if saved and logged and logged[-1][0] > checkpoint_step(saved[-1]):
+            if kill_at == "past_a_checkpoint":
+                due = saved and logged and logged[-1][0] > checkpoint_step(saved[-1])
+            else:
+                due = logged and logged[-1][0] >= kill_at
+            if due:
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.02)
@@ -81,13 +87,19 @@ def test_sigkill_then_resume_follows_the_uninterrupted_trajectory(synthetic, exp
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed_from = checkpoint_step(list_checkpoints(killed / "checkpoints")[-1])
+    saved = list_checkpoints(killed / "checkpoints")
+    for folder in saved:  # whatever the moment of the kill, a step_* folder is a whole checkpoint
+        assert (folder / ".metadata").is_file() and (folder / "rank0.json").is_file(), folder
+    resumed_from = checkpoint_step(saved[-1]) if saved else 0
     logged_before_kill = _losses(killed)[-1][0]
-    assert 0 < resumed_from < logged_before_kill < STEPS
+    assert resumed_from < logged_before_kill < STEPS
+    if kill_at == "past_a_checkpoint":
+        assert resumed_from > 0
 
     result = subprocess.run(_command(synthetic, killed), env=_env(), check=True, timeout=300, capture_output=True,
                             text=True)
-    assert f"resumed from {killed / 'checkpoints'}" in result.stdout
+    if resumed_from:
+        assert f"resumed from {killed / 'checkpoints'}" in result.stdout
     # The resumed run dropped the killed run's records after its checkpoint and rewrote them: same losses.
     assert _losses(killed) == expected
 

@@ -31,7 +31,8 @@ logit_scale, tag_weight and tag_bias included. Inputs arrive validated (see `_va
     contrastive_sums_ring(image, text, logit_scale, *, group, negatives, negatives_in_softmax,
                           pair_negatives: bool) -> (i2t_sum, t2i_sum, hni_sum)      (optional)
         Same sums from this rank's LOCAL (b, D) features; used instead of the all-gather + contrastive_sums
-        when there are several ranks, so a backend can overlap its own chunked feature exchange with compute.
+        when there are several ranks and `exchange` says "ring" (or "auto" and the cost model in exchange.py
+        predicts the ring cheaper), so a backend can overlap its own chunked feature exchange with compute.
 
 Registry: `_IMPLS` maps an impl name to its module path; a module is imported only when asked for.
 "triton" is `hqclip_fast.loss.fused` (kernels side). It may define `is_available() -> bool`; when the module
@@ -45,6 +46,7 @@ import functools
 import importlib
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
@@ -52,6 +54,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from .exchange import EXCHANGES, ExchangeProblem, choose_exchange
 from .gather import all_gather_with_grad, group_rank_and_size
 
 __all__ = ["LossOutput", "hqclip_loss", "HQCLIPLoss", "IMPLS", "STC_REDUCTIONS"]
@@ -198,15 +201,7 @@ def _validate(image_features, text_features, logit_scale, neg_text_features, hni
             raise ValueError(f"tag_targets has batch {tag_targets.shape[0]}, tag_features has "
                              f"{tag_features.shape[0]}")
         if tag_targets.numel() > 0:
-            if torch.compiler.is_compiling():
-                # A compiled graph cannot branch on values: the check runs on the device, without a sync.
-                in_range = ((tag_targets >= -1) & (tag_targets < num_tags)).all()
-                torch._assert_async(in_range, f"tag_targets must hold ids in [0, {num_tags}) or -1 for padding")
-            else:
-                low, high = int(tag_targets.min()), int(tag_targets.max())
-                if high >= num_tags or low < -1:
-                    raise ValueError(f"tag_targets must hold ids in [0, {num_tags}) or -1 for padding, "
-                                     f"found values in [{low}, {high}]")
+            _check_tag_ids_on_device(tag_targets, num_tags)
         devices = {tag_features.device, tag_weight.device, tag_targets.device}
         if tag_bias is not None:
             devices.add(tag_bias.device)
@@ -222,15 +217,42 @@ def _check_stc_reduction(stc_reduction: str) -> str:
     return stc_reduction
 
 
+def _check_tag_ids_on_device(tag_targets: torch.Tensor, num_tags: int) -> None:
+    """Ids in [0, num_tags) or -1, checked without a host read: on a GPU the assertion runs on the device and
+    fails the step asynchronously (a device-side assert); CPU tensors fail at once, as a ValueError."""
+    message = f"tag_targets must hold ids in [0, {num_tags}) or -1 for padding"
+    in_range = ((tag_targets >= -1) & (tag_targets < num_tags)).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(in_range, message)
+        return
+    try:
+        torch._assert_async(in_range, message)
+    except RuntimeError:
+        raise ValueError(message) from None
+
+
+# (group, local shape) pairs already found equal on every rank of the group.
+_checked_shapes: set[tuple[object, tuple[int, ...]]] = set()
+
+
 def _check_same_batch_across_ranks(image_features: torch.Tensor, group, world_size: int) -> None:
+    """Every rank's local (batch, dim) must be equal: checked once per shape (an all-gather and a host read),
+    not every step. Every rank checks a shape it has not seen, so a change of shape on every rank at once is
+    checked; a change on only some ranks (the trainer's batches never change shape) is caught only with the
+    debug flag HQCLIP_CHECK_SHAPES=1, which checks every call (otherwise the feature exchange itself fails or,
+    on NCCL, may hang)."""
     import torch.distributed as dist
 
+    key = (group, tuple(image_features.shape))
+    if key in _checked_shapes and os.environ.get("HQCLIP_CHECK_SHAPES") != "1":
+        return
     local = torch.tensor(image_features.shape, dtype=torch.int64, device=image_features.device)
     sizes = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(sizes, local, group=group)
-    sizes = [tuple(s.tolist()) for s in sizes]
+    sizes = [tuple(size) for size in torch.stack(sizes).tolist()]
     if len(set(sizes)) != 1:
         raise ValueError(f"image_features: local (batch, dim) must be equal on every rank, got {sizes}")
+    _checked_shapes.add(key)
 
 
 def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, *,
@@ -239,7 +261,7 @@ def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
                 tag_features: torch.Tensor | None = None, tag_weight: torch.Tensor | None = None,
                 tag_bias: torch.Tensor | None = None, tag_targets: torch.Tensor | None = None,
                 stc_weight: float = 0.0, stc_reduction: str = "sum_over_tags", group=None,
-                impl: str = "auto") -> LossOutput:
+                impl: str = "auto", exchange: str = "auto") -> LossOutput:
     """HQ-CLIP loss of this rank: total = clip + hni_weight * hni + stc_weight * stc.
 
     clip: symmetric InfoNCE over the gathered batch (negative texts as extra image->text columns when
@@ -252,11 +274,17 @@ def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     Each rank returns its own rows (image->text, hni, stc) and columns (text->image), normalized by the
     local batch b: the mean of `total` over ranks is the global loss, and DDP/FSDP gradient averaging gives
     the global gradient (open_clip's local_loss + gather_with_grad convention).
+
+    exchange (several ranks): "all_gather" gathers the features and runs the local kernel; "ring" passes them
+    around a ring overlapped with compute (impl="triton" only); "auto" picks by the cost model of
+    hqclip_fast.loss.exchange. Both give the same values and gradients.
     """
     logit_scale, hni_weight, stc_weight = _validate(
         image_features, text_features, logit_scale, neg_text_features, hni_weight,
         tag_features, tag_weight, tag_bias, tag_targets, stc_weight)
     _check_stc_reduction(stc_reduction)
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     backend = get_impl(impl, image_features.device)
 
     group, rank, world_size = group_rank_and_size(group)
@@ -265,7 +293,10 @@ def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     b = image_features.shape[0]
     rows = (rank * b, rank * b + b)
 
-    ring = getattr(backend, "contrastive_sums_ring", None) if world_size > 1 else None
+    ring = None
+    if world_size > 1:
+        ring = _ring_if_chosen(backend, exchange, world_size, image_features,
+                               neg_text_features is not None and negatives_in_softmax)
     if ring is not None:  # the backend overlaps its own chunked exchange of features with compute
         i2t_sum, t2i_sum, hni_sum = ring(
             image_features, text_features, logit_scale, group=group, negatives=neg_text_features,
@@ -298,14 +329,41 @@ def hqclip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     return LossOutput(total=total, clip=clip, hni=hni, stc=stc)
 
 
+def _ring_if_chosen(backend: ModuleType, exchange: str, world_size: int, image_features: torch.Tensor,
+                    negatives_are_columns: bool):
+    """The backend's contrastive_sums_ring when `exchange` asks for it or "auto" chooses it, else None."""
+    ring = getattr(backend, "contrastive_sums_ring", None)
+    if exchange == "ring" and ring is None:
+        raise ValueError(f"exchange='ring' needs an implementation with a ring (impl='triton'); "
+                         f"{backend.__name__} has none: use exchange='all_gather' or 'auto'")
+    if exchange == "all_gather" or ring is None:
+        return None
+    if exchange == "auto":
+        b, dim = image_features.shape
+        problem = ExchangeProblem(ranks=world_size, local_batch=b, dim=dim, key_sets=1 + negatives_are_columns,
+                                  element_bytes=image_features.element_size(),
+                                  ranks_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        if _choose(problem) != "ring":
+            return None
+    return ring
+
+
+@functools.cache
+def _choose(problem: ExchangeProblem) -> str:
+    return choose_exchange(problem)
+
+
 class HQCLIPLoss(nn.Module):
     """`hqclip_loss` with its options held by a module (built from the training config)."""
 
     def __init__(self, *, hni_weight: float = 0.0, stc_weight: float = 0.0, stc_reduction: str = "sum_over_tags",
-                 negatives_in_softmax: bool = True, impl: str = "auto", group=None):
+                 negatives_in_softmax: bool = True, impl: str = "auto", exchange: str = "auto", group=None):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+        self.exchange = exchange
         self.hni_weight = _check_weight("hni_weight", hni_weight)
         self.stc_weight = _check_weight("stc_weight", stc_weight)
         self.stc_reduction = _check_stc_reduction(stc_reduction)
@@ -319,8 +377,9 @@ class HQCLIPLoss(nn.Module):
                            neg_text_features=neg_text_features, negatives_in_softmax=self.negatives_in_softmax,
                            hni_weight=self.hni_weight, tag_features=tag_features, tag_weight=tag_weight,
                            tag_bias=tag_bias, tag_targets=tag_targets, stc_weight=self.stc_weight,
-                           stc_reduction=self.stc_reduction, group=self.group, impl=self.impl)
+                           stc_reduction=self.stc_reduction, group=self.group, impl=self.impl,
+                           exchange=self.exchange)
 
     def extra_repr(self) -> str:
         return (f"hni_weight={self.hni_weight}, stc_weight={self.stc_weight}, stc_reduction={self.stc_reduction!r}, "
-                f"negatives_in_softmax={self.negatives_in_softmax}, impl={self.impl!r}")
+                f"negatives_in_softmax={self.negatives_in_softmax}, impl={self.impl!r}, exchange={self.exchange!r}")
