@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hqclip_fast.data.config import DataConfig
+from hqclip_fast.optim import WEIGHT_DECAY_RULES
 
 
 @dataclass
@@ -41,6 +42,9 @@ class LossConfig:
 class OptimConfig:
     lr: float = 5e-4
     weight_decay: float = 0.2
+    # Which parameters decay (hqclip_fast.optim): "open_clip" (open_clip_train's rule: ndim >= 2, not norms,
+    # biases or the logit scale; embeddings decay) or "skip_embeddings" (also no decay on *embedding*).
+    weight_decay_rule: str = "open_clip"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -145,6 +149,8 @@ def validate(cfg: TrainConfig) -> None:
         (len(cfg.optim.betas) == 2, "optim.betas", "must have two values"),
         (0 <= cfg.optim.warmup_steps <= cfg.steps, "optim.warmup_steps", "must be in [0, steps]"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
+        (cfg.optim.weight_decay_rule in WEIGHT_DECAY_RULES, "optim.weight_decay_rule",
+         f"must be one of {sorted(WEIGHT_DECAY_RULES)}"),
         (cfg.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "must be fp32 or bf16"),
         (cfg.loss.hni_weight >= 0, "loss.hni_weight", "must be >= 0"),
         (cfg.loss.stc_weight >= 0, "loss.stc_weight", "must be >= 0"),

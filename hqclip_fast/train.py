@@ -124,6 +124,7 @@ class Trainer:
         self.tag_vocab = TagVocab.load(cfg.model.tag_vocab) if cfg.data.use_tags and cfg.model.tag_vocab else None
         self.model = build_model(cfg, self.runtime)
         self.optimizer = build_optimizer(self.model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                         weight_decay_rule=cfg.optim.weight_decay_rule,
                                          betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.device)
         self.scheduler = build_lr_scheduler(self.optimizer, warmup_steps=cfg.optim.warmup_steps,
                                             total_steps=cfg.steps, min_lr_ratio=cfg.optim.min_lr_ratio)
