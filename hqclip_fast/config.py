@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hqclip_fast.data.config import DataConfig
 from hqclip_fast.optim import WEIGHT_DECAY_RULES
+from hqclip_fast.schedule import SCHEDULES
 
 
 @dataclass
@@ -49,7 +50,12 @@ class OptimConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
+    schedule: str = "cosine"  # after the warmup: "cosine" | "const" | "const-cooldown" (open_clip's)
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio (open_clip's cosine: 0)
+    # const-cooldown: the last cooldown_steps decay from lr to cooldown_end_lr as (1 - progress) ** cooldown_power
+    cooldown_steps: int = 0
+    cooldown_power: float = 1.0
+    cooldown_end_lr: float = 0.0
 
 
 @dataclass
@@ -149,6 +155,11 @@ def validate(cfg: TrainConfig) -> None:
         (len(cfg.optim.betas) == 2, "optim.betas", "must have two values"),
         (0 <= cfg.optim.warmup_steps <= cfg.steps, "optim.warmup_steps", "must be in [0, steps]"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
+        (cfg.optim.schedule in SCHEDULES, "optim.schedule", f"must be one of {list(SCHEDULES)}"),
+        (cfg.optim.schedule != "const-cooldown" or 1 <= cfg.optim.cooldown_steps <= cfg.steps,
+         "optim.cooldown_steps", "must be in [1, steps] for optim.schedule=const-cooldown"),
+        (cfg.optim.cooldown_power > 0, "optim.cooldown_power", "must be > 0"),
+        (cfg.optim.cooldown_end_lr >= 0, "optim.cooldown_end_lr", "must be >= 0"),
         (cfg.optim.weight_decay_rule in WEIGHT_DECAY_RULES, "optim.weight_decay_rule",
          f"must be one of {sorted(WEIGHT_DECAY_RULES)}"),
         (cfg.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "must be fp32 or bf16"),

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 -m hqclip_fast.train --config configs/vitb16-large.yaml
 
 The trainer wires the parts together and holds no math: model (hqclip_fast.model) -> parallelize (FSDP2, bf16,
-activation checkpointing, compile) -> loss (hqclip_fast.loss) -> AdamW + warmup-cosine; data from
+activation checkpointing, compile) -> loss (hqclip_fast.loss) -> AdamW + warmup and schedule; data from
 hqclip_fast.data; checkpoints (DCP, atomic, auto-resume), metrics (jsonl, TensorBoard) and evaluation beside it.
 SIGTERM / SIGUSR1 (preemption) stop the run after the current step with a checkpoint at that step and
 exit status 128 + signal (see hqclip_fast.preemption); running the same command resumes it.
@@ -126,8 +126,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                          weight_decay_rule=cfg.optim.weight_decay_rule,
                                          betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.device)
-        self.scheduler = build_lr_scheduler(self.optimizer, warmup_steps=cfg.optim.warmup_steps,
-                                            total_steps=cfg.steps, min_lr_ratio=cfg.optim.min_lr_ratio)
+        self.scheduler = build_lr_scheduler(
+            self.optimizer, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.steps,
+            min_lr_ratio=cfg.optim.min_lr_ratio, cooldown_steps=cfg.optim.cooldown_steps,
+            cooldown_power=cfg.optim.cooldown_power, cooldown_end_ratio=cfg.optim.cooldown_end_lr / cfg.optim.lr)
         self.loss_fn = HQCLIPLoss(hni_weight=cfg.loss.hni_weight, stc_weight=cfg.loss.stc_weight,
                                   negatives_in_softmax=cfg.loss.negatives_in_softmax, impl=cfg.loss.impl)
         # bf16: FSDP2's mixed-precision policy when there is a process group, else autocast on this process.

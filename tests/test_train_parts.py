@@ -12,7 +12,7 @@ from torch import nn
 from hqclip_fast.checkpoint import Checkpointer, latest_checkpoint, list_checkpoints
 from hqclip_fast.metrics import MetricsLogger, read_metrics
 from hqclip_fast.optim import build_optimizer, decays
-from hqclip_fast.schedule import WarmupCosine, build_lr_scheduler
+from hqclip_fast.schedule import WarmupConstant, WarmupConstantCooldown, WarmupCosine, build_lr_scheduler
 
 # ---------------------------------------------------------------- schedule
 
@@ -62,11 +62,69 @@ def test_scheduler_drives_optimizer_and_round_trips():
     assert resumed == pytest.approx(expected[3:])
 
 
+def test_const_and_const_cooldown_by_hand():
+    const = WarmupConstant(warmup_steps=3, total_steps=8)
+    assert [const(s) for s in range(8)] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1, 1, 1])
+    # base lr 1, warmup 2, 10 steps, the last 4 cool down to 0.1 with power 2: 1 - e/4 = 1, .75, .5, .25
+    cool = WarmupConstantCooldown(2, 10, cooldown_steps=4, cooldown_power=2.0, cooldown_end_ratio=0.1)
+    assert [cool(s) for s in range(10)] == pytest.approx(
+        [0.5, 1, 1, 1, 1, 1, 1.0, 0.1 + 0.9 * 0.5625, 0.1 + 0.9 * 0.25, 0.1 + 0.9 * 0.0625])
+    assert cool(50) == pytest.approx(0.1)  # past the end it stays at the end value
+    linear = WarmupConstantCooldown(0, 4, cooldown_steps=4)
+    assert [linear(s) for s in range(4)] == pytest.approx([1, 0.75, 0.5, 0.25])
+
+
+@pytest.mark.parametrize("schedule,kwargs", [
+    ("cosine", {}), ("const", {}),
+    ("const-cooldown", dict(cooldown_steps=7)),
+    ("const-cooldown", dict(cooldown_steps=12, cooldown_power=1.5, cooldown_end_lr=0.3)),
+    ("const-cooldown", dict(cooldown_steps=20, cooldown_power=0.5, cooldown_end_lr=0.1)),  # overlaps the warmup
+])
+def test_schedules_give_open_clip_train_learning_rates(schedule, kwargs):
+    """The learning rate of every step equals the one open_clip_train's own scheduler assigns (base lr 2)."""
+    from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
+
+    warmup, steps, base = 5, 20, 2.0
+    param = nn.Parameter(torch.zeros(1))
+    theirs = torch.optim.SGD([param], lr=base)
+    if schedule == "cosine":
+        adjust = cosine_lr(theirs, base, warmup, steps)
+    elif schedule == "const":
+        adjust = const_lr(theirs, base, warmup, steps)
+    else:
+        adjust = const_lr_cooldown(theirs, base, warmup, steps, kwargs["cooldown_steps"],
+                                   kwargs.get("cooldown_power", 1.0), kwargs.get("cooldown_end_lr", 0.0))
+    want = [adjust(s) for s in range(steps)]
+    opt = torch.optim.SGD([param], lr=base)
+    ours = build_lr_scheduler(opt, schedule=schedule, warmup_steps=warmup, total_steps=steps,
+                              cooldown_steps=kwargs.get("cooldown_steps", 0),
+                              cooldown_power=kwargs.get("cooldown_power", 1.0),
+                              cooldown_end_ratio=kwargs.get("cooldown_end_lr", 0.0) / base)
+    got = []
+    for _ in range(steps):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ours.step()
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
 @pytest.mark.parametrize("kwargs", [dict(warmup_steps=5, total_steps=4), dict(warmup_steps=0, total_steps=0),
                                     dict(warmup_steps=1, total_steps=4, min_lr_ratio=1.5)])
 def test_schedule_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         WarmupCosine(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(schedule="linear"), "schedule must be one of"),
+    (dict(schedule="const-cooldown"), "cooldown_steps"),
+    (dict(schedule="const-cooldown", cooldown_steps=11), "cooldown_steps"),
+    (dict(schedule="const-cooldown", cooldown_steps=2, cooldown_power=0.0), "cooldown_power"),
+])
+def test_cooldown_rejects_bad_settings(kwargs, match):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match=match):
+        build_lr_scheduler(opt, warmup_steps=0, total_steps=10, **kwargs)
 
 
 # ---------------------------------------------------------------- optimizer
