@@ -23,7 +23,11 @@ class ModelConfig:
     name: str = "hqclip-tiny"  # open_clip config name (ViT-B-16, ...) or an hqclip-* CPU config
     # create_model keyword overrides: image_size, context_length, attn_backend, pack_text, vision_cfg, text_cfg...
     overrides: dict[str, Any] = field(default_factory=dict)
-    pretrained: str | None = None  # open_clip weights to start from (.safetensors, or .bin/.pt: weights_only)
+    # Weights to start from (hqclip_fast.pretrained): a file (.safetensors, a state dict or an open_clip_train
+    # epoch_N.pt, read with weights_only), a folder holding one, hf-hub:org/name, or an open_clip pretrained tag
+    # of model.name ("openai", ...); positional embeddings are resized to data.image_size / context_length.
+    pretrained: str | None = None
+    cache_dir: str | None = None  # Hugging Face cache for hf-hub: and tags (open_clip's --cache-dir)
     # Tag vocabulary (tags.json from `hqclip-data tags build` or the synthetic set): the size of the short-tag
     # head and the ids the loader emits. Used when loss.stc_weight > 0.
     tag_vocab: str | None = None

@@ -29,13 +29,13 @@ from hqclip_fast.eval import EvalSuite
 from hqclip_fast.eval_ranks import EvalRanks
 from hqclip_fast.loss import HQCLIPLoss
 from hqclip_fast.metrics import MetricsLogger
-from hqclip_fast.model import create_model, load_open_clip_state_dict
+from hqclip_fast.model import create_model
 from hqclip_fast.optim import build_optimizer
 from hqclip_fast.parallelize import parallelize_model
 from hqclip_fast.preemption import PreemptionWatcher, TrainingPreempted
+from hqclip_fast.pretrained import load_pretrained
 from hqclip_fast.runtime import Runtime, init_runtime, seed_everything, shutdown_runtime
 from hqclip_fast.schedule import build_lr_scheduler
-from hqclip_fast.serialization import load_weights
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: the temperature never goes below 1/100
 
@@ -43,7 +43,7 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: the temperature never goes be
 def build_model(cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
     model = create_model(cfg.model.name, num_tags=num_tags(cfg), **model_kwargs(cfg))
     if cfg.model.pretrained:
-        load_open_clip_state_dict(model, load_weights(cfg.model.pretrained))
+        load_pretrained(model, cfg.model.pretrained, cfg.model.name, cache_dir=cfg.model.cache_dir)
     model.to(runtime.device)
     param_dtype = torch.bfloat16 if cfg.parallel.param_dtype == "bf16" else None
     return parallelize_model(model, param_dtype=param_dtype, reduce_dtype=torch.float32,
