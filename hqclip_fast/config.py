@@ -28,6 +28,13 @@ class ModelConfig:
     # of model.name ("openai", ...); positional embeddings are resized to data.image_size / context_length.
     pretrained: str | None = None
     cache_dir: str | None = None  # Hugging Face cache for hf-hub: and tags (open_clip's --cache-dir)
+    # Locking (LiT), open_clip's semantics: a locked tower trains only its last unlocked groups / layers; frozen
+    # parameters get no optimizer state. lock_image_freeze_bn_stats: a locked ResNet's BatchNorm keeps its statistics.
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
     # Tag vocabulary (tags.json from `hqclip-data tags build` or the synthetic set): the size of the short-tag
     # head and the ids the loader emits. Used when loss.stc_weight > 0.
     tag_vocab: str | None = None
@@ -156,6 +163,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.batch_size >= 1, "batch_size", "must be >= 1"),
         (cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
+        (cfg.model.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be >= 0"),
+        (cfg.model.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be >= 0"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must have two values"),
         (0 <= cfg.optim.warmup_steps <= cfg.steps, "optim.warmup_steps", "must be in [0, steps]"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),

@@ -44,6 +44,10 @@ def build_model(cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
     model = create_model(cfg.model.name, num_tags=num_tags(cfg), **model_kwargs(cfg))
     if cfg.model.pretrained:
         load_pretrained(model, cfg.model.pretrained, cfg.model.name, cache_dir=cfg.model.cache_dir)
+    if cfg.model.lock_image:
+        model.lock_image_tower(cfg.model.lock_image_unlocked_groups, cfg.model.lock_image_freeze_bn_stats)
+    if cfg.model.lock_text:
+        model.lock_text_tower(cfg.model.lock_text_unlocked_layers)
     model.to(runtime.device)
     param_dtype = torch.bfloat16 if cfg.parallel.param_dtype == "bf16" else None
     return parallelize_model(model, param_dtype=param_dtype, reduce_dtype=torch.float32,

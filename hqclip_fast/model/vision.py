@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .configs import VisionConfig
+from .locking import freeze, unlock_last_groups
 from .transformer import Transformer
 
 
@@ -30,6 +31,15 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.positional_embedding, std=scale)
         nn.init.normal_(self.proj, std=scale)
         self.transformer.init_weights()
+
+    def lock(self, unlocked_groups: int = 0) -> None:
+        """Freeze the tower but its last `unlocked_groups` groups, open_clip's groups from the input on: the
+        embeddings with ln_pre, each block but the last, the last block with ln_post, the projection."""
+        freeze(self)
+        blocks = list(self.transformer.resblocks)
+        groups = [[self.conv1, self.class_embedding, self.positional_embedding, self.ln_pre],
+                  *[[block] for block in blocks[:-1]], [blocks[-1], self.ln_post], [self.proj]]
+        unlock_last_groups(groups, unlocked_groups, "lock_image_unlocked_groups")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) with H = W = image_size; returns (B, embed_dim), unnormalized."""
