@@ -57,6 +57,9 @@ class OptimConfig:
     # Which parameters decay (hqclip_fast.optim): "open_clip" (open_clip_train's rule: ndim >= 2, not norms,
     # biases or the logit scale; embeddings decay) or "skip_embeddings" (also no decay on *embedding*).
     weight_decay_rule: str = "open_clip"
+    # Gradient accumulation (open_clip's --accum-freq): each step trains on accum_freq batches of batch_size per
+    # rank with the loss over all of them (exact: hqclip_fast.train.TrainStep); steps count optimizer steps.
+    accum_freq: int = 1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
@@ -109,7 +112,7 @@ class TrainConfig:
     run_dir: str = "runs/default"  # metrics, TensorBoard, checkpoints and the resolved config go here
     seed: int = 0
     steps: int = 1000
-    batch_size: int = 64  # per rank; the global batch is batch_size * world_size
+    batch_size: int = 64  # per rank and micro-batch; the global batch is batch_size * world_size * accum_freq
     device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda"
     cpu_threads: int = 0  # torch.set_num_threads on CPU; 0 leaves torch's default
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -163,6 +166,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.batch_size >= 1, "batch_size", "must be >= 1"),
         (cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
+        (cfg.optim.accum_freq >= 1, "optim.accum_freq", "must be >= 1"),
         (cfg.model.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be >= 0"),
         (cfg.model.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be >= 0"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must have two values"),

@@ -79,8 +79,38 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+# Model outputs that are per-sample features (concatenated over micro-batches under accumulation), and those that
+# are parameters the loss reads directly (the temperature, the tag head).
+FEATURE_OUTPUTS = ("image_features", "text_features", "neg_text_features", "tag_features")
+PARAMETER_OUTPUTS = ("logit_scale", "tag_weight", "tag_bias")
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _cat_tag_ids(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Tag id rows of several batches in one tensor: each batch is -1 padded to its own widest row."""
+    width = max(part.shape[1] for part in parts)
+    return torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1]), value=-1) for part in parts])
+
+
 class TrainStep:
-    """One optimizer step: forward, HQ-CLIP loss, backward, clipping, AdamW, schedule, logit-scale clamp."""
+    """One optimizer step: forward, HQ-CLIP loss, backward, clipping, AdamW, schedule, logit-scale clamp.
+
+    Called with a list of k micro-batches (gradient accumulation, open_clip's --accum-freq k), the loss is the one
+    over all k x b samples, computed by open_clip's feature-cache method: every micro-batch's features first,
+    without a graph; then per micro-batch a forward with a graph whose features replace its cached ones in the
+    full-batch loss, and a backward. The summed gradients are those of one step on the k x b batch, every HQ-CLIP
+    term included. Two differences from open_clip's loop, both for exactness: the temperature and the tag head
+    take their gradient once, not k times (the loss reads them directly, not through a micro-batch's features);
+    and each recomputation replays its micro-batch's random state, so patch dropout keeps the same patches."""
 
     def __init__(self, model, loss_fn: HQCLIPLoss, optimizer, scheduler, *, device: torch.device,
                  grad_clip: float, bf16_autocast: bool, use_negatives: bool, use_tags: bool):
@@ -90,20 +120,53 @@ class TrainStep:
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16_autocast \
             else contextlib.nullcontext
 
-    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _inputs(self, batch: dict) -> tuple:
         device = self.device
         images = batch["images"].to(device, non_blocking=True)
         texts = batch["pos_tokens"].to(device, non_blocking=True)
         neg_texts = batch["neg_tokens"].to(device, non_blocking=True) if self.use_negatives else None
         tag_ids = batch["tag_ids"].to(device, non_blocking=True) if self.use_tags else None
+        return images, texts, neg_texts, tag_ids
 
-        with self.autocast():
-            out = self.model(images, texts, neg_texts=neg_texts)
-            loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                                neg_text_features=out["neg_text_features"], tag_features=out.get("tag_features"),
-                                tag_weight=out.get("tag_weight"), tag_bias=out.get("tag_bias"),
-                                tag_targets=tag_ids)
-        loss.total.backward()
+    def _loss(self, features: dict, parameters: dict, tag_ids: torch.Tensor | None):
+        return self.loss_fn(features["image_features"], features["text_features"], parameters["logit_scale"],
+                            neg_text_features=features.get("neg_text_features"),
+                            tag_features=features.get("tag_features"), tag_weight=parameters.get("tag_weight"),
+                            tag_bias=parameters.get("tag_bias"), tag_targets=tag_ids)
+
+    def backward(self, batch: dict | list[dict]):
+        """Gradients of the loss over `batch` (or over all of a list of micro-batches) into .grad; returns the
+        loss terms and the model's temperature output."""
+        micro = [self._inputs(b) for b in (batch if isinstance(batch, list) else [batch])]
+        if len(micro) == 1:
+            images, texts, neg_texts, tag_ids = micro[0]
+            with self.autocast():
+                out = self.model(images, texts, neg_texts=neg_texts)
+                loss = self._loss(out, out, tag_ids)
+            loss.total.backward()
+            return loss, out["logit_scale"]
+        tag_ids = _cat_tag_ids([m[3] for m in micro]) if self.use_tags else None
+        rng_states, cached = [], []
+        with torch.no_grad(), self.autocast():
+            for images, texts, neg_texts, _ in micro:
+                rng_states.append(_rng_state(self.device))
+                out = self.model(images, texts, neg_texts=neg_texts)
+                cached.append({k: out[k] for k in FEATURE_OUTPUTS if out.get(k) is not None})
+        rng_after = _rng_state(self.device)
+        for j, (images, texts, neg_texts, _) in enumerate(micro):
+            _set_rng_state(rng_states[j], self.device)
+            with self.autocast():
+                out = self.model(images, texts, neg_texts=neg_texts)
+                features = {k: torch.cat([c[k] for c in cached[:j]] + [out[k]] + [c[k] for c in cached[j + 1:]])
+                            for k in cached[0]}
+                parameters = {k: out[k] if j == 0 else out[k].detach() for k in PARAMETER_OUTPUTS if k in out}
+                loss = self._loss(features, parameters, tag_ids)
+            loss.total.backward()
+        _set_rng_state(rng_after, self.device)
+        return loss, out["logit_scale"]
+
+    def __call__(self, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
+        loss, logit_scale = self.backward(batch)
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm))
         self.optimizer.step()
         self.scheduler.step()
@@ -111,7 +174,7 @@ class TrainStep:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         return {"loss": loss.total, "clip": loss.clip, "hni": loss.hni, "stc": loss.stc, "grad_norm": grad_norm,
-                "logit_scale": _full(out["logit_scale"]).detach()}
+                "logit_scale": _full(logit_scale).detach()}
 
 
 class Trainer:
@@ -197,7 +260,7 @@ class Trainer:
         """Train to `cfg.steps`. With a `preemption` watcher, a signal it records stops the run at the end of
         the current step, after a checkpoint at that step: TrainingPreempted is raised."""
         cfg, runtime = self.cfg, self.runtime
-        global_batch = cfg.batch_size * runtime.world_size
+        global_batch = cfg.batch_size * runtime.world_size * cfg.optim.accum_freq
         batches = infinite(self.loader)
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (runtime.is_main and cfg.log.progress_bar))
@@ -207,7 +270,8 @@ class Trainer:
         self.model.train()
         while self.step < cfg.steps:
             lr = self.optimizer.param_groups[0]["lr"]
-            stats = self.train_step(next(batches))
+            accum = cfg.optim.accum_freq
+            stats = self.train_step([next(batches) for _ in range(accum)] if accum > 1 else next(batches))
             for name, value in stats.items():  # logged as means over the logging window
                 window_sums[name] = window_sums.get(name, 0.0) + value.detach().float()
             self.step += 1

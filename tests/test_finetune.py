@@ -11,6 +11,8 @@ from hqclip_fast.config import load_config
     ("optim.schedule=const-cooldown", "optim.cooldown_steps"),  # cooldown_steps left at 0
     ("optim.cooldown_power=0", "optim.cooldown_power"),
     ("optim.cooldown_end_lr=-1", "optim.cooldown_end_lr"),
+    ("optim.accum_freq=0", "optim.accum_freq"),
+    ("model.lock_text_unlocked_layers=-1", "model.lock_text_unlocked_layers"),
 ])
 def test_bad_recipe_settings_name_the_key(override, key):
     with pytest.raises(ValueError, match=f"'{key}'"):
@@ -51,3 +53,12 @@ def test_trainer_follows_the_configured_schedule(synthetic, tmp_path):
         "optim.lr=0.2", "optim.warmup_steps=1", "optim.schedule=const-cooldown", "optim.cooldown_steps=2",
         "optim.cooldown_end_lr=0.1"]))
     assert logged(tmp_path, "lr") == pytest.approx([0.2, 0.2, 0.2, 0.2, 0.2, 0.15])
+
+
+def test_trainer_accumulates_micro_batches(synthetic, tmp_path):
+    from hqclip_fast.train import train
+
+    summary = train(load_config(None, run_overrides(synthetic, tmp_path, steps=2) + [
+        "optim.accum_freq=3", f"model.tag_vocab={synthetic['tags']}", "loss.hni_weight=1", "loss.stc_weight=1"]))
+    assert summary["global_batch_size"] == 12 and summary["steps"] == 2
+    assert all(value > 0 for value in logged(tmp_path, "stc"))
