@@ -77,6 +77,29 @@ def test_accum_4_x_b_gives_the_gradients_of_1_x_4b():
     assert_same(*accumulated_and_whole(build_model, make_batch(8, seed=1), 4))
 
 
+def test_accum_with_patch_dropout_recomputes_the_same_patches():
+    """Reference: the 4 micro-batches encoded with a graph one after the other (so they draw the patches the cached
+    pass draws), one loss over their features, one backward. The accumulated step matches it only if every
+    recomputation replays its micro-batch's random state."""
+    batch, k = make_batch(8, seed=4), 4
+    reference_model, accum_model = build_model(patch_dropout=0.5), build_model(patch_dropout=0.5)
+    step = step_for(reference_model)
+    torch.manual_seed(7)
+    outs = [reference_model(m["images"], m["pos_tokens"], neg_texts=m["neg_tokens"]) for m in split(batch, k)]
+    features = {key: torch.cat([o[key] for o in outs]) for key in
+                ("image_features", "text_features", "neg_text_features", "tag_features")}
+    step._loss(features, outs[0], batch["tag_ids"]).total.backward()
+    torch.manual_seed(7)
+    accum = step_for(accum_model).backward(split(batch, k))
+    after = torch.rand(1)
+    torch.manual_seed(7)
+    for _ in range(k):  # the random state after the step is the one after a single pass
+        reference_model.visual.drop_patches(torch.zeros(2, 17, 1))
+    assert torch.equal(after, torch.rand(1))
+    grads = gradients(reference_model)
+    assert_same((accum, grads), (accum, gradients(accum_model)))
+
+
 def test_accumulation_is_not_open_clips_k_fold_temperature_gradient():
     """open_clip's loop backpropagates the temperature in every micro-step (k times its gradient); ours once."""
     (_, whole), (_, accum) = accumulated_and_whole(build_model, make_batch(8, seed=2), 4)

@@ -62,3 +62,49 @@ def test_trainer_accumulates_micro_batches(synthetic, tmp_path):
         "optim.accum_freq=3", f"model.tag_vocab={synthetic['tags']}", "loss.hni_weight=1", "loss.stc_weight=1"]))
     assert summary["global_batch_size"] == 12 and summary["steps"] == 2
     assert all(value > 0 for value in logged(tmp_path, "stc"))
+
+
+def _tokens_into_transformer(tower, images):
+    seen = []
+    handle = tower.transformer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    tower(images)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.75, 0.99])
+def test_patch_dropout_keeps_open_clips_token_count_in_training_only(rate):
+    import torch
+    from test_model_openclip import open_clip_model
+
+    from hqclip_fast.model import create_model
+
+    images = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(0)
+    ours = create_model("hqclip-micro", patch_dropout=rate)
+    plain = create_model("hqclip-micro")
+    plain.load_state_dict(ours.state_dict())  # no parameter of its own: open_clip state dicts still match
+    theirs = open_clip_model("hqclip-micro", patch_dropout=rate)
+    # 16 patches + the class token; open_clip's batch-first tower, token count on dim 1
+    assert _tokens_into_transformer(ours.visual.train(), images) == \
+        (3, 1 + max(1, int(16 * (1 - rate))), 64) == tuple(_tokens_into_transformer(theirs.visual.train(), images))
+    assert not torch.allclose(ours.encode_image(images), plain.encode_image(images))
+    ours.eval()
+    assert _tokens_into_transformer(ours.visual, images)[1] == 17
+    torch.testing.assert_close(ours.encode_image(images), plain.encode_image(images))
+
+
+def test_patch_dropout_keeps_the_class_token():
+    import torch
+
+    from hqclip_fast.model import create_model
+
+    model = create_model("hqclip-micro", patch_dropout=0.5).train()
+    seen = []
+    handle = model.visual.ln_pre.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    model.encode_image(torch.randn(2, 3, 32, 32))
+    handle.remove()
+    cls = model.visual.class_embedding + model.visual.positional_embedding[0]
+    torch.testing.assert_close(seen[0][:, 0], cls.expand(2, -1))
+    with pytest.raises(ValueError, match="patch_dropout"):
+        create_model("hqclip-rn-micro", patch_dropout=0.5)
