@@ -77,6 +77,7 @@ class ParallelConfig:
     param_dtype: str = "fp32"  # "fp32" | "bf16" (bf16 parameters and compute, fp32 reduction: FSDP2 policy)
     activation_checkpointing: bool = False
     compile: bool = False
+    sync_batchnorm: bool = False  # BatchNorm statistics over all ranks (open_clip's --use-bn-sync; GPU only)
 
 
 @dataclass

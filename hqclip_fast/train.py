@@ -52,7 +52,7 @@ def build_model(cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
     param_dtype = torch.bfloat16 if cfg.parallel.param_dtype == "bf16" else None
     return parallelize_model(model, param_dtype=param_dtype, reduce_dtype=torch.float32,
                              activation_checkpointing=cfg.parallel.activation_checkpointing,
-                             compile=cfg.parallel.compile)
+                             compile=cfg.parallel.compile, sync_batchnorm=cfg.parallel.sync_batchnorm)
 
 
 def infinite(loader):

@@ -162,3 +162,32 @@ def test_trainer_applies_the_locks_of_its_config():
                              "model.lock_text=true", "data.image_size=32"])
     model = build_model(cfg, SimpleNamespace(device=torch.device("cpu")))
     assert trainable(model, open_clip_names=False) == {"logit_scale", "visual.proj"}
+
+
+def test_sync_batchnorm_converts_following_norms_and_keeps_frozen_ones():
+    from hqclip_fast.parallelize import sync_batch_norm_
+
+    model = create_model("hqclip-rn-micro")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sync_batch_norm_(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 19 and all(isinstance(m, torch.nn.SyncBatchNorm) for m in norms)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    locked = create_model("hqclip-rn-micro")
+    locked.lock_image_tower(0, freeze_bn_stats=True)
+    sync_batch_norm_(locked)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in locked.visual.modules())
+
+
+def test_sync_batchnorm_on_cpu_ranks_is_a_clear_error_and_single_process_a_no_op(tmp_path):
+    from hqclip_fast.parallelize import parallelize_model
+
+    model = parallelize_model(create_model("hqclip-rn-micro"), sync_batchnorm=True)  # no group: nothing to sync
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="SyncBatchNorm synchronizes GPU tensors only"):
+            parallelize_model(create_model("hqclip-rn-micro"), sync_batchnorm=True)
+    finally:
+        dist.destroy_process_group()
