@@ -105,6 +105,11 @@ class EvalConfig:
 class LogConfig:
     every_steps: int = 10
     tensorboard: bool = True
+    # Weights & Biases (the wandb extra; open_clip's --report-to wandb); WANDB_MODE=offline logs without a network.
+    wandb: bool = False
+    wandb_project: str = "hqclip-fast"
+    wandb_name: str | None = None  # the run's display name (default: wandb's)
+    wandb_notes: str = ""
     progress_bar: bool = True
 
 

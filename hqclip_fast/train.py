@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from hqclip_fast.checkpoint import Checkpointer, latest_checkpoint
@@ -214,8 +215,10 @@ class Trainer:
         self.step = 0
         if cfg.checkpoint.resume:
             self._resume()
+        wandb = dict(project=cfg.log.wandb_project, name=cfg.log.wandb_name, notes=cfg.log.wandb_notes,
+                     config=OmegaConf.to_container(OmegaConf.structured(cfg))) if cfg.log.wandb else None
         self.metrics = MetricsLogger(self.run_dir, enabled=self.runtime.is_main, resume_step=self.step,
-                                     tensorboard=cfg.log.tensorboard)
+                                     tensorboard=cfg.log.tensorboard, wandb=wandb)
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.checkpointer.directory)

@@ -108,3 +108,36 @@ def test_patch_dropout_keeps_the_class_token():
     torch.testing.assert_close(seen[0][:, 0], cls.expand(2, -1))
     with pytest.raises(ValueError, match="patch_dropout"):
         create_model("hqclip-rn-micro", patch_dropout=0.5)
+
+
+def test_wandb_missing_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from hqclip_fast.metrics import MetricsLogger
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(ValueError, match=r"log.wandb=true needs the wandb package: pip install 'hqclip-fast\[wandb\]'"):
+        MetricsLogger(tmp_path, enabled=False, wandb={"project": "p"})
+
+
+def test_wandb_offline_logs_every_record_and_resumes_the_same_run(synthetic, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="wandb (the optional 'wandb' extra) is not installed")
+    from hqclip_fast.train import train
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged_steps = []
+    original = wandb.sdk.wandb_run.Run.log
+
+    def spy(self, data, step=None, **kwargs):
+        logged_steps.append((step, data["train/loss"]))
+        return original(self, data, step=step, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
+    overrides = run_overrides(synthetic, tmp_path, steps=2) + ["log.wandb=true", "log.wandb_project=test"]
+    train(load_config(None, overrides))
+    train(load_config(None, overrides + ["steps=3"]))  # resumes from the checkpoint at step 2
+    assert [(step, loss) for step, loss in logged_steps] == list(zip([1, 2, 3], logged(tmp_path, "loss")))
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2 and all((run / f"run-{run_id}.wandb").stat().st_size > 0 for run in runs)
