@@ -34,6 +34,15 @@ PREFERRED_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.safet
 WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
+def import_open_clip():
+    try:
+        import open_clip
+    except ImportError:
+        raise ValueError("model.pretrained: hf-hub: names and open_clip pretrained tags are resolved by open_clip: "
+                         "pip install 'hqclip-fast[openclip]' (or point model.pretrained at a weights file)") from None
+    return open_clip
+
+
 def weights_in_folder(folder: Path) -> Path:
     """The weights file of a folder: open_clip's preferred names first, else the only weights file."""
     for name in PREFERRED_FILES:
@@ -62,7 +71,8 @@ def hub_file_names(filename: str | None) -> list[str]:
 
 def resolve_hub(repo_and_file: str, cache_dir: str | None) -> Path:
     """`org/name` or `org/name/file`: from the Hugging Face cache, else downloaded through open_clip."""
-    import huggingface_hub
+    import_open_clip()  # brings huggingface_hub
+    import huggingface_hub.constants
     from huggingface_hub import try_to_load_from_cache
 
     parts = repo_and_file.strip("/").split("/")
@@ -96,8 +106,7 @@ def resolve_pretrained(spec: str, model_name: str, cache_dir: str | None = None)
         return path
     if path.is_dir():
         return weights_in_folder(path)
-    import open_clip
-
+    open_clip = import_open_clip()
     tag_cfg = open_clip.get_pretrained_cfg(model_name, spec)
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -113,9 +122,8 @@ def load_pretrained(model: nn.Module, spec: str, model_name: str, cache_dir: str
     """Resolve `spec`, load its weights into `model` strictly, positional embeddings resized to the model's image
     size and context length as open_clip does. Returns the file read."""
     path = resolve_pretrained(spec, model_name, cache_dir)
-    import open_clip
-
-    tag_cfg = {} if Path(spec).exists() else open_clip.get_pretrained_cfg(model_name, spec)
+    is_tag = not (Path(spec).exists() or spec.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)))
+    tag_cfg = import_open_clip().get_pretrained_cfg(model_name, spec) if is_tag else {}
     if tag_cfg and tag_cfg.get("quick_gelu", False) != model.config.quick_gelu:  # open_clip warns the same
         warnings.warn(f"pretrained tag {spec!r} was trained with quick_gelu={tag_cfg.get('quick_gelu', False)} but "
                       f"the model has quick_gelu={model.config.quick_gelu}: use the -quickgelu twin name or the "

@@ -141,3 +141,20 @@ def test_wandb_offline_logs_every_record_and_resumes_the_same_run(synthetic, tmp
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
     runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(runs) == 2 and all((run / f"run-{run_id}.wandb").stat().st_size > 0 for run in runs)
+
+
+def test_finetune_preset_starts_from_open_clips_openai_vit_l_14(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import huggingface_hub.constants
+
+    from hqclip_fast.pretrained import resolve_pretrained
+
+    preset = Path(__file__).resolve().parent.parent / "configs" / "vitl14-openai-finetune.yaml"
+    cfg = load_config(preset, ["model.tag_vocab=tags.json"])
+    assert (cfg.model.name, cfg.model.pretrained, cfg.loss.hni_weight, cfg.loss.stc_weight) == \
+        ("ViT-L-14-quickgelu", "openai", 1.0, 1.0)
+    assert cfg.steps * cfg.batch_size * 64 == pytest.approx(1.0e9, rel=1e-4)  # one pass over VLM-1B on 64 GPUs
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"timm/vit_large_patch14_clip_224\.openai"):
+        resolve_pretrained(cfg.model.pretrained, cfg.model.name, str(tmp_path))

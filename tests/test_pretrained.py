@@ -97,7 +97,7 @@ def test_pretrained_tag_resolves_through_open_clips_table_to_the_cache(tmp_path)
 
 
 def test_offline_and_not_cached_is_one_clear_error(tmp_path, monkeypatch):
-    import huggingface_hub
+    import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match=rf"open_clip_pytorch_model\.bin.*org/absent.*{tmp_path}.*offline"):
