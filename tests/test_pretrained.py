@@ -142,3 +142,14 @@ def test_trainer_builds_its_model_from_model_pretrained(theirs, tmp_path):
                              "data.context_length=77"])
     ours = build_model(cfg, SimpleNamespace(device=torch.device("cpu")))
     assert_loaded(ours, model)
+
+
+def test_tag_trained_with_quick_gelu_warns_on_a_plain_gelu_model(tmp_path):
+    """open_clip warns when a tag's activation differs from the model's; so do we (before loading anything)."""
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].strip("/")
+    hub_cache(tmp_path, repo, {"open_clip_pytorch_model.bin": {"x": torch.zeros(1)}})
+    with torch.device("meta"):
+        plain = create_model("ViT-B-32")
+    with pytest.warns(UserWarning, match="quick_gelu=True but the model has quick_gelu=False"), \
+            pytest.raises(ValueError, match="does not match the model"):
+        load_pretrained(plain, "openai", "ViT-B-32", str(tmp_path))
