@@ -14,6 +14,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hqclip_fast.data.config import DataConfig
+from hqclip_fast.optim import WEIGHT_DECAY_RULES
+from hqclip_fast.schedule import SCHEDULES
 
 
 @dataclass
@@ -21,7 +23,18 @@ class ModelConfig:
     name: str = "hqclip-tiny"  # open_clip config name (ViT-B-16, ...) or an hqclip-* CPU config
     # create_model keyword overrides: image_size, context_length, attn_backend, pack_text, vision_cfg, text_cfg...
     overrides: dict[str, Any] = field(default_factory=dict)
-    pretrained: str | None = None  # open_clip weights to start from (.safetensors, or .bin/.pt: weights_only)
+    # Weights to start from (hqclip_fast.pretrained): a file (.safetensors, a state dict or an open_clip_train
+    # epoch_N.pt, read with weights_only), a folder holding one, hf-hub:org/name, or an open_clip pretrained tag
+    # of model.name ("openai", ...); positional embeddings are resized to data.image_size / context_length.
+    pretrained: str | None = None
+    cache_dir: str | None = None  # Hugging Face cache for hf-hub: and tags (open_clip's --cache-dir)
+    # Locking (LiT), open_clip's semantics: a locked tower trains only its last unlocked groups / layers; frozen
+    # parameters get no optimizer state. lock_image_freeze_bn_stats: a locked ResNet's BatchNorm keeps its statistics.
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0
     # Tag vocabulary (tags.json from `hqclip-data tags build` or the synthetic set): the size of the short-tag
     # head and the ids the loader emits. Used when loss.stc_weight > 0.
     tag_vocab: str | None = None
@@ -50,11 +63,22 @@ class LossConfig:
 class OptimConfig:
     lr: float = 5e-4
     weight_decay: float = 0.2
+    # Which parameters decay (hqclip_fast.optim): "open_clip" (open_clip_train's rule: ndim >= 2, not norms,
+    # biases or the logit scale; embeddings decay) or "skip_embeddings" (also no decay on *embedding*).
+    weight_decay_rule: str = "open_clip"
+    # Gradient accumulation (open_clip's --accum-freq): each step trains on accum_freq batches of batch_size per
+    # rank with the loss over all of them (exact: hqclip_fast.train.TrainStep); steps count optimizer steps.
+    accum_freq: int = 1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio
+    schedule: str = "cosine"  # after the warmup: "cosine" | "const" | "const-cooldown" (open_clip's)
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio (open_clip's cosine: 0)
+    # const-cooldown: the last cooldown_steps decay from lr to cooldown_end_lr as (1 - progress) ** cooldown_power
+    cooldown_steps: int = 0
+    cooldown_power: float = 1.0
+    cooldown_end_lr: float = 0.0
 
 
 @dataclass
@@ -66,6 +90,7 @@ class ParallelConfig:
     # (LOCAL_WORLD_SIZE ranks) and replicate across nodes. dp_replicate=1: plain FSDP over all ranks.
     dp_replicate: int = 0
     dp_shard: int = 0
+    sync_batchnorm: bool = False  # BatchNorm statistics over all ranks (open_clip's --use-bn-sync; GPU only)
 
 
 @dataclass
@@ -101,6 +126,11 @@ class EvalConfig:
 class LogConfig:
     every_steps: int = 10
     tensorboard: bool = True
+    # Weights & Biases (the wandb extra; open_clip's --report-to wandb); WANDB_MODE=offline logs without a network.
+    wandb: bool = False
+    wandb_project: str = "hqclip-fast"
+    wandb_name: str | None = None  # the run's display name (default: wandb's)
+    wandb_notes: str = ""
     progress_bar: bool = True
 
 
@@ -109,7 +139,7 @@ class TrainConfig:
     run_dir: str = "runs/default"  # metrics, TensorBoard, checkpoints and the resolved config go here
     seed: int = 0
     steps: int = 1000
-    batch_size: int = 64  # per rank; the global batch is batch_size * world_size
+    batch_size: int = 64  # per rank and micro-batch; the global batch is batch_size * world_size * accum_freq
     device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda"
     cpu_threads: int = 0  # torch.set_num_threads on CPU; 0 leaves torch's default
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -163,9 +193,19 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.batch_size >= 1, "batch_size", "must be >= 1"),
         (cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
+        (cfg.optim.accum_freq >= 1, "optim.accum_freq", "must be >= 1"),
+        (cfg.model.lock_image_unlocked_groups >= 0, "model.lock_image_unlocked_groups", "must be >= 0"),
+        (cfg.model.lock_text_unlocked_layers >= 0, "model.lock_text_unlocked_layers", "must be >= 0"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must have two values"),
         (0 <= cfg.optim.warmup_steps <= cfg.steps, "optim.warmup_steps", "must be in [0, steps]"),
         (cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0"),
+        (cfg.optim.schedule in SCHEDULES, "optim.schedule", f"must be one of {list(SCHEDULES)}"),
+        (cfg.optim.schedule != "const-cooldown" or 1 <= cfg.optim.cooldown_steps <= cfg.steps,
+         "optim.cooldown_steps", "must be in [1, steps] for optim.schedule=const-cooldown"),
+        (cfg.optim.cooldown_power > 0, "optim.cooldown_power", "must be > 0"),
+        (cfg.optim.cooldown_end_lr >= 0, "optim.cooldown_end_lr", "must be >= 0"),
+        (cfg.optim.weight_decay_rule in WEIGHT_DECAY_RULES, "optim.weight_decay_rule",
+         f"must be one of {sorted(WEIGHT_DECAY_RULES)}"),
         (cfg.parallel.param_dtype in ("fp32", "bf16"), "parallel.param_dtype", "must be fp32 or bf16"),
         (cfg.parallel.dp_replicate >= 0, "parallel.dp_replicate", "must be >= 0 (0 = default)"),
         (cfg.parallel.dp_shard >= 0, "parallel.dp_shard", "must be >= 0 (0 = default)"),

@@ -1,5 +1,6 @@
 """Apply parallelism to a plain hqclip_fast.model.CLIP from the outside, in a fixed order:
 
+0. with ``sync_batchnorm`` and a process group, BatchNorm layers become torch's SyncBatchNorm (GPU only);
 1. the logit scale becomes a 1-D parameter (FSDP2 shards dim 0, so it cannot hold 0-d parameters; the model
    reshapes it back to 0-d for its output and for open_clip state dicts);
 2. activation checkpointing of each residual block (optional);
@@ -26,7 +27,8 @@ The residual blocks are the transformer blocks of a ViT or text tower, and the b
 image tower (its stem and attention pool stay with the root). BatchNorm under FSDP2: parameters are sharded like
 any other, but the running statistics are buffers, which FSDP leaves alone: each rank normalizes by its own
 batch and keeps its own running statistics (as open_clip trains ResNets without SyncBatchNorm); checkpoints and
-exports hold rank 0's.
+exports hold rank 0's. With ``sync_batchnorm`` (open_clip's --use-bn-sync) the statistics are over all ranks'
+batches instead.
 """
 
 from __future__ import annotations
@@ -117,9 +119,20 @@ def data_parallel_mesh(device_type: str, dp_replicate: int, dp_shard: int):
     return init_device_mesh(device_type, (dp_replicate, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
+def sync_batch_norm_(model: nn.Module) -> None:
+    """Replace every BatchNorm that follows its batches by torch's SyncBatchNorm (statistics over all ranks'
+    batches, open_clip's --use-bn-sync); frozen ones (lock_image_freeze_bn_stats) stay, as open_clip converts after
+    freezing. torch's SyncBatchNorm synchronizes CUDA (and XPU/HPU) tensors only."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.BatchNorm2d) and not getattr(child, "frozen_stats", False):
+                setattr(module, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+
+
 def parallelize_model(model: nn.Module, *, mesh=None, param_dtype: torch.dtype | None = None,
                       reduce_dtype: torch.dtype | None = torch.float32, activation_checkpointing: bool = False,
-                      compile: bool = False, compile_backend: str = "inductor") -> nn.Module:
+                      compile: bool = False, compile_backend: str = "inductor",
+                      sync_batchnorm: bool = False) -> nn.Module:
     """Parallelize ``model`` in place and return it (see the module docstring for the order).
 
     mesh: a 1-D mesh (FSDP) or a 2-D (dp_replicate, dp_shard) one (HSDP, see ``data_parallel_mesh``); None
@@ -130,6 +143,12 @@ def parallelize_model(model: nn.Module, *, mesh=None, param_dtype: torch.dtype |
     a DTensor shard. compile_backend: torch.compile backend ("inductor"; tests use "aot_eager").
     """
     one_dim_logit_scale_(model)
+    distributed = mesh is not None or (dist.is_available() and dist.is_initialized())
+    if sync_batchnorm and distributed:
+        if next(model.parameters()).device.type == "cpu":
+            raise ValueError("sync_batchnorm: torch's SyncBatchNorm synchronizes GPU tensors only; CPU ranks keep "
+                             "per-rank BatchNorm statistics (leave sync_batchnorm off)")
+        sync_batch_norm_(model)
     if activation_checkpointing:
         for blocks, i in residual_blocks(model):
             blocks[i] = checkpoint_block(blocks[i], compiled=compile)
@@ -143,7 +162,7 @@ def parallelize_model(model: nn.Module, *, mesh=None, param_dtype: torch.dtype |
         for container, i in blocks:
             container[i].compile(backend=compile_backend)
 
-    if mesh is None and not (dist.is_available() and dist.is_initialized()):
+    if not distributed:
         if param_dtype is not None:
             log.warning("parallelize_model: no process group, so no FSDP and param_dtype=%s is not applied; "
                         "use torch.autocast for mixed precision on a single process", param_dtype)

@@ -18,6 +18,7 @@ from typing import IO, Any
 import torch
 
 SAFETENSORS_SUFFIX = ".safetensors"
+DDP_PREFIX = "module."  # DistributedDataParallel's name prefix in open_clip_train checkpoints
 
 
 class UnsafeFileError(ValueError):
@@ -34,18 +35,31 @@ def weights_only_load(source: str | Path | IO[bytes], what: str) -> Any:
         reason = found.group(1).strip() if found else str(err).splitlines()[0]
         raise UnsafeFileError(f"refusing to load {what}: it is not plain tensors and containers, and loading it "
                               f"could run code (weights_only=True: {reason})") from None
+    except RuntimeError as err:
+        if "TorchScript" not in str(err):
+            raise
+        raise UnsafeFileError(f"refusing to load {what}: it is a TorchScript (JIT) archive, whose loading runs its "
+                              "code; use the same weights as a state dict (open_clip's pretrained tags load OpenAI's "
+                              "weights from their Hugging Face copies, which are)") from None
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a `.safetensors` file or a `torch.save` file (read with weights_only=True)."""
+    """A state dict from a `.safetensors` file or a `torch.save` file (read with weights_only=True): a bare state
+    dict, or an open_clip_train checkpoint (`epoch_N.pt`: {"epoch", "name", "state_dict", "optimizer", ...}, whose
+    weights are taken and whose DDP `module.` prefix is dropped)."""
     path = Path(path)
     if path.suffix == SAFETENSORS_SUFFIX:
         from safetensors.torch import load_file
 
         return load_file(path)
     state = weights_only_load(path, str(path))
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict (names -> tensors), got {type(state).__name__}")
+        raise ValueError(f"{path}: expected a state dict (names -> tensors) or an open_clip training checkpoint "
+                         f"(a dict with 'state_dict'), got {type(state).__name__}")
+    if state and all(key.startswith(DDP_PREFIX) for key in state):
+        state = {key[len(DDP_PREFIX):]: value for key, value in state.items()}
     return state
 
 

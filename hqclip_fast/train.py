@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=8 -m hqclip_fast.train --config configs/vitb16-large.yaml
 
 The trainer wires the parts together and holds no math: model (hqclip_fast.model) -> parallelize (FSDP2, bf16,
-activation checkpointing, compile) -> loss (hqclip_fast.loss) -> AdamW + warmup-cosine; data from
+activation checkpointing, compile) -> loss (hqclip_fast.loss) -> AdamW + warmup and schedule; data from
 hqclip_fast.data; checkpoints (DCP, atomic, auto-resume), metrics (jsonl, TensorBoard) and evaluation beside it.
 SIGTERM / SIGUSR1 (preemption) stop the run after the current step with a checkpoint at that step and
 exit status 128 + signal (see hqclip_fast.preemption); running the same command resumes it.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from hqclip_fast.checkpoint import Checkpointer, latest_checkpoint
@@ -36,13 +37,13 @@ from hqclip_fast.eval import EvalSuite
 from hqclip_fast.eval_ranks import EvalRanks
 from hqclip_fast.loss import HQCLIPLoss
 from hqclip_fast.metrics import MetricsLogger
-from hqclip_fast.model import create_model, load_open_clip_state_dict
+from hqclip_fast.model import create_model
 from hqclip_fast.optim import build_optimizer
 from hqclip_fast.parallelize import data_parallel_dims, data_parallel_mesh, parallelize_model
 from hqclip_fast.preemption import PreemptionWatcher, TrainingPreempted
+from hqclip_fast.pretrained import load_pretrained
 from hqclip_fast.runtime import Runtime, init_runtime, seed_everything, shutdown_runtime
 from hqclip_fast.schedule import build_lr_scheduler
-from hqclip_fast.serialization import load_weights
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: the temperature never goes below 1/100
 
@@ -51,7 +52,11 @@ def build_model(cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
     model = create_model(cfg.model.name, num_tags=num_tags(cfg), tag_bias_prior=cfg.model.tag_bias_prior,
                          **model_kwargs(cfg))
     if cfg.model.pretrained:
-        load_open_clip_state_dict(model, load_weights(cfg.model.pretrained))
+        load_pretrained(model, cfg.model.pretrained, cfg.model.name, cache_dir=cfg.model.cache_dir)
+    if cfg.model.lock_image:
+        model.lock_image_tower(cfg.model.lock_image_unlocked_groups, cfg.model.lock_image_freeze_bn_stats)
+    if cfg.model.lock_text:
+        model.lock_text_tower(cfg.model.lock_text_unlocked_layers)
     model.to(runtime.device)
     param_dtype = torch.bfloat16 if cfg.parallel.param_dtype == "bf16" else None
     mesh = None
@@ -61,7 +66,7 @@ def build_model(cfg: TrainConfig, runtime: Runtime) -> torch.nn.Module:
         mesh = data_parallel_mesh(runtime.device.type, *dims)
     return parallelize_model(model, mesh=mesh, param_dtype=param_dtype, reduce_dtype=torch.float32,
                              activation_checkpointing=cfg.parallel.activation_checkpointing,
-                             compile=cfg.parallel.compile)
+                             compile=cfg.parallel.compile, sync_batchnorm=cfg.parallel.sync_batchnorm)
 
 
 def infinite(loader):
@@ -88,8 +93,38 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+# Model outputs that are per-sample features (concatenated over micro-batches under accumulation), and those that
+# are parameters the loss reads directly (the temperature, the tag head).
+FEATURE_OUTPUTS = ("image_features", "text_features", "neg_text_features", "tag_features")
+PARAMETER_OUTPUTS = ("logit_scale", "tag_weight", "tag_bias")
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _cat_tag_ids(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Tag id rows of several batches in one tensor: each batch is -1 padded to its own widest row."""
+    width = max(part.shape[1] for part in parts)
+    return torch.cat([torch.nn.functional.pad(part, (0, width - part.shape[1]), value=-1) for part in parts])
+
+
 class TrainStep:
-    """One optimizer step: forward, HQ-CLIP loss, backward, clipping, AdamW, schedule, logit-scale clamp."""
+    """One optimizer step: forward, HQ-CLIP loss, backward, clipping, AdamW, schedule, logit-scale clamp.
+
+    Called with a list of k micro-batches (gradient accumulation, open_clip's --accum-freq k), the loss is the one
+    over all k x b samples, computed by open_clip's feature-cache method: every micro-batch's features first,
+    without a graph; then per micro-batch a forward with a graph whose features replace its cached ones in the
+    full-batch loss, and a backward. The summed gradients are those of one step on the k x b batch, every HQ-CLIP
+    term included. Two differences from open_clip's loop, both for exactness: the temperature and the tag head
+    take their gradient once, not k times (the loss reads them directly, not through a micro-batch's features);
+    and each recomputation replays its micro-batch's random state, so patch dropout keeps the same patches."""
 
     def __init__(self, model, loss_fn: HQCLIPLoss, optimizer, scheduler, *, device: torch.device,
                  grad_clip: float, bf16_autocast: bool, use_negatives: bool, use_tags: bool):
@@ -99,7 +134,7 @@ class TrainStep:
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16_autocast \
             else contextlib.nullcontext
 
-    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _inputs(self, batch: dict) -> tuple:
         device = self.device
         images = batch["images"].to(device, non_blocking=True)
         if images.dtype == torch.uint8:  # a loader with normalize_on_device
@@ -107,14 +142,47 @@ class TrainStep:
         texts = batch["pos_tokens"].to(device, non_blocking=True)
         neg_texts = batch["neg_tokens"].to(device, non_blocking=True) if self.use_negatives else None
         tag_ids = batch["tag_ids"].to(device, non_blocking=True) if self.use_tags else None
+        return images, texts, neg_texts, tag_ids
 
-        with self.autocast():
-            out = self.model(images, texts, neg_texts=neg_texts)
-            loss = self.loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                                neg_text_features=out["neg_text_features"], tag_features=out.get("tag_features"),
-                                tag_weight=out.get("tag_weight"), tag_bias=out.get("tag_bias"),
-                                tag_targets=tag_ids)
-        loss.total.backward()
+    def _loss(self, features: dict, parameters: dict, tag_ids: torch.Tensor | None):
+        return self.loss_fn(features["image_features"], features["text_features"], parameters["logit_scale"],
+                            neg_text_features=features.get("neg_text_features"),
+                            tag_features=features.get("tag_features"), tag_weight=parameters.get("tag_weight"),
+                            tag_bias=parameters.get("tag_bias"), tag_targets=tag_ids)
+
+    def backward(self, batch: dict | list[dict]):
+        """Gradients of the loss over `batch` (or over all of a list of micro-batches) into .grad; returns the
+        loss terms and the model's temperature output."""
+        micro = [self._inputs(b) for b in (batch if isinstance(batch, list) else [batch])]
+        if len(micro) == 1:
+            images, texts, neg_texts, tag_ids = micro[0]
+            with self.autocast():
+                out = self.model(images, texts, neg_texts=neg_texts)
+                loss = self._loss(out, out, tag_ids)
+            loss.total.backward()
+            return loss, out["logit_scale"]
+        tag_ids = _cat_tag_ids([m[3] for m in micro]) if self.use_tags else None
+        rng_states, cached = [], []
+        with torch.no_grad(), self.autocast():
+            for images, texts, neg_texts, _ in micro:
+                rng_states.append(_rng_state(self.device))
+                out = self.model(images, texts, neg_texts=neg_texts)
+                cached.append({k: out[k] for k in FEATURE_OUTPUTS if out.get(k) is not None})
+        rng_after = _rng_state(self.device)
+        for j, (images, texts, neg_texts, _) in enumerate(micro):
+            _set_rng_state(rng_states[j], self.device)
+            with self.autocast():
+                out = self.model(images, texts, neg_texts=neg_texts)
+                features = {k: torch.cat([c[k] for c in cached[:j]] + [out[k]] + [c[k] for c in cached[j + 1:]])
+                            for k in cached[0]}
+                parameters = {k: out[k] if j == 0 else out[k].detach() for k in PARAMETER_OUTPUTS if k in out}
+                loss = self._loss(features, parameters, tag_ids)
+            loss.total.backward()
+        _set_rng_state(rng_after, self.device)
+        return loss, out["logit_scale"]
+
+    def __call__(self, batch: dict | list[dict]) -> dict[str, torch.Tensor]:
+        loss, logit_scale = self.backward(batch)
         grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm))
         self.optimizer.step()
         self.scheduler.step()
@@ -122,7 +190,7 @@ class TrainStep:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         return {"loss": loss.total, "clip": loss.clip, "hni": loss.hni, "stc": loss.stc, "grad_norm": grad_norm,
-                "logit_scale": _full(out["logit_scale"]).detach()}
+                "logit_scale": _full(logit_scale).detach()}
 
 
 class Trainer:
@@ -139,9 +207,12 @@ class Trainer:
         self.tag_vocab = TagVocab.load(cfg.model.tag_vocab) if cfg.data.use_tags and cfg.model.tag_vocab else None
         self.model = build_model(cfg, self.runtime)
         self.optimizer = build_optimizer(self.model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                         weight_decay_rule=cfg.optim.weight_decay_rule,
                                          betas=cfg.optim.betas, eps=cfg.optim.eps, device=self.device)
-        self.scheduler = build_lr_scheduler(self.optimizer, warmup_steps=cfg.optim.warmup_steps,
-                                            total_steps=cfg.steps, min_lr_ratio=cfg.optim.min_lr_ratio)
+        self.scheduler = build_lr_scheduler(
+            self.optimizer, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.steps,
+            min_lr_ratio=cfg.optim.min_lr_ratio, cooldown_steps=cfg.optim.cooldown_steps,
+            cooldown_power=cfg.optim.cooldown_power, cooldown_end_ratio=cfg.optim.cooldown_end_lr / cfg.optim.lr)
         self.loss_fn = HQCLIPLoss(hni_weight=cfg.loss.hni_weight, stc_weight=cfg.loss.stc_weight,
                                   stc_reduction=cfg.loss.stc_reduction,
                                   negatives_in_softmax=cfg.loss.negatives_in_softmax, impl=cfg.loss.impl,
@@ -162,8 +233,10 @@ class Trainer:
         self.step = 0
         if cfg.checkpoint.resume:
             self._resume()
+        wandb = dict(project=cfg.log.wandb_project, name=cfg.log.wandb_name, notes=cfg.log.wandb_notes,
+                     config=OmegaConf.to_container(OmegaConf.structured(cfg))) if cfg.log.wandb else None
         self.metrics = MetricsLogger(self.run_dir, enabled=self.runtime.is_main, resume_step=self.step,
-                                     tensorboard=cfg.log.tensorboard)
+                                     tensorboard=cfg.log.tensorboard, wandb=wandb)
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.checkpointer.directory)
@@ -209,7 +282,7 @@ class Trainer:
         """Train to `cfg.steps`. With a `preemption` watcher, a signal it records stops the run at the end of
         the current step, after a checkpoint at that step: TrainingPreempted is raised."""
         cfg, runtime = self.cfg, self.runtime
-        global_batch = cfg.batch_size * runtime.world_size
+        global_batch = cfg.batch_size * runtime.world_size * cfg.optim.accum_freq
         batches = infinite(self.loader)
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (runtime.is_main and cfg.log.progress_bar))
@@ -219,7 +292,8 @@ class Trainer:
         self.model.train()
         while self.step < cfg.steps:
             lr = self.optimizer.param_groups[0]["lr"]
-            stats = self.train_step(next(batches))
+            accum = cfg.optim.accum_freq
+            stats = self.train_step([next(batches) for _ in range(accum)] if accum > 1 else next(batches))
             for name, value in stats.items():  # logged as means over the logging window
                 window_sums[name] = window_sums.get(name, 0.0) + value.detach().float()
             self.step += 1

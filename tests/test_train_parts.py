@@ -12,7 +12,7 @@ from torch import nn
 from hqclip_fast.checkpoint import Checkpointer, latest_checkpoint, list_checkpoints
 from hqclip_fast.metrics import MetricsLogger, read_metrics
 from hqclip_fast.optim import build_optimizer, decays
-from hqclip_fast.schedule import WarmupCosine, build_lr_scheduler
+from hqclip_fast.schedule import WarmupConstant, WarmupConstantCooldown, WarmupCosine, build_lr_scheduler
 
 # ---------------------------------------------------------------- schedule
 
@@ -62,11 +62,69 @@ def test_scheduler_drives_optimizer_and_round_trips():
     assert resumed == pytest.approx(expected[3:])
 
 
+def test_const_and_const_cooldown_by_hand():
+    const = WarmupConstant(warmup_steps=3, total_steps=8)
+    assert [const(s) for s in range(8)] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1, 1, 1])
+    # base lr 1, warmup 2, 10 steps, the last 4 cool down to 0.1 with power 2: 1 - e/4 = 1, .75, .5, .25
+    cool = WarmupConstantCooldown(2, 10, cooldown_steps=4, cooldown_power=2.0, cooldown_end_ratio=0.1)
+    assert [cool(s) for s in range(10)] == pytest.approx(
+        [0.5, 1, 1, 1, 1, 1, 1.0, 0.1 + 0.9 * 0.5625, 0.1 + 0.9 * 0.25, 0.1 + 0.9 * 0.0625])
+    assert cool(50) == pytest.approx(0.1)  # past the end it stays at the end value
+    linear = WarmupConstantCooldown(0, 4, cooldown_steps=4)
+    assert [linear(s) for s in range(4)] == pytest.approx([1, 0.75, 0.5, 0.25])
+
+
+@pytest.mark.parametrize("schedule,kwargs", [
+    ("cosine", {}), ("const", {}),
+    ("const-cooldown", dict(cooldown_steps=7)),
+    ("const-cooldown", dict(cooldown_steps=12, cooldown_power=1.5, cooldown_end_lr=0.3)),
+    ("const-cooldown", dict(cooldown_steps=20, cooldown_power=0.5, cooldown_end_lr=0.1)),  # overlaps the warmup
+])
+def test_schedules_give_open_clip_train_learning_rates(schedule, kwargs):
+    """The learning rate of every step equals the one open_clip_train's own scheduler assigns (base lr 2)."""
+    from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
+
+    warmup, steps, base = 5, 20, 2.0
+    param = nn.Parameter(torch.zeros(1))
+    theirs = torch.optim.SGD([param], lr=base)
+    if schedule == "cosine":
+        adjust = cosine_lr(theirs, base, warmup, steps)
+    elif schedule == "const":
+        adjust = const_lr(theirs, base, warmup, steps)
+    else:
+        adjust = const_lr_cooldown(theirs, base, warmup, steps, kwargs["cooldown_steps"],
+                                   kwargs.get("cooldown_power", 1.0), kwargs.get("cooldown_end_lr", 0.0))
+    want = [adjust(s) for s in range(steps)]
+    opt = torch.optim.SGD([param], lr=base)
+    ours = build_lr_scheduler(opt, schedule=schedule, warmup_steps=warmup, total_steps=steps,
+                              cooldown_steps=kwargs.get("cooldown_steps", 0),
+                              cooldown_power=kwargs.get("cooldown_power", 1.0),
+                              cooldown_end_ratio=kwargs.get("cooldown_end_lr", 0.0) / base)
+    got = []
+    for _ in range(steps):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ours.step()
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
 @pytest.mark.parametrize("kwargs", [dict(warmup_steps=5, total_steps=4), dict(warmup_steps=0, total_steps=0),
                                     dict(warmup_steps=1, total_steps=4, min_lr_ratio=1.5)])
 def test_schedule_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         WarmupCosine(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(schedule="linear"), "schedule must be one of"),
+    (dict(schedule="const-cooldown"), "cooldown_steps"),
+    (dict(schedule="const-cooldown", cooldown_steps=11), "cooldown_steps"),
+    (dict(schedule="const-cooldown", cooldown_steps=2, cooldown_power=0.0), "cooldown_power"),
+])
+def test_cooldown_rejects_bad_settings(kwargs, match):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match=match):
+        build_lr_scheduler(opt, warmup_steps=0, total_steps=10, **kwargs)
 
 
 # ---------------------------------------------------------------- optimizer
@@ -84,16 +142,53 @@ class _Towerish(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
 
-def test_no_weight_decay_on_gains_biases_embeddings_and_scale():
+def test_skip_embeddings_rule_decays_no_gain_bias_embedding_or_scale():
     model = _Towerish()
-    decayed = {name for name, p in model.named_parameters() if decays(name, p)}
+    decayed = {name for name, p in model.named_parameters() if decays(name, p, "skip_embeddings")}
     assert decayed == {"proj.weight", "conv.weight"}
-    opt = build_optimizer(model, lr=1e-3, weight_decay=0.2)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.2, weight_decay_rule="skip_embeddings")
     by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert by_id[id(model.proj.weight)] == 0.2
     assert by_id[id(model.token_embedding.weight)] == 0.0
     assert by_id[id(model.logit_scale)] == 0.0
     assert len(by_id) == len(list(model.parameters()))
+
+
+def test_open_clip_rule_is_the_default_and_decays_embeddings():
+    model = _Towerish()
+    decayed = {name for name, p in model.named_parameters() if decays(name, p)}
+    # 2-D embeddings decay as in open_clip_train; the 1-D class embedding, gains, biases and the scale do not.
+    assert decayed == {"proj.weight", "conv.weight", "token_embedding.weight", "positional_embedding"}
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.2)
+    by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert by_id[id(model.token_embedding.weight)] == 0.2
+    assert by_id[id(model.class_embedding)] == 0.0
+    assert by_id[id(model.logit_scale)] == 0.0
+
+
+def _open_clip_train_decayed(model):
+    """The decayed parameter names by open_clip_train/main.py's own `exclude` lambda (3.3.0), written out."""
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    return {n for n, p in model.named_parameters() if not exclude(n, p)}
+
+
+@pytest.mark.parametrize("name", ["hqclip-micro", "hqclip-rn-micro"])
+def test_open_clip_rule_decays_what_open_clip_train_decays(name):
+    """Our parameters, under open_clip's names, decay exactly where open_clip_train decays open_clip's model of the
+    same architecture (ViT and ResNet towers), and the optimizer groups follow."""
+    from test_model_openclip import open_clip_model
+
+    from hqclip_fast.model import create_model
+
+    ours = create_model(name)
+    to_open_clip = {k: k[len("text."):] if k.startswith("text.") else k for k, _ in ours.named_parameters()}
+    got = {to_open_clip[n] for n, p in ours.named_parameters() if decays(n, p)}
+    assert got == _open_clip_train_decayed(open_clip_model(name))
+    assert {"token_embedding.weight", "positional_embedding"} <= got
+    groups = build_optimizer(ours, lr=1e-3, weight_decay=0.2).param_groups
+    decayed_ids = {id(p) for p in groups[0]["params"]}
+    assert decayed_ids == {id(p) for n, p in ours.named_parameters() if to_open_clip[n] in got}
+    assert groups[0]["weight_decay"] == 0.2 and groups[1]["weight_decay"] == 0.0
 
 
 def test_no_weight_decay_on_batch_norm_of_a_resnet_tower():
@@ -103,10 +198,12 @@ def test_no_weight_decay_on_batch_norm_of_a_resnet_tower():
     norms = {f"{m_name}.{p_name}" for m_name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
              for p_name, _ in m.named_parameters()}
     assert len(norms) == 2 * 19  # 3 in the stem, 3 per bottleneck, 1 per downsample shortcut: gains and biases
-    decayed = {name for name, p in model.named_parameters() if decays(name, p)}
-    assert not norms & decayed
-    assert {"visual.conv1.weight", "visual.layer2.0.downsample.0.weight", "visual.attnpool.q_proj.weight"} <= decayed
-    assert "visual.attnpool.positional_embedding" not in decayed
+    for rule in ("open_clip", "skip_embeddings"):
+        decayed = {name for name, p in model.named_parameters() if decays(name, p, rule)}
+        assert not norms & decayed
+        assert {"visual.conv1.weight", "visual.layer2.0.downsample.0.weight",
+                "visual.attnpool.q_proj.weight"} <= decayed
+        assert ("visual.attnpool.positional_embedding" in decayed) == (rule == "open_clip")
 
 
 def test_optimizer_rejects_bad_settings():
@@ -114,6 +211,8 @@ def test_optimizer_rejects_bad_settings():
         build_optimizer(_Towerish(), lr=0.0, weight_decay=0.1)
     with pytest.raises(ValueError, match="weight_decay"):
         build_optimizer(_Towerish(), lr=1e-3, weight_decay=-1.0)
+    with pytest.raises(ValueError, match="weight-decay rule"):
+        build_optimizer(_Towerish(), lr=1e-3, weight_decay=0.1, weight_decay_rule="embeddings")
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -74,6 +74,18 @@ class CLIP(nn.Module):
             out["tag_bias"] = self.tag_head.bias.clone()
         return out
 
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """open_clip's lock_image_tower (LiT): the image tower frozen but its last `unlocked_groups` groups;
+        freeze_bn_stats freezes a ResNet's BatchNorm statistics (a ViT has none)."""
+        if isinstance(self.visual, ModifiedResNet):
+            self.visual.lock(unlocked_groups, freeze_bn_stats)
+        else:
+            self.visual.lock(unlocked_groups)
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """open_clip's lock_text_tower: the text tower frozen but its last `unlocked_layers` groups."""
+        self.text.lock(unlocked_layers)
+
     def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under open_clip's key names (tag head dropped, 0-d logit_scale).
 

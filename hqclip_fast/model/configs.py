@@ -29,6 +29,9 @@ class VisionConfig:
     head_width: int = 64
     mlp_ratio: float = 4.0  # ViT only
     pool_type: str = "tok"  # ViT only; open_clip's: "tok" (class token) or "avg" (mean of the patch tokens)
+    # ViT only: fraction of patch tokens dropped in training (FLIP, arXiv:2212.00794; open_clip's field); the class
+    # token is always kept; nothing is dropped in eval mode.
+    patch_dropout: float = 0.0
 
     @property
     def is_resnet(self) -> bool:
@@ -83,6 +86,8 @@ class CLIPConfig:
 
 
 def _validate_vit(v: VisionConfig) -> None:
+    if not 0.0 <= v.patch_dropout < 1.0:
+        raise ValueError(f"vision_cfg.patch_dropout must be in [0, 1), got {v.patch_dropout}")
     if v.pool_type not in POOL_TYPES:
         raise ValueError(f"vision_cfg.pool_type must be one of {POOL_TYPES}, got {v.pool_type!r}")
     if not isinstance(v.patch_size, int) or v.patch_size < 1:
@@ -101,6 +106,8 @@ def _validate_resnet(v: VisionConfig) -> None:
     if v.patch_size is not None:
         raise ValueError(f"vision_cfg.patch_size must be None for a ResNet tower (it has no patches), "
                          f"got {v.patch_size!r}")
+    if v.patch_dropout:
+        raise ValueError(f"vision_cfg.patch_dropout applies to ViT towers only, got {v.patch_dropout} for a ResNet")
     if v.image_size < 32 or v.image_size % 32:
         raise ValueError(f"vision_cfg.image_size must be a multiple of 32 for a ResNet tower (its stride), "
                          f"got {v.image_size}")
@@ -158,7 +165,7 @@ for _name in _QUICKGELU:
     MODEL_CONFIGS[f"{_name}-quickgelu"] = {**_BASE_CONFIGS[_name], "quick_gelu": True}
 
 # Keyword overrides accepted by create_model(name, **overrides) and the sub-config they land in.
-_VISION_KEYS = {"image_size", "patch_size"}
+_VISION_KEYS = {"image_size", "patch_size", "patch_dropout"}
 _TEXT_KEYS = {"context_length", "vocab_size"}
 _TOP_KEYS = {"embed_dim", "quick_gelu", "attn_backend", "pack_text"}
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from .attention import attention
 from .configs import VisionConfig
+from .locking import freeze
 
 EXPANSION = 4  # a bottleneck's output has 4x its inner width
 
@@ -23,8 +24,15 @@ class BatchNorm2d(nn.BatchNorm2d):
     (a mixed-precision wrapper such as FSDP2 casts parameters, not buffers, and the op wants the four in one
     dtype): they are cast to the statistics' dtype; bf16 activations are fine as they are."""
 
+    # True: normalize by the running statistics in training too and never update them (open_clip's
+    # FrozenBatchNorm2d, which lock_image_tower(freeze_bn_stats=True) swaps in).
+    frozen_stats: bool = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stats_dtype = self.running_mean.dtype
+        if self.frozen_stats:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight.to(stats_dtype),
+                                self.bias.to(stats_dtype), False, 0.0, self.eps)
         if self.weight.dtype == stats_dtype:
             return super().forward(x)
         # nn.BatchNorm2d's update rule (affine, tracked statistics: how this tower builds them).
@@ -136,6 +144,17 @@ class ModifiedResNet(nn.Module):
         for stage in self.stages:
             for block in stage:
                 nn.init.zeros_(block.bn3.weight)
+
+    def lock(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """Freeze the whole tower (open_clip's ModifiedResNet has no partial locking); freeze_bn_stats: its
+        BatchNorm layers also stop following the batches (normalize by, and keep, their running statistics)."""
+        if unlocked_groups != 0:
+            raise ValueError(f"lock_image_unlocked_groups={unlocked_groups}: a ResNet image tower locks whole "
+                             "(open_clip supports partial locking of ViT towers only)")
+        freeze(self)
+        for module in self.modules():
+            if isinstance(module, BatchNorm2d):
+                module.frozen_stats = freeze_bn_stats
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.bn1(self.conv1(x)))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .configs import TextConfig
+from .locking import freeze, unlock_last_groups
 from .transformer import Transformer
 
 
@@ -31,6 +32,15 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=self.cfg.width**-0.5)
         self.transformer.init_weights()
+
+    def lock(self, unlocked_layers: int = 0) -> None:
+        """Freeze the tower but its last `unlocked_layers` groups, open_clip's groups from the input on: the token
+        and positional embeddings, each block but the last, the last block with ln_final, the projection."""
+        freeze(self)
+        blocks = list(self.transformer.resblocks)
+        groups = [[self.token_embedding, self.positional_embedding], *[[block] for block in blocks[:-1]],
+                  [blocks[-1], self.ln_final], [self.text_projection]]
+        unlock_last_groups(groups, unlocked_layers, "lock_text_unlocked_layers")
 
     def forward(self, tokens: torch.Tensor, *, packed: bool = False) -> torch.Tensor:
         """tokens: (B, L) int ids, L <= context_length; returns (B, embed_dim), unnormalized."""
