@@ -153,14 +153,13 @@ def test_locked_towers_under_fsdp2_on_two_gloo_ranks(tmp_path):
 
 
 def test_trainer_applies_the_locks_of_its_config():
-    from types import SimpleNamespace
-
     from hqclip_fast.config import load_config
+    from hqclip_fast.runtime import Runtime
     from hqclip_fast.train import build_model
 
     cfg = load_config(None, ["model.name=hqclip-micro", "model.lock_image=true", "model.lock_image_unlocked_groups=1",
                              "model.lock_text=true", "data.image_size=32"])
-    model = build_model(cfg, SimpleNamespace(device=torch.device("cpu")))
+    model = build_model(cfg, Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     assert trainable(model, open_clip_names=False) == {"logit_scale", "visual.proj"}
 
 
