@@ -1,21 +1,26 @@
 """CPU training loader: webdataset shards -> PIL decode + augmentation in DataLoader workers -> batches.
 
 Determinism (what makes `load_state_dict` exact):
-- each (rank, worker) pair is a "slot"; an epoch's shard order is a permutation drawn from (seed, source,
-  epoch), identical on every rank, and slot s reads shards s, s + num_slots, ... of it (no overlap; with fewer
-  shards than slots every slot reads all shards and keeps every num_slots-th sample instead);
+- each (rank, worker) pair is a "slot"; which samples a slot reads in an epoch is a pure function of the shard
+  and slot counts, the seed and the epoch (hqclip_fast.data.sharding: whole shards when there are at least as
+  many shards as slots, a shard split by sample position among the slots sharing it otherwise);
 - the stream of a slot is infinite (epoch after epoch), shuffled by a buffer with an RNG seeded by
   (seed, slot); the n-th sample out of the buffer is augmented with an RNG seeded by (seed, slot, n);
 - batches are formed inside the workers; the loader yields batch i from worker i % workers, whatever order
   the DataLoader delivers them in.
-The state is therefore (per worker: how many raw samples left its shuffle buffer; batches yielded). Resuming
-fast-forwards each worker through that many raw samples without decoding them.
+The state (per slot, taken when the worker forms a batch, kept when the trainer takes that batch) is where each
+source's stream is (epoch, share, sample index and byte offset in the current shard), the generators' states,
+the shuffle buffer as sample references and the count of samples out of the buffer: resuming opens only the
+current shard (seeking to the next sample's byte where the source can seek) and the shards the buffered
+samples come from, whatever the step. `load_elastic` resumes on another number of ranks, workers or batch size
+(see sharding.elastic_slot_states).
 """
 
 from __future__ import annotations
 
+import copy
 import random
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,11 +29,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .samples import SkipSample, decode_image, decode_train_sample, eval_transform, read_record
+from .sharding import Share, elastic_slot_states, epoch_shares, fresh_slot_state, resampled_shares
 from .shards import SHARD_REASONS, expand_sources, iter_tar_samples
 from .tags import TagVocab
 from .tokenizer import ClipTokenizer
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def summarize(reasons: Counter | dict, samples_ok: int) -> dict:
@@ -38,35 +44,80 @@ def summarize(reasons: Counter | dict, samples_ok: int) -> dict:
     return {"samples_ok": int(samples_ok), "samples_skipped": skipped, "reasons": reasons}
 
 
-def slot_stream(urls: list[str], source: int, slot: int, num_slots: int, seed: int, resampled: bool,
-                stats: Counter) -> Iterator[tuple[int, dict]]:
-    """Infinite (epoch, raw sample) stream of one source for one slot."""
-    epoch = 0
-    while True:
-        read = 0
-        if resampled:
-            rng = np.random.default_rng([seed, source, slot, epoch, 1])
-            shards = [urls[i] for i in rng.integers(0, len(urls), size=max(1, len(urls) // num_slots))]
-            keep_every = 1
-        else:
-            order = np.random.default_rng([seed, source, epoch]).permutation(len(urls))
-            if len(urls) >= num_slots:
-                shards, keep_every = [urls[i] for i in order[slot::num_slots]], 1
-            else:
-                shards, keep_every = [urls[i] for i in order], num_slots
-        position = 0
-        for url in shards:
-            for sample in iter_tar_samples(url, stats):
-                mine = keep_every == 1 or position % keep_every == slot
-                position += 1
-                if mine:
+class SlotStream:
+    """Infinite (epoch, raw sample) stream of one source for one slot. `position` (JSON, see sharding) is where
+    it is, moved past each sample before that sample is yielded; a stream built from a saved position continues
+    there without opening the shards before it."""
+
+    def __init__(self, urls: list[str], source: int, state: dict, seed: int, resampled: bool, stats: Counter):
+        self.urls, self.source, self.seed, self.resampled, self.stats = urls, source, seed, resampled, stats
+        self.slot, self.num_slots, self.generation = state["slot"], state["num_slots"], state["generation"]
+        self.position = copy.deepcopy(state["streams"][source])
+
+    def shares(self, epoch: int) -> list[Share]:
+        if self.resampled:
+            return resampled_shares(len(self.urls), self.num_slots, self.slot, seed=self.seed, source=self.source,
+                                    epoch=epoch, generation=self.generation)
+        return epoch_shares(len(self.urls), self.num_slots, self.slot, seed=self.seed, source=self.source,
+                            epoch=epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        position = self.position
+        while position["pending"]:
+            item = position["pending"][0]
+            yield from self._read(item["epoch"], Share(item["shard"], item["first"], item["step"]), item)
+            position["pending"].pop(0)
+        while True:
+            shares = self.shares(position["epoch"])
+            whole_epoch = position["share"] == 0 and position["index"] == 0
+            read = 0
+            while position["share"] < len(shares):
+                for sample in self._read(position["epoch"], shares[position["share"]], position):
                     read += 1
-                    yield epoch, sample
-        if read == 0:
-            raise RuntimeError(
-                f"train_data: no readable sample in {len(shards)} shard(s) of source {source} for slot {slot} "
-                f"(epoch {epoch}); reasons so far: {dict(stats)}")
-        epoch += 1
+                    yield sample
+                position.update(share=position["share"] + 1, index=0, offset=None)
+            if read == 0 and whole_epoch:
+                raise RuntimeError(
+                    f"train_data: slot {self.slot} of {self.num_slots} (ranks x workers) read no sample of source "
+                    f"{self.source} in epoch {position['epoch']} from {len(shares)} of its {len(self.urls)} "
+                    f"shard(s); with fewer shards than slots each shard is split among the slots sharing it and "
+                    f"needs at least that many samples: use more shards, fewer workers or data.resampled=true. "
+                    f"Reasons so far: {dict(self.stats)}")
+            position.update(epoch=position["epoch"] + 1, share=0)
+
+    def _read(self, epoch: int, share: Share, cursor: dict) -> Iterator[tuple[int, dict]]:
+        """The samples of `share` from cursor's index (and byte offset) on; the cursor moves past each one."""
+        keep = None if share.step == 1 else lambda index: index % share.step == share.first
+        for sample in iter_tar_samples(self.urls[share.shard], self.stats, at=(cursor["index"], cursor["offset"]),
+                                       keep=keep):
+            cursor["index"], cursor["offset"] = sample["__index__"] + 1, sample["__end__"]
+            sample["__ref__"] = [self.source, epoch, share.shard, sample["__index__"], sample["__start__"]]
+            yield epoch, sample
+
+
+def read_references(sources: list[list[str]], refs: list[list], stats: Counter) -> list[tuple[int, dict]]:
+    """The (epoch, sample) items that references [source, epoch, shard, index, byte offset] name, in their order:
+    each shard is entered once, at its first wanted sample. A sample that cannot be read again is counted
+    ('buffered_sample_lost'), not silently dropped."""
+    wanted = defaultdict(dict)
+    for source, _, shard, index, offset in refs:
+        wanted[source, shard][index] = offset
+    found = {}
+    for (source, shard), offsets in wanted.items():
+        first = min(offsets)
+        for sample in iter_tar_samples(sources[source][shard], Counter(), at=(first, offsets[first]),
+                                       keep=offsets.__contains__):
+            found[source, shard, sample["__index__"]] = sample
+            if len(offsets) == sum(1 for key in found if key[:2] == (source, shard)):
+                break
+    items = []
+    for ref in refs:
+        sample = found.get((ref[0], ref[2], ref[3]))
+        if sample is None:
+            stats["buffered_sample_lost"] += 1
+        else:
+            items.append((ref[1], {**sample, "__ref__": list(ref)}))
+    return items
 
 
 def mix_sources(streams: list[Iterator], weights: list[float], rng: random.Random) -> Iterator[tuple[int, dict]]:
@@ -77,30 +128,42 @@ def mix_sources(streams: list[Iterator], weights: list[float], rng: random.Rando
         yield next(streams[rng.choices(range(len(streams)), weights=weights)[0]])
 
 
-def shuffle_buffer(stream: Iterator, size: int, rng: random.Random) -> Iterator:
-    """Reservoir-style shuffle: fill `size` items, then emit a random one and put the new item in its place."""
+def shuffle_buffer(stream: Iterator, size: int, rng: random.Random, buffer: list) -> Iterator:
+    """Reservoir-style shuffle: fill `size` items, then emit a random one and put the next item in its place.
+    `buffer` (the caller's list, filled on resume) holds exactly the items read and not yet emitted whenever
+    an item is emitted: it is part of the loader's state."""
     if size <= 1:
+        while buffer:
+            yield buffer.pop(0)
         yield from stream
         return
-    buffer: list = []
     for item in stream:
         if len(buffer) < size:
             buffer.append(item)
             continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = item
+        i = rng.randrange(len(buffer))
+        out, buffer[i] = buffer[i], item
+        yield out
     rng.shuffle(buffer)
-    yield from buffer
+    while buffer:
+        yield buffer.pop()
+
+
+def _random(name: str, generation: int, state: list | None) -> random.Random:
+    rng = random.Random(name if not generation else f"{name}-{generation}")
+    if state is not None:
+        version, internal, gauss = state
+        rng.setstate((version, tuple(internal), gauss))
+    return rng
 
 
 class ShardStream(IterableDataset):
-    """Infinite stream of collated batches for this rank; each worker forms whole batches."""
+    """Infinite stream of collated batches for this rank; each worker forms whole batches from its slot state."""
 
-    def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
-                 tokenizer: ClipTokenizer, tag_vocab: TagVocab | None, skip_raw: list[int]):
-        self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
-        self.tokenizer, self.tag_vocab, self.skip_raw = tokenizer, tag_vocab, skip_raw
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, tokenizer: ClipTokenizer,
+                 tag_vocab: TagVocab | None, slot_states: list[dict]):
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.tokenizer, self.tag_vocab, self.slot_states = tokenizer, tag_vocab, slot_states
         self.sources = expand_sources(cfg.train_data)
         weights = cfg.train_data_weights or [1.0] * len(self.sources)
         if len(weights) != len(self.sources) or min(weights) < 0 or sum(weights) <= 0:
@@ -109,36 +172,40 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
+        worker = info.id if info else 0
+        state = self.slot_states[worker]
+        slot, generation = state["slot"], state["generation"]
         stats: Counter = Counter()
-        streams = [slot_stream(urls, i, slot, num_slots, self.seed, self.cfg.resampled, stats)
+        streams = [SlotStream(urls, i, state, self.seed, self.cfg.resampled, stats)
                    for i, urls in enumerate(self.sources)]
-        raw = mix_sources(streams, self.weights, random.Random(f"mix-{self.seed}-{slot}"))
-        raw = shuffle_buffer(raw, self.cfg.shuffle_buffer, random.Random(f"shuffle-{self.seed}-{slot}"))
-        skip = self.skip_raw[worker]
-        samples, samples_ok, last_ok_epoch = [], 0, 0
-        for index, (epoch, sample) in enumerate(raw):
-            if index < skip:
-                if index == skip - 1:
-                    stats.clear()  # the resumed state already counted everything read up to here
-                last_ok_epoch = epoch
-                continue
+        mix_rng = _random(f"mix-{self.seed}-{slot}", generation, state["mix"])
+        shuffle_rng = _random(f"shuffle-{self.seed}-{slot}", generation, state["shuffle"])
+        buffer = read_references(self.sources, state["buffer"], stats)
+        raw = shuffle_buffer(mix_sources([iter(s) for s in streams], self.weights, mix_rng), self.cfg.shuffle_buffer,
+                             shuffle_rng, buffer)
+        index = state["raw"]
+        augment_key = [self.seed, slot] + ([generation] if generation else [])
+        samples, samples_ok, last_ok_epoch = [], 0, None
+        for epoch, sample in raw:
+            index += 1
+            last_ok_epoch = epoch if last_ok_epoch is None else last_ok_epoch
             try:
-                samples.append(decode_train_sample(sample, self.cfg, np.random.default_rng([self.seed, slot, index]),
+                samples.append(decode_train_sample(sample, self.cfg, np.random.default_rng(augment_key + [index - 1]),
                                                    self.tag_vocab))
             except SkipSample as e:
                 stats[e.reason] += 1
                 if epoch - last_ok_epoch >= 2:  # a whole epoch without one usable sample: fail, don't spin
-                    raise RuntimeError(f"train_data: no usable sample in a whole epoch for rank {self.rank} "
-                                       f"worker {worker}; skipped: {dict(stats)}") from None
+                    raise RuntimeError(f"train_data: no usable sample in a whole epoch for slot {slot}; "
+                                       f"skipped: {dict(stats)}") from None
                 continue
             samples_ok += 1
             last_ok_epoch = epoch
             if len(samples) == self.batch_size:
                 batch = self.collate(samples)
-                batch["_meta"] = {"worker": worker, "raw": index + 1, "epoch": epoch,
-                                  "reasons": dict(stats), "samples_ok": samples_ok}
+                batch["_meta"] = {"worker": worker, "epoch": epoch, "reasons": dict(stats), "samples_ok": samples_ok,
+                                  "state": {**state, "streams": [copy.deepcopy(s.position) for s in streams],
+                                            "mix": list(mix_rng.getstate()), "shuffle": list(shuffle_rng.getstate()),
+                                            "buffer": [item[1]["__ref__"] for item in buffer], "raw": index}}
                 samples = []
                 yield batch
 
@@ -176,14 +243,15 @@ class TrainLoader:
         self.tokenizer, self.tag_vocab = tokenizer, tag_vocab
         self.num_workers = cfg.workers
         self._slots = max(1, cfg.workers)
-        self._raw_consumed = [0] * self._slots
+        self._sources = ShardStream(cfg, batch_size, seed, tokenizer, tag_vocab, []).sources  # validates them
+        self._slot_states = [fresh_slot_state(rank * self._slots + w, world_size * self._slots, len(self._sources))
+                             for w in range(self._slots)]
         self._reasons_base: Counter = Counter()  # counts from before the last (re)start
         self._samples_base = 0
         self._live_reasons: list[dict] = [{} for _ in range(self._slots)]
         self._live_ok = [0] * self._slots
         self.batches = 0
         self.epoch = 0
-        ShardStream(cfg, batch_size, rank, world_size, seed, tokenizer, tag_vocab, [0])  # validates sources
 
     @property
     def samples(self) -> int:
@@ -198,8 +266,8 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self._checkpoint_live_counts()
-        dataset = ShardStream(self.cfg, self.batch_size, self.rank, self.world_size, self.seed, self.tokenizer,
-                              self.tag_vocab, list(self._raw_consumed))
+        dataset = ShardStream(self.cfg, self.batch_size, self.seed, self.tokenizer, self.tag_vocab,
+                              copy.deepcopy(self._slot_states))
         if self.num_workers == 0:
             source = iter(dataset)
             pull = lambda: next(source)  # noqa: E731
@@ -220,7 +288,7 @@ class TrainLoader:
                 pending[batch["_meta"]["worker"]].append(batch)
             batch = pending[wanted].popleft()
             meta = batch.pop("_meta")
-            self._raw_consumed[wanted] = meta["raw"]
+            self._slot_states[wanted] = meta["state"]
             self._live_reasons[wanted] = meta["reasons"]
             self._live_ok[wanted] = meta["samples_ok"]
             self.epoch = max(self.epoch, meta["epoch"])
@@ -238,20 +306,52 @@ class TrainLoader:
         return {
             "version": STATE_VERSION, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
             "workers": self.num_workers, "batch_size": self.batch_size, "batches": self.batches,
-            "epoch": self.epoch, "raw_consumed": list(self._raw_consumed),
+            "epoch": self.epoch, "slots": copy.deepcopy(self._slot_states),
             "samples_ok": stats["samples_ok"], "reasons": stats["reasons"],
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_version(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"state: unsupported loader state version {state.get('version')}")
-        for name in ("seed", "world_size", "workers", "batch_size"):
-            mine = {"workers": self.num_workers}.get(name, getattr(self, name, None))
+            raise ValueError(f"state: unsupported loader state version {state.get('version')} (this loader reads "
+                             f"version {STATE_VERSION})")
+
+    def resumes_exactly(self, state: dict) -> bool:
+        """Whether `state` (this rank's) was saved by a loader of the same layout: load_state_dict takes it."""
+        return all(state.get(name) == value for name, value in self._layout().items())
+
+    def _layout(self) -> dict:
+        return {"seed": self.seed, "world_size": self.world_size, "workers": self.num_workers,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the loader that saved `state` (same layout, this rank) stopped."""
+        self._check_version(state)
+        for name, mine in self._layout().items():
             if state[name] != mine:
                 raise ValueError(f"state: saved {name}={state[name]} but this loader has {name}={mine}; "
-                                 "exact resume needs the same value")
+                                 "exact resume needs the same value (load_elastic takes every rank's state)")
         self.batches, self.epoch = int(state["batches"]), int(state["epoch"])
-        self._raw_consumed = [int(x) for x in state["raw_consumed"]]
+        self._slot_states = copy.deepcopy(state["slots"])
+        self._restore_counts(state)
+
+    def load_elastic(self, states: list[dict]) -> None:
+        """Continue from every rank's saved state on this loader's layout (another number of ranks, workers or
+        another batch size; the seed must match): see sharding.elastic_slot_states for what is guaranteed.
+        The batch count restarts; this rank's sample counts continue those of the saved rank of the same number."""
+        for state in states:
+            self._check_version(state)
+            if state["seed"] != self.seed:
+                raise ValueError(f"state: saved seed={state['seed']} but this loader has seed={self.seed}; the "
+                                 "shard orders of the epochs in progress depend on it")
+        old = [slot for state in sorted(states, key=lambda s: s["rank"]) for slot in state["slots"]]
+        new = elastic_slot_states(old, [len(urls) for urls in self._sources], self.world_size * self._slots,
+                                  seed=self.seed, resampled=self.cfg.resampled)
+        self._slot_states = new[self.rank * self._slots:(self.rank + 1) * self._slots]
+        self.batches, self.epoch = 0, max(int(s["epoch"]) for s in states)
+        same_rank = [s for s in states if s["rank"] == self.rank]
+        self._restore_counts(same_rank[0] if same_rank else {"reasons": {}, "samples_ok": 0})
+
+    def _restore_counts(self, state: dict) -> None:
         self._reasons_base = Counter(state["reasons"])
         self._samples_base = int(state["samples_ok"])
         self._live_reasons = [{} for _ in range(self._slots)]
