@@ -185,7 +185,7 @@ class ShardStream(IterableDataset):
                              shuffle_rng, buffer)
         index = state["raw"]
         augment_key = [self.seed, slot] + ([generation] if generation else [])
-        samples, samples_ok, last_ok_epoch = [], 0, None
+        samples, epochs, samples_ok, last_ok_epoch = [], [], 0, None
         for epoch, sample in raw:
             index += 1
             last_ok_epoch = epoch if last_ok_epoch is None else last_ok_epoch
@@ -200,13 +200,14 @@ class ShardStream(IterableDataset):
                 continue
             samples_ok += 1
             last_ok_epoch = epoch
+            epochs.append(epoch)
             if len(samples) == self.batch_size:
-                batch = self.collate(samples)
+                batch = self.collate(samples) | {"epochs": epochs}
                 batch["_meta"] = {"worker": worker, "epoch": epoch, "reasons": dict(stats), "samples_ok": samples_ok,
                                   "state": {**state, "streams": [copy.deepcopy(s.position) for s in streams],
                                             "mix": list(mix_rng.getstate()), "shuffle": list(shuffle_rng.getstate()),
                                             "buffer": [item[1]["__ref__"] for item in buffer], "raw": index}}
-                samples = []
+                samples, epochs = [], []
                 yield batch
 
     def collate(self, samples: list) -> dict:
