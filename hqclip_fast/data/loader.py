@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .config import DataConfig
 from .samples import SkipSample, decode_image, decode_train_sample, eval_transform, read_record
 from .sharding import Share, elastic_slot_states, epoch_shares, fresh_slot_state, resampled_shares
-from .shards import SHARD_REASONS, expand_sources, iter_tar_samples
+from .shards import SHARD_REASONS, expand_sources, is_local, iter_tar_samples
 from .tags import TagVocab
 from .tokenizer import ClipTokenizer
 
@@ -95,29 +95,39 @@ class SlotStream:
             yield epoch, sample
 
 
-def read_references(sources: list[list[str]], refs: list[list], stats: Counter) -> list[tuple[int, dict]]:
-    """The (epoch, sample) items that references [source, epoch, shard, index, byte offset] name, in their order:
-    each shard is entered once, at its first wanted sample. A sample that cannot be read again is counted
-    ('buffered_sample_lost'), not silently dropped."""
-    wanted = defaultdict(dict)
+def buffered_items(sources: list[list[str]], refs: list[list], stats: Counter) -> list[tuple[int, dict]]:
+    """The shuffle buffer's (epoch, sample) items that references [source, epoch, shard, index, byte offset]
+    name, in their order. A sample of a local uncompressed tar stays a reference ({"__ref__": ref}), read when
+    it leaves the buffer (`read_reference`: one seek), so a resume does not wait for the whole buffer; the
+    others' shards are entered once each, at their first wanted sample, and read up to the last. A sample that
+    cannot be read again is counted ('buffered_sample_lost'), not silently dropped."""
+    found, streamed = {}, defaultdict(dict)
     for source, _, shard, index, offset in refs:
-        wanted[source, shard][index] = offset
-    found = {}
-    for (source, shard), offsets in wanted.items():
+        if offset is None or not is_local(sources[source][shard]):
+            streamed[source, shard][index] = offset
+    for (source, shard), offsets in streamed.items():
         first = min(offsets)
         for sample in iter_tar_samples(sources[source][shard], Counter(), at=(first, offsets[first]),
                                        keep=offsets.__contains__):
             found[source, shard, sample["__index__"]] = sample
-            if len(offsets) == sum(1 for key in found if key[:2] == (source, shard)):
+            if sample["__index__"] == max(offsets):
                 break
     items = []
     for ref in refs:
-        sample = found.get((ref[0], ref[2], ref[3]))
-        if sample is None:
-            stats["buffered_sample_lost"] += 1
+        if (ref[0], ref[2]) not in streamed:
+            items.append((ref[1], {"__ref__": list(ref)}))
+        elif (ref[0], ref[2], ref[3]) in found:
+            items.append((ref[1], {**found[ref[0], ref[2], ref[3]], "__ref__": list(ref)}))
         else:
-            items.append((ref[1], {**sample, "__ref__": list(ref)}))
+            stats["buffered_sample_lost"] += 1
     return items
+
+
+def read_reference(sources: list[list[str]], ref: list) -> dict | None:
+    """The sample a buffer reference names, read from its byte offset in a local tar (None: not there)."""
+    source, _, shard, index, offset = ref
+    sample = next(iter_tar_samples(sources[source][shard], Counter(), at=(index, offset), keep=index.__eq__), None)
+    return None if sample is None else {**sample, "__ref__": list(ref)}
 
 
 def mix_sources(streams: list[Iterator], weights: list[float], rng: random.Random) -> Iterator[tuple[int, dict]]:
@@ -180,7 +190,7 @@ class ShardStream(IterableDataset):
                    for i, urls in enumerate(self.sources)]
         mix_rng = _random(f"mix-{self.seed}-{slot}", generation, state["mix"])
         shuffle_rng = _random(f"shuffle-{self.seed}-{slot}", generation, state["shuffle"])
-        buffer = read_references(self.sources, state["buffer"], stats)
+        buffer = buffered_items(self.sources, state["buffer"], stats)
         raw = shuffle_buffer(mix_sources([iter(s) for s in streams], self.weights, mix_rng), self.cfg.shuffle_buffer,
                              shuffle_rng, buffer)
         index = state["raw"]
@@ -189,6 +199,11 @@ class ShardStream(IterableDataset):
         for epoch, sample in raw:
             index += 1
             last_ok_epoch = epoch if last_ok_epoch is None else last_ok_epoch
+            if "__key__" not in sample:  # a buffered sample of the resumed state: read it now
+                sample = read_reference(self.sources, sample["__ref__"])
+                if sample is None:
+                    stats["buffered_sample_lost"] += 1
+                    continue
             try:
                 samples.append(decode_train_sample(sample, self.cfg, np.random.default_rng(augment_key + [index - 1]),
                                                    self.tag_vocab))
@@ -381,17 +396,22 @@ class EvalDataset(IterableDataset):
     DataLoader(batch_size=B): keys collate to a list, images to [B, 3, S, S], cls to a LongTensor, dicts of
     strings to dicts of lists. Dirty samples are skipped and counted in `stats()` (per process).
 
-    Sharing among ranks (rank, world_size): a sample's index is its position among the samples the tar reader
-    finds (consecutive members sharing a key), shards in pattern order, counted before anything is decoded.
-    This rank yields the samples with index % world_size == rank and never decodes the others. Because the
-    index depends only on the tar structure, every rank that reads the same bytes assigns the same index to
-    the same sample: a sample whose image, json or cls is damaged keeps its index (its rank skips it and
-    counts why), and a sample the tar cut off (truncated shard) gets no index on any rank. The shares therefore
-    partition exactly the samples one process yields, but are not i % world_size shares of them: with
-    `with_index` the index orders the gathered results. Shard-level counts (empty, truncated, unreadable
-    shards and cut samples), which every rank sees, are counted by rank 0 only, so the ranks' stats() sum to
-    one process's.
+    A sample's index is (its shard's number in pattern order) * 2**24 + (its position among the samples the tar
+    reader finds in that shard, consecutive members sharing a key), counted before anything is decoded: indices
+    order the samples as one process reads them, whoever reads them. A damaged sample keeps its index (its
+    reader skips it and counts why); a sample the tar cut off (truncated shard) gets none.
+
+    Sharing among ranks (rank, world_size): with at least as many shards as ranks, rank r reads whole shards
+    r, r + world_size, ... and opens no other (each byte of the set is read once over the ranks; the shares
+    then differ by up to a shard). With fewer shards, every rank reads every shard and keeps the samples at
+    positions p (counting all shards' samples in order) with p % world_size == rank, never decoding the others;
+    shard-level counts (empty, truncated, unreadable shards and cut samples), which every rank then sees, are
+    counted by rank 0 only. Either way the shares partition exactly the samples one process yields and the
+    ranks' stats() sum to one process's; with `with_index` the index orders the gathered results. DataLoader
+    workers of a rank split its samples by position the same way.
     """
+
+    INDEX_STRIDE = 1 << 24  # samples a shard may hold
 
     def __init__(self, pattern: str, image_size: int, *, rank: int = 0, world_size: int = 1,
                  with_index: bool = False):
@@ -402,17 +422,28 @@ class EvalDataset(IterableDataset):
         self.urls = [u for source in expand_sources(pattern) for u in source]
         self.image_size = image_size
         self.rank, self.world_size, self.with_index = rank, world_size, with_index
+        self.by_shard = len(self.urls) >= world_size
         self._reasons: Counter = Counter()
         self._ok = 0
+
+    def _raw_samples(self, shard_reasons: Counter) -> Iterator[tuple[int, dict]]:
+        numbers = range(len(self.urls))
+        for number in numbers[self.rank::self.world_size] if self.by_shard else numbers:
+            for raw in iter_tar_samples(self.urls[number], shard_reasons):
+                if raw["__index__"] >= self.INDEX_STRIDE:
+                    raise ValueError(f"eval shard {self.urls[number]} holds more than {self.INDEX_STRIDE} samples")
+                yield number * self.INDEX_STRIDE + raw["__index__"], raw
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        shard_reasons = self._reasons if self.rank == 0 else Counter()  # seen by every rank: count them once
-        raw_samples = (raw for url in self.urls for raw in iter_tar_samples(url, shard_reasons))
-        for index, raw in enumerate(raw_samples):
-            share_position, owner = divmod(index, self.world_size)
-            if owner != self.rank or share_position % num_workers != worker:
+        # the samples are this rank's (its shards'), or every rank's to be split by position
+        owners, owner = (1, 0) if self.by_shard else (self.world_size, self.rank)
+        # shard-level counts: by the only rank reading the shard, or once (rank 0) when every rank reads it
+        shard_reasons = self._reasons if self.by_shard or self.rank == 0 else Counter()
+        for position, (index, raw) in enumerate(self._raw_samples(shard_reasons)):
+            share_position, mine = divmod(position, owners)
+            if mine != owner or share_position % num_workers != worker:
                 continue  # another rank's (or worker's) sample: not decoded here
             try:
                 target = self._target(raw)

@@ -32,6 +32,11 @@ def _is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+def is_local(url: str) -> bool:
+    """A local path or file:// URL (seeking in it is cheap), not a pipe: command or a remote URL."""
+    return not (url.startswith("pipe:") or _is_remote(url))
+
+
 def _glob(url: str) -> list[str]:
     if url.startswith("pipe:") or _is_remote(url) or not glob.has_magic(url):
         return [url]
