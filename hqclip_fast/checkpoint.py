@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -224,13 +225,13 @@ class Checkpointer:
             set_rng_state(rng)
         return per_rank
 
-    def saved_states(self, path: str | Path) -> list[dict]:
-        """Every saved rank's trainer state (RNG states left out), in rank order."""
+    def saved_states(self, path: str | Path) -> Iterator[dict]:
+        """Every saved rank's trainer state (RNG states left out), in rank order, read one at a time."""
         path = Path(path)
-        states = [json.loads(_rank_file(path, rank).read_text()) for rank in range(self._saved_ranks(path))]
-        for state in states:
+        for rank in range(self._saved_ranks(path)):
+            state = json.loads(_rank_file(path, rank).read_text())
             state.pop("rng")
-        return states
+            yield state
 
     @staticmethod
     def _saved_ranks(path: Path) -> int:

@@ -160,7 +160,7 @@ class Trainer:
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)
         elastic = hasattr(self.loader, "load_elastic") and not self.loader.resumes_exactly(state["loader"])
         if elastic:  # another number of ranks, workers or batch size: every saved rank's loader state is needed
-            self.loader.load_elastic([s["loader"] for s in self.checkpointer.saved_states(path)])
+            self.loader.load_elastic(s["loader"] for s in self.checkpointer.saved_states(path))
         else:  # same layout (the DALI loader resumes only so, and says why not otherwise)
             self.loader.load_state_dict(state["loader"])
         self.step = state["step"]

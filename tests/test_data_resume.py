@@ -85,7 +85,7 @@ def test_elastic_four_then_two_then_three_ranks_reads_each_sample_once_per_epoch
     stage = [_loader(twelve_shards, tokenizer, rank=r, world_size=3, batch_size=4) for r in range(3)]
     streams = []
     for loader in stage:
-        loader.load_elastic(states)
+        loader.load_elastic(iter(states))  # as the checkpointer gives them: one file at a time
         streams.append(iter(loader))
     for _ in range(30):  # until every sample of epoch 0 is read (the buffers hold a few back)
         if sum(epoch == 0 for epoch, _ in read) >= SHARDS * SHARD_SIZE:

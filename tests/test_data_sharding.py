@@ -2,7 +2,6 @@
 shards; one epoch gives every sample to exactly one slot and no slot opens a shard it takes nothing from; an
 elastic resume deals every unread part of the epochs in progress to exactly one new slot."""
 
-import itertools
 import random
 from collections import Counter, defaultdict
 
@@ -10,6 +9,7 @@ import pytest
 
 from hqclip_fast.data.sharding import (
     Share,
+    deal_buffers,
     distribute,
     elastic_slot_states,
     epoch_shares,
@@ -124,8 +124,12 @@ def test_elastic_resume_deals_every_unread_part_once(old_slots, new_slots, num_s
             assert partial[position["epoch"], share.shard, share.first] == (position["index"], position["offset"])
     loads = [sum(1 / i["step"] for i in s["streams"][0]["pending"]) for s in new]
     assert max(loads) - min(loads) <= 1.0
-    buffered = [ref for s in new for ref in s["buffer"]]
-    assert sorted(buffered) == sorted(ref for s in old for ref in s["buffer"])
+    # the buffers: every reference to exactly one new slot, whichever slots a rank asks for
+    dealt = [deal_buffers((s["buffer"] for s in old), new_slots, range(first, min(first + 8, new_slots)))
+             for first in range(0, new_slots, 8)]
+    assert sorted(ref for d in dealt for refs in d.values() for ref in refs) == \
+        sorted(ref for s in old for ref in s["buffer"])
+    assert sorted(slot for d in dealt for slot in d) == list(range(new_slots))
 
 
 def test_elastic_twice_keeps_pending_work():
@@ -150,9 +154,12 @@ def test_remaining_work_of_a_fresh_slot_is_its_whole_epoch():
         [(s.shard, 0, None) for s in epoch_shares(100, 8, 5, seed=1, source=0, epoch=0)]
 
 
-def test_resampled_elastic_starts_fresh_and_keeps_buffers():
+def test_resampled_elastic_starts_fresh():
     old = _advanced(100, 4, random.Random(1), latest_epoch=3)
     new = elastic_slot_states(old, [100], 3, seed=9, resampled=True)
     assert all(not s["streams"][0]["pending"] for s in new) and {s["generation"] for s in new} == {1}
-    assert sorted(itertools.chain.from_iterable(s["buffer"] for s in new)) == \
-        sorted(itertools.chain.from_iterable(s["buffer"] for s in old))
+
+
+def test_deal_buffers_round_robin_holds_only_the_wanted_slots():
+    buffers = [[("a", i) for i in range(5)], [], [("b", i) for i in range(4)]]
+    assert deal_buffers(iter(buffers), 4, range(1, 3)) == {1: [("a", 1), ("b", 0)], 2: [("a", 2), ("b", 1)]}

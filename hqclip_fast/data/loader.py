@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import random
 from collections import Counter, defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -29,7 +29,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .config import DataConfig
 from .samples import SkipSample, decode_image, decode_train_sample, eval_transform, read_record
-from .sharding import Share, elastic_slot_states, epoch_shares, fresh_slot_state, resampled_shares
+from .sharding import (
+    Share,
+    deal_buffers,
+    elastic_slot_states,
+    epoch_shares,
+    fresh_slot_state,
+    resampled_shares,
+)
 from .shards import SHARD_REASONS, expand_sources, is_local, iter_tar_samples
 from .tags import TagVocab
 from .tokenizer import ClipTokenizer
@@ -350,22 +357,37 @@ class TrainLoader:
         self._slot_states = copy.deepcopy(state["slots"])
         self._restore_counts(state)
 
-    def load_elastic(self, states: list[dict]) -> None:
-        """Continue from every rank's saved state on this loader's layout (another number of ranks, workers or
-        another batch size; the seed must match): see sharding.elastic_slot_states for what is guaranteed.
-        The batch count restarts; this rank's sample counts continue those of the saved rank of the same number."""
-        for state in states:
-            self._check_version(state)
-            if state["seed"] != self.seed:
-                raise ValueError(f"state: saved seed={state['seed']} but this loader has seed={self.seed}; the "
-                                 "shard orders of the epochs in progress depend on it")
-        old = [slot for state in sorted(states, key=lambda s: s["rank"]) for slot in state["slots"]]
+    def load_elastic(self, states: Iterable[dict]) -> None:
+        """Continue from every rank's saved state, given in rank order, on this loader's layout (another number of
+        ranks, workers or another batch size; the seed must match). `states` may be a generator: one state is
+        held at a time, less its buffer and generators. See sharding.elastic_slot_states and deal_buffers for
+        what is guaranteed. The batch count restarts; this rank's sample counts continue those of the saved rank
+        of the same number."""
+        mine = range(self.rank * self._slots, (self.rank + 1) * self._slots)
+        old, saved = [], {"epoch": 0, "counts": {"reasons": {}, "samples_ok": 0}}
+
+        def buffers():  # reads the states one by one, keeping what the new layout needs
+            for rank, state in enumerate(states):
+                self._check_version(state)
+                if state["seed"] != self.seed:
+                    raise ValueError(f"state: saved seed={state['seed']} but this loader has seed={self.seed}; "
+                                     "the shard orders of the epochs in progress depend on it")
+                if state["rank"] != rank:
+                    raise ValueError(f"state: rank {state['rank']}'s loader state where rank {rank}'s belongs")
+                old.extend({key: slot[key] for key in ("slot", "num_slots", "generation", "streams")}
+                           for slot in state["slots"])
+                saved["epoch"] = max(saved["epoch"], int(state["epoch"]))
+                if rank == self.rank:
+                    saved["counts"] = state
+                for slot in state["slots"]:
+                    yield slot["buffer"]
+
+        dealt = deal_buffers(buffers(), self.world_size * self._slots, mine)
         new = elastic_slot_states(old, [len(urls) for urls in self._sources], self.world_size * self._slots,
                                   seed=self.seed, resampled=self.cfg.resampled)
-        self._slot_states = new[self.rank * self._slots:(self.rank + 1) * self._slots]
-        self.batches, self.epoch = 0, max(int(s["epoch"]) for s in states)
-        same_rank = [s for s in states if s["rank"] == self.rank]
-        self._restore_counts(same_rank[0] if same_rank else {"reasons": {}, "samples_ok": 0})
+        self._slot_states = [new[slot] | {"buffer": dealt[slot]} for slot in mine]
+        self.batches, self.epoch = 0, saved["epoch"]
+        self._restore_counts(saved["counts"])
 
     def _restore_counts(self, state: dict) -> None:
         self._reasons_base = Counter(state["reasons"])

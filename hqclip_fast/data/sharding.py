@@ -16,6 +16,7 @@ it leaves a slot without data: the loader then stops with an error that names th
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -114,8 +115,8 @@ def elastic_slot_states(old: list[dict], num_shards: list[int], num_slots: int, 
     (its current share from its saved offset, its later shares, its pending items) is dealt to the new slots;
     shards an old slot finished stay done. Then every new slot starts the next epoch in the new layout. So within
     each epoch no sample is read twice and none is lost. With resampling, the new slots start fresh streams (a
-    new generation in their seeds). Either way the old shuffle buffers are dealt round-robin to the new slots:
-    samples read but not yet trained on are not lost."""
+    new generation in their seeds). The old shuffle buffers are dealt by `deal_buffers`, so `old` may come
+    without them (and without the generators' states)."""
     generation = 1 + max(s["generation"] for s in old)
     latest = [max(s["streams"][source]["epoch"] for s in old) for source in range(len(num_shards))]
     new = [fresh_slot_state(slot, num_slots, len(num_shards), generation=generation,
@@ -126,7 +127,17 @@ def elastic_slot_states(old: list[dict], num_shards: list[int], num_slots: int, 
                      for item in remaining_work(s, source, shards, seed=seed, until_epoch=latest[source])]
             for slot, dealt in enumerate(distribute([1 / item["step"] for item in items], num_slots)):
                 new[slot]["streams"][source]["pending"] = [items[i] for i in dealt]
-    buffered = [ref for s in old for ref in s["buffer"]]
-    for slot in range(num_slots):
-        new[slot]["buffer"] = buffered[slot::num_slots]
     return new
+
+
+def deal_buffers(buffers: Iterable[list], num_slots: int, wanted: range) -> dict[int, list]:
+    """The old slots' shuffle buffers (references, in old slot order) dealt round-robin to `num_slots` new slots:
+    the reference at position p of their concatenation goes to new slot p % num_slots (samples read but not yet
+    trained on are not lost). Returns the `wanted` slots' lists only, holding one old buffer at a time."""
+    dealt, position = {slot: [] for slot in wanted}, 0
+    for buffer in buffers:
+        for ref in buffer:
+            if position % num_slots in dealt:
+                dealt[position % num_slots].append(ref)
+            position += 1
+    return dealt
