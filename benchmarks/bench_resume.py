@@ -71,6 +71,7 @@ def main() -> int:
     if args.consume > args.shards * args.shard_size:
         parser.error("--consume must stay inside one epoch (shards x shard-size)")
 
+    env = environment("cpu")  # the commit that runs (and the load when it starts)
     with tempfile.TemporaryDirectory() as root:
         start = time.perf_counter()
         pattern = write_shards(root, args.shards, args.shard_size, args.source_size)
@@ -99,7 +100,8 @@ def main() -> int:
     # a preset's node: 8 ranks x 8 workers, a 10,000-sample buffer each (configs/vitb16-large.yaml)
     preset_rank_bytes = 8 * (per_slot_fixed + 10_000 * bytes_per_ref)
     result = {
-        "benchmark": "bench_resume", "environment": environment("cpu"), "config": vars(args) | {"out": None},
+        "benchmark": "bench_resume", "environment": env, "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "config": vars(args) | {"out": None},
         "shards_written_s": round(written_s, 2), "consumed_samples": consumed,
         "consume_s": round(consume_s, 2), "state_bytes": len(json.dumps(state)),
         "buffered_refs": len(refs), "buffer_shards_reentered": len({(r[0], r[2]) for r in refs}),
@@ -112,11 +114,11 @@ def main() -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    env = result["environment"]
     with open(args.out + ".md", "w") as f:
         f.write(f"# bench_resume (cpu)\n\n{env['device']}; torch {env['torch']}; commit {env['git_commit'][:10]}; "
-                f"{env['time_utc']}; load average {env['load_average_1m']} (the machine is shared: above the core "
-                f"count means contended numbers)\n\n"
+                f"{env['time_utc']}; load average {env['load_average_1m']} at the start, "
+                f"{result['load_average_1m_at_end']} at the end (the machine is shared: above the core count "
+                f"means contended numbers)\n\n"
                 f"{args.shards} shards x {args.shard_size} samples on local disk ({args.source_size}px JPEGs, "
                 f"{args.image_size}px crops), {args.workers} workers, batch {args.batch_size}, shuffle buffer "
                 f"{args.shuffle_buffer}; median of {args.repeats} starts.\n\n"
