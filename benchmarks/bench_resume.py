@@ -8,7 +8,7 @@ workers. The 100,000 samples are consumed with 32px output crops to save time: t
 on the output size, and the timed starts use the real one.
 
 Goal: resumed / fresh <= 1.2 (resume costs about one shard, whatever the step). Each time is the median of
---repeats starts. Results: benchmarks/results/bench_resume_cpu.json and .md (machine load recorded).
+--repeats starts; fresh and resumed starts alternate. Results: benchmarks/results/bench_resume_cpu.json and .md (machine load recorded).
 """
 
 from __future__ import annotations
@@ -43,16 +43,13 @@ def write_shards(root: str, num_shards: int, shard_size: int, image_size: int) -
     return os.path.join(root, f"shard-{{000000..{num_shards - 1:06d}}}.tar")
 
 
-def time_to_first_batch(make, state: dict | None, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        loader = make()
-        start = time.perf_counter()
-        if state is not None:
-            loader.load_state_dict(state)
-        next(iter(loader))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def time_to_first_batch(make, state: dict | None) -> float:
+    loader = make()
+    start = time.perf_counter()
+    if state is not None:
+        loader.load_state_dict(state)
+    next(iter(loader))
+    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -65,7 +62,7 @@ def main() -> int:
     parser.add_argument("--shuffle-buffer", type=int, default=10_000)
     parser.add_argument("--source-size", type=int, default=256, help="JPEG side in the shards")
     parser.add_argument("--image-size", type=int, default=224, help="output crop of the timed starts")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(RESULTS, "bench_resume_cpu"))
     args = parser.parse_args()
     if args.consume > args.shards * args.shard_size:
@@ -82,7 +79,6 @@ def main() -> int:
         make = lambda cfg=cfg: build_train_loader(cfg, batch_size=args.batch_size, seed=0,  # noqa: E731
                                                   tokenizer=tokenizer)
 
-        fresh_s = time_to_first_batch(make, None, args.repeats)
         loader = make(dataclasses.replace(cfg, image_size=32))
         batches = -(-args.consume // args.batch_size)
         start = time.perf_counter()
@@ -90,7 +86,9 @@ def main() -> int:
             pass
         consume_s = time.perf_counter() - start
         state = json.loads(json.dumps(loader.state_dict()))
-        resumed_s = time_to_first_batch(make, state, args.repeats)
+        # fresh and resumed starts alternate, so that both meet the same load on a shared machine
+        times = [(time_to_first_batch(make, None), time_to_first_batch(make, state)) for _ in range(args.repeats)]
+        fresh_s, resumed_s = (statistics.median(column) for column in zip(*times))
 
     consumed = batches * args.batch_size
     refs = [ref for slot in state["slots"] for ref in slot["buffer"]]
@@ -109,6 +107,7 @@ def main() -> int:
         "state_bytes_per_slot_without_buffer": round(per_slot_fixed),
         "preset_state_bytes_per_rank": round(preset_rank_bytes), "preset_state_bytes_per_node": round(8 * preset_rank_bytes),
         "fresh_first_batch_s": round(fresh_s, 3), "resumed_first_batch_s": round(resumed_s, 3),
+        "starts_s": [[round(f, 3), round(r, 3)] for f, r in times],
         "ratio": round(resumed_s / fresh_s, 3), "goal_ratio": GOAL,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -121,7 +120,8 @@ def main() -> int:
                 f"means contended numbers)\n\n"
                 f"{args.shards} shards x {args.shard_size} samples on local disk ({args.source_size}px JPEGs, "
                 f"{args.image_size}px crops), {args.workers} workers, batch {args.batch_size}, shuffle buffer "
-                f"{args.shuffle_buffer}; median of {args.repeats} starts.\n\n"
+                f"{args.shuffle_buffer}; median of {args.repeats} starts each, alternating (all: "
+                f"{result['starts_s']}).\n\n"
                 f"| start | time to first batch (s) |\n|---|---|\n"
                 f"| fresh (0 consumed) | {fresh_s:.3f} |\n| resumed at {consumed:,} consumed | {resumed_s:.3f} |\n\n"
                 f"Ratio {result['ratio']} (goal <= {GOAL}). Reaching that point took {consume_s:.1f} s of loading "

@@ -175,7 +175,9 @@ def _random(name: str, generation: int, state: list | None) -> random.Random:
 
 
 class ShardStream(IterableDataset):
-    """Infinite stream of collated batches for this rank; each worker forms whole batches from its slot state."""
+    """Infinite stream of collated batches for this rank; each worker forms whole batches from its slot state.
+    A batch holds images, pos_tokens, keys, epochs (the epoch each sample was read in) and, as configured,
+    neg_tokens and tag_ids."""
 
     def __init__(self, cfg: DataConfig, batch_size: int, seed: int, tokenizer: ClipTokenizer,
                  tag_vocab: TagVocab | None, slot_states: list[dict]):
