@@ -86,7 +86,7 @@ def source():
             item = (0, raw)
             consumed += sample_bytes(item)
             yield item
-for item in shuffle_buffer(source(), {samples}, random.Random(0), {int(mib * 2**20)}):
+for item in shuffle_buffer(source(), {samples}, random.Random(0), [], {int(mib * 2**20)}):
     emitted += sample_bytes(item)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({{"peak_buffer_mib": peak / 2**20, "rss_growth_mib": (after - before) / 1024}}))

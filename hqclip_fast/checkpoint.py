@@ -6,6 +6,9 @@ Layout of a checkpoint folder `<dir>/step_00000100/`:
   schedule, the data loader's position, the RNG states (ints, floats and base64 bytes: they round-trip
   exactly) and the step.
 
+A checkpoint loads on another world size too: DCP reshards model and optimizer, and the loader redistributes
+the saved ranks' unread data (hqclip_fast.data.loader.TrainLoader.load_elastic).
+
 Loading runs no code from the folder: DCP unpickles `.metadata` and the optimizer's non-tensor entries with
 plain pickle, so `.metadata` is first read with only DCP's own metadata classes allowed, and the non-tensor
 entries are checked with `weights_only=True` (hqclip_fast.serialization); a refused file is an UnsafeFileError.
@@ -37,6 +40,7 @@ import json
 import random
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -298,24 +302,40 @@ class Checkpointer:
             self._drop_old()
 
     def load(self, path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Restore model and optimizer in place, set the RNG states, and return this rank's trainer state."""
+        """Restore model and optimizer in place and return this rank's trainer state, with its RNG states set.
+
+        Another world size (an elastic resume) is allowed: DCP reshards model and optimizer to this run's
+        layout; the trainer state returned is then rank 0's (step and schedule are the same on every rank) and
+        the RNG states are not set (there is no saved rank to take them from; the generators keep this run's
+        seeding). `saved_states` gives every saved rank's trainer state (the loader resumes from all of them)."""
         path = as_location(path)
-        saved_ranks = sum(1 for name in _names(path) if re.fullmatch(r"rank\d+\.json", name))
-        if saved_ranks == 0:
-            raise ValueError(f"checkpoint {path} has no rank*.json trainer state: not a checkpoint of this "
-                             "version of hqclip-fast (older ones kept that state in a pickle, no longer loaded)")
-        if saved_ranks != self.world_size:
-            raise ValueError(
-                f"checkpoint {path} holds the state of {saved_ranks} ranks (rank*.json); resuming it exactly "
-                f"needs the same world size, got {self.world_size}"
-            )
-        per_rank = json.loads(_read_text(_rank_file(path, self.rank)))
+        saved_ranks = self._saved_ranks(path)
+        same_world = saved_ranks == self.world_size
+        per_rank = json.loads(_read_text(_rank_file(path, self.rank if same_world else 0)))
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         _dcp_load(state, path, no_dist=not _distributed())
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        set_rng_state(per_rank.pop("rng"))
+        rng = per_rank.pop("rng")
+        if same_world:
+            set_rng_state(rng)
         return per_rank
+
+    def saved_states(self, path: str | Path) -> Iterator[dict]:
+        """Every saved rank's trainer state (RNG states left out), in rank order, read one at a time."""
+        path = as_location(path)
+        for rank in range(self._saved_ranks(path)):
+            state = json.loads(_read_text(_rank_file(path, rank)))
+            state.pop("rng")
+            yield state
+
+    @staticmethod
+    def _saved_ranks(path: Location) -> int:
+        saved_ranks = sum(1 for name in _names(path) if re.fullmatch(r"rank\d+\.json", name))
+        if saved_ranks == 0:
+            raise ValueError(f"checkpoint {path} has no rank*.json trainer state: not a checkpoint of this "
+                             "version of hqclip-fast (older ones kept that state in a pickle, no longer loaded)")
+        return saved_ranks
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:

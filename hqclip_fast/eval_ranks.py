@@ -4,7 +4,8 @@ Rank r encodes the samples i with i % world_size == r; the per-rank results are 
 the global sample order) or summed (counts), so that every rank ends with what one process computes on the
 whole set. World sizes that do not divide the set are fine: the shares then differ by one sample.
 
-Eval sets in shards are shared before decoding (hqclip_fast.data.build_eval_dataset with rank/world_size):
+Eval sets in shards are shared before decoding (hqclip_fast.data.build_eval_dataset with rank/world_size: whole
+shards per rank where there are at least as many shards as ranks, else samples by tar position):
 i counts the samples in the tar structure, so a damaged sample leaves a hole in its rank's share and the shares
 of good samples may differ by more than one; their features are gathered by sample index (`gather(index=)`).
 

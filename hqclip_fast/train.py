@@ -249,10 +249,16 @@ class Trainer:
         for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
                                           self.scheduler.lr_lambdas):
             group["lr"] = base_lr * factor(self.scheduler.last_epoch)
-        self.loader.load_state_dict(state["loader"])
+        elastic = hasattr(self.loader, "load_elastic") and not self.loader.resumes_exactly(state["loader"])
+        if elastic:  # another number of ranks, workers or batch size: every saved rank's loader state is needed
+            self.loader.load_elastic(s["loader"] for s in self.checkpointer.saved_states(path))
+        else:  # same layout (the DALI loader resumes only so, and says why not otherwise)
+            self.loader.load_state_dict(state["loader"])
         self.step = state["step"]
         if self.runtime.is_main:
-            tqdm.write(f"resumed from {path} at step {self.step}")
+            how = f" (elastic: saved by {state['world_size']} ranks, {state['loader']['workers']} workers, batch " \
+                  f"{state['loader']['batch_size']})" if elastic else ""
+            tqdm.write(f"resumed from {path} at step {self.step}{how}")
 
     def _save(self):
         return self.checkpointer.save(self.step, self.model, self.optimizer,

@@ -26,7 +26,7 @@ def _run(items, size, max_bytes):
             peak[1] = max(peak[1], sum(map(sample_bytes, held)) - sum(map(sample_bytes, emitted)))
             yield item
 
-    for item in shuffle_buffer(source(), size, random.Random(0), max_bytes):
+    for item in shuffle_buffer(source(), size, random.Random(0), [], max_bytes):
         emitted.append(item)
     return emitted, peak
 
@@ -55,9 +55,9 @@ def test_loader_bounds_its_buffer_by_config(tmp_path, monkeypatch):
     seen = []
     real = loader_module.shuffle_buffer
 
-    def recording(stream, size, rng, max_bytes=0):
+    def recording(stream, size, rng, buffer, max_bytes=0):
         seen.append((size, max_bytes))
-        return real(stream, size, rng, max_bytes)
+        return real(stream, size, rng, buffer, max_bytes)
 
     monkeypatch.setattr(loader_module, "shuffle_buffer", recording)
     cfg = DataConfig(train_data=manifest["train"], image_size=IMAGE_SIZE, context_length=16, workers=0,

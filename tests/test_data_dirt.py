@@ -11,6 +11,7 @@ import torch
 from data_helpers import IMAGE_SIZE, dirty_shards, good_members, write_tar
 
 from hqclip_fast.data import ClipTokenizer, DataConfig, build_eval_dataset, build_train_loader
+from hqclip_fast.data.shards import expand_sources
 from hqclip_fast.data.validate import validate_shards
 
 
@@ -110,57 +111,66 @@ def test_validate_cli(dirty):
 
 
 def _read_eval_share(pattern: str, rank: int, world_size: int, monkeypatch, worker=None):
-    """(samples, stats, decoded) of one rank's eval share; decoded: (shard, key) of every decode_image call."""
+    """(samples, stats, decoded, opened) of one rank's eval share; decoded: (shard, key) of every decode_image
+    call; opened: the shards it opened."""
     from types import SimpleNamespace
 
     from hqclip_fast.data import loader as data_loader
 
-    decoded = []
-    real_decode = data_loader.decode_image
+    decoded, opened = [], []
+    real_decode, real_read = data_loader.decode_image, data_loader.iter_tar_samples
     monkeypatch.setattr(data_loader, "decode_image",
                         lambda raw: decoded.append((os.path.basename(raw["__url__"]), raw["__key__"]))
                         or real_decode(raw))
+    monkeypatch.setattr(data_loader, "iter_tar_samples",
+                        lambda url, *args, **kw: opened.append(os.path.basename(url)) or real_read(url, *args, **kw))
     if worker is not None:  # as a DataLoader worker (id, num_workers) would see it
         monkeypatch.setattr(data_loader, "get_worker_info", lambda: SimpleNamespace(id=worker[0],
                                                                                     num_workers=worker[1]))
     dataset = build_eval_dataset(pattern, image_size=IMAGE_SIZE, rank=rank, world_size=world_size, with_index=True)
     samples = list(dataset)
     monkeypatch.undo()
-    return samples, dataset.stats(), decoded
+    return samples, dataset.stats(), decoded, opened
 
 
-def test_eval_shares_of_three_ranks_partition_the_good_samples(dirty, monkeypatch):
-    pattern, _, num_good = dirty
-    whole, whole_stats, whole_decoded = _read_eval_share(pattern, 0, 1, monkeypatch)
-    assert len(whole) == num_good + 2 and [s[0] for s in whole] == sorted(s[0] for s in whole)
+@pytest.mark.parametrize("world_size,shards", [(3, "{0..4}"), (2, "{0..4}"), (3, "{0..1}"), (2, "0")])
+def test_eval_shares_of_ranks_partition_the_good_samples(dirty, monkeypatch, world_size, shards):
+    """5 shards on 2 or 3 ranks: each rank opens only its own shards; 2 shards on 3 ranks, 1 on 2: every rank
+    reads every shard and decodes only its positions. Either way the shares are one process's samples."""
+    pattern = dirty[0].replace("{0..4}", shards)
+    urls = [os.path.basename(u) for u in expand_sources(pattern)[0]]
+    whole, whole_stats, whole_decoded, _ = _read_eval_share(pattern, 0, 1, monkeypatch)
+    assert [s[0] for s in whole] == sorted(s[0] for s in whole)
     by_index = {index: (key, image, target) for index, key, image, target in whole}
 
-    shares = [_read_eval_share(pattern, rank, 3, monkeypatch) for rank in range(3)]
-    indices = [index for samples, _, _ in shares for index, *_ in samples]
+    shares = [_read_eval_share(pattern, rank, world_size, monkeypatch) for rank in range(world_size)]
+    indices = [index for samples, *_ in shares for index, *_ in samples]
     assert sorted(indices) == sorted(by_index)  # every good sample once, no overlap
-    for rank, (samples, stats, _) in enumerate(shares):
+    for rank, (samples, stats, decoded, opened) in enumerate(shares):
         assert [index for index, *_ in samples] == sorted(index for index, *_ in samples)
         for index, key, image, target in samples:
-            assert index % 3 == rank
             assert key == by_index[index][0] and target == by_index[index][2]
             assert torch.equal(image, by_index[index][1])
-        # damaged samples sit in the middle of shard 0: each rank meets (and skips) some of its own
-        assert stats["samples_skipped"] > 0 and stats["samples_ok"] == len(samples)
+        if len(urls) >= world_size:  # by shards: this rank's shards only, each byte read by one rank
+            assert opened == urls[rank::world_size]
+            assert {shard for shard, _ in decoded} <= set(opened)
+        else:  # by position: every rank reads every shard (and decodes only its positions)
+            assert opened == urls
+        assert stats["samples_ok"] == len(samples)
     # each rank decoded only its share: the decode calls partition one process's
-    decoded = [call for _, _, calls in shares for call in calls]
+    decoded = [call for *_, calls, _ in shares for call in calls]
     assert sorted(decoded) == sorted(whole_decoded) and len(set(decoded)) == len(decoded)
-    assert 0 < min(len(calls) for _, _, calls in shares) < len(whole_decoded) / 2
-    # the ranks' skip counts (shard-level ones counted once, by rank 0) add up to one process's
+    # the ranks' skip counts (shard-level ones counted once) add up to one process's
     summed = Counter()
-    for _, stats, _ in shares:
+    for _, stats, *_ in shares:
         summed.update(stats["reasons"])
     assert dict(summed) == whole_stats["reasons"]
-    assert sum(stats["samples_skipped"] for _, stats, _ in shares) == whole_stats["samples_skipped"]
+    assert sum(stats["samples_skipped"] for _, stats, *_ in shares) == whole_stats["samples_skipped"]
 
 
 def test_eval_share_split_among_dataloader_workers(dirty, monkeypatch):
     pattern, _, _ = dirty
-    rank_share, _, _ = _read_eval_share(pattern, 1, 3, monkeypatch)
+    rank_share, *_ = _read_eval_share(pattern, 1, 3, monkeypatch)
     per_worker = [_read_eval_share(pattern, 1, 3, monkeypatch, worker=(w, 2))[0] for w in range(2)]
     assert sorted(s[0] for samples in per_worker for s in samples) == [s[0] for s in rank_share]
     assert {s[0] for s in per_worker[0]}.isdisjoint(s[0] for s in per_worker[1])

@@ -10,8 +10,9 @@ import torch
 from data_helpers import IMAGE_SIZE, NUM_TRAIN, small_synthetic
 
 from hqclip_fast.data import ClipTokenizer, DataConfig, TagVocab, build_train_loader
-from hqclip_fast.data.loader import ShardStream, slot_stream
+from hqclip_fast.data.loader import ShardStream, SlotStream
 from hqclip_fast.data.samples import choose, random_resized_crop_params
+from hqclip_fast.data.sharding import fresh_slot_state
 from hqclip_fast.data.shards import expand_sources, iter_tar_samples
 
 
@@ -112,9 +113,42 @@ def test_slots_disjoint_and_complete(manifest, num_shards_used):
     urls = expand_sources(manifest["train"])[0][:num_shards_used]
     seen = []
     for slot in range(4):
-        stream = slot_stream(urls, 0, slot, 4, seed=7, resampled=False, stats=Counter())
+        stream = SlotStream(urls, 0, fresh_slot_state(slot, 4, 1), seed=7, resampled=False, stats=Counter())
         seen += [s["__key__"] for epoch, s in itertools.takewhile(lambda x: x[0] == 0, stream)]
     assert len(seen) == len(set(seen)) == num_shards_used * 40
+
+
+def test_fewer_shards_than_slots_each_slot_opens_one_shard(manifest, monkeypatch):
+    """2 shards, 5 slots: each slot opens one shard, extracts only its own samples, and the slots together
+    read each sample of the epoch once."""
+    from hqclip_fast.data import loader
+
+    opened, extracted = [], []
+
+    def counting(url, stats, offsets=False, **kw):
+        opened.append(url)
+        for sample in iter_tar_samples(url, stats, offsets, **kw):
+            if len(opened) == 1:  # epoch 0 (the second open is epoch 1's)
+                extracted.append(sample["__key__"])
+            yield sample
+
+    monkeypatch.setattr(loader, "iter_tar_samples", counting)
+    urls = expand_sources(manifest["train"])[0][:2]
+    keys = []
+    for slot in range(5):
+        opened.clear()
+        stream = SlotStream(urls, 0, fresh_slot_state(slot, 5, 1), seed=7, resampled=False, stats=Counter())
+        keys += [s["__key__"] for epoch, s in itertools.takewhile(lambda x: x[0] == 0, stream)]
+        assert len(opened) == 2 and opened[0] == opened[1]  # its shard, then epoch 1's first look
+    assert sorted(extracted) == sorted(set(extracted))  # no sample extracted by two slots in epoch 0 ...
+    assert len(keys) == len(set(keys)) == 80  # ... and every one of the 80 samples read once
+
+
+def test_shard_smaller_than_its_slot_share_is_a_clear_error(manifest):
+    urls = expand_sources(manifest["train"])[0][:1]  # 40 samples shared by 64 slots: slot 50 gets none
+    stream = SlotStream(urls, 0, fresh_slot_state(50, 64, 1), seed=0, resampled=False, stats=Counter())
+    with pytest.raises(RuntimeError, match=r"slot 50 of 64.*1 shard\(s\).*resampled"):
+        next(iter(stream))
 
 
 @pytest.mark.distributed  # spawns worker processes
@@ -182,7 +216,7 @@ def test_several_sources_with_weights(manifest, tokenizer, tmp_path):
     urls = expand_sources(manifest["train"])[0]
     cfg = _cfg(manifest, train_data=f"{urls[0]}::{other['train']}", train_data_weights=[1.0, 3.0],
                shuffle_buffer=0)
-    dataset = ShardStream(cfg, 1, 0, 1, 0, tokenizer, None, [0])
+    dataset = ShardStream(cfg, 1, 0, tokenizer, None, [])
     assert [len(s) for s in dataset.sources] == [1, NUM_TRAIN // 40]
     batches = _take(build_train_loader(cfg, batch_size=50, tokenizer=tokenizer), 4)
     first_shard = {f"train{i:08d}" for i in range(40)}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hqclip_fast.config import EvalConfig
-from hqclip_fast.data import ClipTokenizer
+from hqclip_fast.data import ClipTokenizer, EvalDataset
 from hqclip_fast.data.synthetic import write_synthetic
 from hqclip_fast.eval import (
     EvalSuite,
@@ -277,7 +277,8 @@ def test_image_folder_gives_the_same_accuracy_as_the_shards(synthetic, model, tm
 
 def test_shard_sets_split_among_three_ranks_before_decoding(synthetic):
     """The batches of 3 ranks (no process group needed: batches hold no collective) hold the whole set once:
-    zero-shot labels as a multiset, image-text pairs by their sample index, in each rank's i % 3 share."""
+    zero-shot labels as a multiset, image-text pairs by their sample index; the 2 shards of 40 image-text pairs
+    are split by position among 3 ranks (p % 3), and by shard between 2."""
     zeroshot = ZeroShotSet(synthetic["zeroshot"], synthetic["classnames"], synthetic["templates"], SIZE)
     whole_labels = torch.cat([labels for _, labels in zeroshot.batches(16)])
     shared_labels = torch.cat([labels for r in range(3) for _, labels in zeroshot.batches(16, EvalRanks(r, 3))])
@@ -285,16 +286,22 @@ def test_shard_sets_split_among_three_ranks_before_decoding(synthetic):
 
     image_text = ImageTextSet(synthetic["hardneg"], SIZE)
     (images, positives, negatives, indices), = image_text.batches(64)
-    assert indices == list(range(40))
-    seen = []
-    for rank in range(3):
-        for batch_images, batch_pos, batch_neg, batch_indices in image_text.batches(4, EvalRanks(rank, 3)):
-            assert all(i % 3 == rank for i in batch_indices)
-            seen += batch_indices
-            assert torch.equal(batch_images, images[batch_indices])
-            assert batch_pos == [positives[i] for i in batch_indices]
-            assert batch_neg == [negatives[i] for i in batch_indices]
-    assert sorted(seen) == indices
+    assert len(indices) == 40 and indices == sorted(indices)  # the indices order the set as one process reads it
+    position = {index: p for p, index in enumerate(indices)}
+    for world_size in (3, 2):
+        seen = []
+        for rank in range(world_size):
+            for batch_images, batch_pos, batch_neg, batch_indices in image_text.batches(4, EvalRanks(rank, world_size)):
+                rows = [position[i] for i in batch_indices]
+                if world_size == 3:  # fewer shards than ranks: by position
+                    assert all(p % 3 == rank for p in rows)
+                else:  # whole shards: rank r's samples all come from shard r
+                    assert all(i // EvalDataset.INDEX_STRIDE == rank for i in batch_indices)
+                seen += batch_indices
+                assert torch.equal(batch_images, images[rows])
+                assert batch_pos == [positives[p] for p in rows]
+                assert batch_neg == [negatives[p] for p in rows]
+        assert sorted(seen) == indices
 
 
 def test_gather_by_index_on_one_process():

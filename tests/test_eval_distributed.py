@@ -164,3 +164,43 @@ def test_two_ranks_give_the_single_process_metrics(manifest, tmp_path):
     # hqclip-eval: rank 0 prints and writes the whole sets' metrics, rank 1 reports nothing.
     assert json.loads(outputs[0]["cli_printed"]) == json.loads((tmp_path / "cli_rank0.json").read_text()) == expected
     assert outputs[1]["cli_printed"] == "" and not (tmp_path / "cli_rank1.json").exists()
+
+
+def _sharded_worker(rank: int, world_size: int, port: int, manifest: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        with _counting_decodes() as decoded:
+            results = _suite(manifest).run(_model(), ClipTokenizer(CONTEXT), "cpu", ranks=EvalRanks.current("cpu"))
+    finally:
+        dist.destroy_process_group()
+    Path(out_dir, f"sharded{world_size}_rank{rank}.json").write_text(json.dumps({"results": results,
+                                                                                 "decoded": decoded}))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sets_of_several_shards_are_shared_by_whole_shards(world_size, tmp_path):
+    """7 images per set in shards of 2 (4 shards): on 2 and 3 ranks each rank reads whole shards of its own
+    (uneven shares: 4 + 3 or 3 + 2 + 2 images), and every metric equals one process's."""
+    written = write_synthetic(str(tmp_path / "data"), num_samples=4, shard_size=2, seed=6, image_size=SIZE,
+                              num_zeroshot=NUM_IMAGES, num_hardneg=NUM_IMAGES)
+    manifest = str(tmp_path / "data" / "manifest.json")
+    shards = {split: list(braceexpand.braceexpand(written[split])) for split in ("zeroshot", "hardneg")}
+    assert {len(s) for s in shards.values()} == {4}
+    with _counting_decodes() as decoded:
+        expected = _suite(manifest).run(_model(), ClipTokenizer(CONTEXT), "cpu")
+    mp.spawn(_sharded_worker, args=(world_size, _free_ports(1)[0], manifest, str(tmp_path)), nprocs=world_size,
+             join=True)
+    outputs = [json.loads((tmp_path / f"sharded{world_size}_rank{r}.json").read_text()) for r in range(world_size)]
+    for output in outputs:
+        assert output["results"] == expected
+    def keys(url):
+        with tarfile.open(url) as tar:
+            return {name.split(".")[0] for name in tar.getnames()}
+
+    per_rank = [sorted(tuple(call) for call in output["decoded"]) for output in outputs]
+    for rank, calls in enumerate(per_rank):  # only samples of its own shards
+        mine = {(split, key) for split, urls in shards.items() for url in urls[rank::world_size] for key in keys(url)}
+        assert calls and set(calls) <= mine
+    assert sorted(call for calls in per_rank for call in calls) == sorted(tuple(call) for call in decoded)

@@ -1,5 +1,6 @@
 """End to end on 2 CPU ranks (torchrun, gloo, FSDP2): train with the full HQ-CLIP loss, evaluate, write a sharded
-checkpoint, resume it on 2 ranks with a longer schedule, and export it from a single process to open_clip."""
+checkpoint, resume it on 2 ranks with a longer schedule, and export it from a single process to open_clip; and
+resume elastically on other numbers of ranks (DCP reshards model and optimizer, the loader its unread data)."""
 
 import os
 import subprocess
@@ -22,10 +23,10 @@ def synthetic(tmp_path_factory):
                            num_hardneg=8)
 
 
-def _torchrun(synthetic: dict, run_dir, steps: int) -> subprocess.CompletedProcess:
+def _torchrun(synthetic: dict, run_dir, steps: int, ranks: int = 2, *overrides: str) -> subprocess.CompletedProcess:
     manifest = os.path.join(os.path.dirname(synthetic["tags"]), "manifest.json")
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
         "-m", "hqclip_fast.train",
         f"run_dir={run_dir}", f"steps={steps}", "batch_size=4", "device=cpu", "cpu_threads=1",
         "model.name=hqclip-micro", f"model.tag_vocab={synthetic['tags']}",
@@ -34,7 +35,7 @@ def _torchrun(synthetic: dict, run_dir, steps: int) -> subprocess.CompletedProce
         "loss.hni_weight=1.0", "loss.stc_weight=0.5",
         "optim.warmup_steps=1", "checkpoint.every_steps=2",
         f"eval.synthetic_manifest={manifest}", "eval.batch_size=8",
-        "log.every_steps=1", "log.progress_bar=false", "log.tensorboard=false",
+        "log.every_steps=1", "log.progress_bar=false", "log.tensorboard=false", *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -71,3 +72,32 @@ def test_two_cpu_ranks_train_resume_and_export(synthetic, tmp_path):
     exported = torch.load(weights, weights_only=True)
     for key, value in model.open_clip_state_dict().items():
         assert torch.equal(exported[key], value), key
+
+
+def _model_and_optimizer_state(checkpoint):
+    """The saved tensors of a checkpoint, gathered on one process (whatever the world size that wrote it)."""
+    reader = dcp.FileSystemReader(str(checkpoint))
+    metadata = reader.read_metadata().state_dict_metadata
+    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in metadata.items()
+             if hasattr(meta, "size") and (key.startswith("model.") or key.startswith("optim.state."))}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
+@pytest.mark.distributed
+def test_elastic_resume_on_four_then_two_then_three_ranks(synthetic, tmp_path):
+    run = tmp_path / "run"
+    _torchrun(synthetic, run, 2, 4)
+    result = _torchrun(synthetic, run, 3, 2, "batch_size=6")  # step 3 on 2 ranks, from the 4-rank checkpoint
+    assert "elastic: saved by 4 ranks, 0 workers, batch 4" in result.stdout
+    optimizer = _model_and_optimizer_state(latest_checkpoint(run / "checkpoints"))
+    steps = [key for key in optimizer if key.endswith(".step")]
+    assert steps and all(optimizer[k].item() == 3 for k in steps)  # Adam went on counting from the 4 ranks' 2
+    result = _torchrun(synthetic, run, 3, 3)  # 3 ranks load the 2-rank checkpoint and only evaluate it
+    assert "elastic: saved by 2 ranks, 0 workers, batch 6" in result.stdout
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    evals = [r for r in records if r["kind"] == "eval" and r["step"] == 3]
+    assert len(evals) == 2  # at the end of the 2-rank run, and of the 3-rank one after resharding its weights
+    for name in ("zeroshot_top1", "hard_negative_acc", "image_to_text_R@1"):
+        assert evals[0][name] == pytest.approx(evals[1][name], abs=1e-6), name

@@ -1,22 +1,28 @@
 """CPU training loader: webdataset shards -> PIL decode + augmentation in DataLoader workers -> batches.
 
 Determinism (what makes `load_state_dict` exact):
-- each (rank, worker) pair is a "slot"; an epoch's shard order is a permutation drawn from (seed, source,
-  epoch), identical on every rank, and slot s reads shards s, s + num_slots, ... of it (no overlap; with fewer
-  shards than slots every slot reads all shards and keeps every num_slots-th sample instead);
+- each (rank, worker) pair is a "slot"; which samples a slot reads in an epoch is a pure function of the shard
+  and slot counts, the seed and the epoch (hqclip_fast.data.sharding: whole shards when there are at least as
+  many shards as slots, a shard split by sample position among the slots sharing it otherwise);
 - the stream of a slot is infinite (epoch after epoch), shuffled by a buffer with an RNG seeded by
   (seed, slot); the n-th sample out of the buffer is augmented with an RNG seeded by (seed, slot, n);
 - batches are formed inside the workers; the loader yields batch i from worker i % workers, whatever order
   the DataLoader delivers them in.
-The state is therefore (per worker: how many raw samples left its shuffle buffer; batches yielded). Resuming
-fast-forwards each worker through that many raw samples without decoding them.
+The state (per slot, taken when the worker forms a batch, kept when the trainer takes that batch) is where each
+source's stream is (epoch, share, sample index and byte offset in the current shard), the generators' states,
+the shuffle buffer as sample references and the count of samples out of the buffer: resuming opens only the
+current shard (seeking to the next sample's byte where the source can seek) and the shards the buffered
+samples come from, whatever the step. `load_elastic` resumes on another number of ranks, workers or batch size
+(see sharding.elastic_slot_states).
 """
 
 from __future__ import annotations
 
+import copy
 import random
-from collections import Counter, deque
-from collections.abc import Iterator
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -32,11 +38,19 @@ from .samples import (
     eval_transform,
     read_record,
 )
-from .shards import SHARD_REASONS, configure_source_retry, expand_sources, iter_tar_samples
+from .sharding import (
+    Share,
+    deal_buffers,
+    elastic_slot_states,
+    epoch_shares,
+    fresh_slot_state,
+    resampled_shares,
+)
+from .shards import SHARD_REASONS, configure_source_retry, expand_sources, is_local, iter_tar_samples
 from .tags import TagVocab
 from .tokenizer import ClipTokenizer
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 def summarize(reasons: Counter | dict, samples_ok: int) -> dict:
@@ -46,37 +60,96 @@ def summarize(reasons: Counter | dict, samples_ok: int) -> dict:
     return {"samples_ok": int(samples_ok), "samples_skipped": skipped, "reasons": reasons}
 
 
-def slot_stream(urls: list[str], source: int, slot: int, num_slots: int, seed: int, resampled: bool,
-                stats: Counter, annotations=None) -> Iterator[tuple[int, dict]]:
-    """Infinite (epoch, raw sample) stream of one source for one slot; with `annotations`
-    (hqclip_fast.data.annotations), each sample comes with its annotation merged in, as `hqclip-data join` writes."""
-    epoch = 0
-    while True:
-        read = 0
-        if resampled:
-            rng = np.random.default_rng([seed, source, slot, epoch, 1])
-            shards = [urls[i] for i in rng.integers(0, len(urls), size=max(1, len(urls) // num_slots))]
-            keep_every = 1
-        else:
-            order = np.random.default_rng([seed, source, epoch]).permutation(len(urls))
-            if len(urls) >= num_slots:
-                shards, keep_every = [urls[i] for i in order[slot::num_slots]], 1
-            else:
-                shards, keep_every = [urls[i] for i in order], num_slots
-        position = 0
-        for url in shards:
-            shard_annotations = annotations.for_shard(url) if annotations is not None else None
-            for sample in iter_tar_samples(url, stats):
-                mine = keep_every == 1 or position % keep_every == slot
-                position += 1
-                if mine:
+class SlotStream:
+    """Infinite (epoch, raw sample) stream of one source for one slot. `position` (JSON, see sharding) is where
+    it is, moved past each sample before that sample is yielded; a stream built from a saved position continues
+    there without opening the shards before it. With `annotations` (hqclip_fast.data.annotations) each sample
+    comes with its annotation merged in, as `hqclip-data join` writes it."""
+
+    def __init__(self, urls: list[str], source: int, state: dict, seed: int, resampled: bool, stats: Counter,
+                 annotations=None):
+        self.urls, self.source, self.seed, self.resampled, self.stats = urls, source, seed, resampled, stats
+        self.annotations = annotations
+        self.slot, self.num_slots, self.generation = state["slot"], state["num_slots"], state["generation"]
+        self.position = copy.deepcopy(state["streams"][source])
+
+    def shares(self, epoch: int) -> list[Share]:
+        if self.resampled:
+            return resampled_shares(len(self.urls), self.num_slots, self.slot, seed=self.seed, source=self.source,
+                                    epoch=epoch, generation=self.generation)
+        return epoch_shares(len(self.urls), self.num_slots, self.slot, seed=self.seed, source=self.source,
+                            epoch=epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, dict]]:
+        position = self.position
+        while position["pending"]:
+            item = position["pending"][0]
+            yield from self._read(item["epoch"], Share(item["shard"], item["first"], item["step"]), item)
+            position["pending"].pop(0)
+        while True:
+            shares = self.shares(position["epoch"])
+            whole_epoch = position["share"] == 0 and position["index"] == 0
+            read = 0
+            while position["share"] < len(shares):
+                for sample in self._read(position["epoch"], shares[position["share"]], position):
                     read += 1
-                    yield epoch, shard_annotations.annotate(sample) if shard_annotations else sample
-        if read == 0:
-            raise RuntimeError(
-                f"train_data: no readable sample in {len(shards)} shard(s) of source {source} for slot {slot} "
-                f"(epoch {epoch}); reasons so far: {dict(stats)}")
-        epoch += 1
+                    yield sample
+                position.update(share=position["share"] + 1, index=0, offset=None)
+            if read == 0 and whole_epoch:
+                raise RuntimeError(
+                    f"train_data: slot {self.slot} of {self.num_slots} (ranks x workers) read no sample of source "
+                    f"{self.source} in epoch {position['epoch']} from {len(shares)} of its {len(self.urls)} "
+                    f"shard(s); with fewer shards than slots each shard is split among the slots sharing it and "
+                    f"needs at least that many samples: use more shards, fewer workers or data.resampled=true. "
+                    f"Reasons so far: {dict(self.stats)}")
+            position.update(epoch=position["epoch"] + 1, share=0)
+
+    def _read(self, epoch: int, share: Share, cursor: dict) -> Iterator[tuple[int, dict]]:
+        """The samples of `share` from cursor's index (and byte offset) on; the cursor moves past each one."""
+        keep = None if share.step == 1 else lambda index: index % share.step == share.first
+        url = self.urls[share.shard]
+        shard_annotations = self.annotations.for_shard(url) if self.annotations is not None else None
+        for sample in iter_tar_samples(url, self.stats, at=(cursor["index"], cursor["offset"]), keep=keep):
+            cursor["index"], cursor["offset"] = sample["__index__"] + 1, sample["__end__"]
+            sample["__ref__"] = [self.source, epoch, share.shard, sample["__index__"], sample["__start__"]]
+            yield epoch, shard_annotations.annotate(sample) if shard_annotations else sample
+
+
+def buffered_items(sources: list[list[str]], refs: list[list], stats: Counter,
+                   annotate: Callable[[dict], dict] | None = None) -> list[tuple[int, dict]]:
+    """The shuffle buffer's (epoch, sample) items that references [source, epoch, shard, index, byte offset]
+    name, in their order. A sample of a local uncompressed tar stays a reference ({"__ref__": ref}), read when
+    it leaves the buffer (`read_reference`: one seek), so a resume does not wait for the whole buffer; the
+    others' shards are entered once each, at their first wanted sample, and read up to the last. A sample that
+    cannot be read again is counted ('buffered_sample_lost'), not silently dropped. `annotate` merges a sample's
+    load-time annotation in again."""
+    found, streamed = {}, defaultdict(dict)
+    for source, _, shard, index, offset in refs:
+        if offset is None or not is_local(sources[source][shard]):
+            streamed[source, shard][index] = offset
+    for (source, shard), offsets in streamed.items():
+        first = min(offsets)
+        for sample in iter_tar_samples(sources[source][shard], Counter(), at=(first, offsets[first]),
+                                       keep=offsets.__contains__):
+            found[source, shard, sample["__index__"]] = annotate(sample) if annotate else sample
+            if sample["__index__"] == max(offsets):
+                break
+    items = []
+    for ref in refs:
+        if (ref[0], ref[2]) not in streamed:
+            items.append((ref[1], {"__ref__": list(ref)}))
+        elif (ref[0], ref[2], ref[3]) in found:
+            items.append((ref[1], {**found[ref[0], ref[2], ref[3]], "__ref__": list(ref)}))
+        else:
+            stats["buffered_sample_lost"] += 1
+    return items
+
+
+def read_reference(sources: list[list[str]], ref: list) -> dict | None:
+    """The sample a buffer reference names, read from its byte offset in a local tar (None: not there)."""
+    source, _, shard, index, offset = ref
+    sample = next(iter_tar_samples(sources[source][shard], Counter(), at=(index, offset), keep=index.__eq__), None)
+    return None if sample is None else {**sample, "__ref__": list(ref)}
 
 
 def mix_sources(streams: list[Iterator], weights: list[float], rng: random.Random) -> Iterator[tuple[int, dict]]:
@@ -88,43 +161,58 @@ def mix_sources(streams: list[Iterator], weights: list[float], rng: random.Rando
 
 
 def sample_bytes(item: tuple[int, dict]) -> int:
-    """Encoded payload of a buffered (epoch, raw sample): its members' bytes, what dominates its memory."""
+    """Encoded payload of a buffered (epoch, raw sample): its members' bytes, what dominates its memory (a
+    resumed buffer's references to samples not read yet hold none)."""
     return sum(len(v) for v in item[1].values() if isinstance(v, bytes))
 
 
-def shuffle_buffer(stream: Iterator, size: int, rng: random.Random, max_bytes: int = 0) -> Iterator:
+def shuffle_buffer(stream: Iterator, size: int, rng: random.Random, buffer: list, max_bytes: int = 0) -> Iterator:
     """Reservoir-style shuffle through a buffer of at most `size` items and (max_bytes > 0) at most `max_bytes`
-    of sample payload (`sample_bytes`): each new item first evicts random items, which are emitted, until it
-    fits; an item larger than max_bytes alone passes straight through."""
+    of sample payload (`sample_bytes`): each new item goes in, then random items are emitted until both bounds
+    hold again; an item larger than max_bytes alone passes straight through. `buffer` (the caller's list, filled
+    on resume) holds exactly the items read and not yet emitted whenever an item is emitted: it is part of the
+    loader's state."""
     if size <= 1:
+        while buffer:
+            yield buffer.pop(0)
         yield from stream
         return
-    buffer: list = []
-    held = 0
+    held = sum(map(sample_bytes, buffer)) if max_bytes else 0
     for item in stream:
         nbytes = sample_bytes(item) if max_bytes else 0
         if nbytes > max_bytes > 0:
             yield item
             continue
-        while len(buffer) >= size or held + nbytes > max_bytes > 0:
+        buffer.append(item)
+        held += nbytes
+        while len(buffer) > size or held > max_bytes > 0:
             i = rng.randrange(len(buffer))
             buffer[i], buffer[-1] = buffer[-1], buffer[i]
             out = buffer.pop()
             held -= sample_bytes(out) if max_bytes else 0
             yield out
-        buffer.append(item)
-        held += nbytes
     rng.shuffle(buffer)
-    yield from buffer
+    while buffer:
+        yield buffer.pop()
+
+
+def _random(name: str, generation: int, state: list | None) -> random.Random:
+    rng = random.Random(name if not generation else f"{name}-{generation}")
+    if state is not None:
+        version, internal, gauss = state
+        rng.setstate((version, tuple(internal), gauss))
+    return rng
 
 
 class ShardStream(IterableDataset):
-    """Infinite stream of collated batches for this rank; each worker forms whole batches."""
+    """Infinite stream of collated batches for this rank; each worker forms whole batches from its slot state.
+    A batch holds images, pos_tokens, keys, epochs (the epoch each sample was read in) and, as configured,
+    neg_tokens and tag_ids."""
 
-    def __init__(self, cfg: DataConfig, batch_size: int, rank: int, world_size: int, seed: int,
-                 tokenizer: ClipTokenizer, tag_vocab: TagVocab | None, skip_raw: list[int]):
-        self.cfg, self.batch_size, self.rank, self.world_size, self.seed = cfg, batch_size, rank, world_size, seed
-        self.tokenizer, self.tag_vocab, self.skip_raw = tokenizer, tag_vocab, skip_raw
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, tokenizer: ClipTokenizer,
+                 tag_vocab: TagVocab | None, slot_states: list[dict]):
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.tokenizer, self.tag_vocab, self.slot_states = tokenizer, tag_vocab, slot_states
         self.sources = expand_sources(cfg.train_data)
         weights = cfg.train_data_weights or [1.0] * len(self.sources)
         if len(weights) != len(self.sources) or min(weights) < 0 or sum(weights) <= 0:
@@ -134,38 +222,53 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
+        worker = info.id if info else 0
+        state = self.slot_states[worker]
+        slot, generation = state["slot"], state["generation"]
         stats: Counter = Counter()
-        streams = [slot_stream(urls, i, slot, num_slots, self.seed, self.cfg.resampled, stats, self.annotations)
+        streams = [SlotStream(urls, i, state, self.seed, self.cfg.resampled, stats, self.annotations)
                    for i, urls in enumerate(self.sources)]
-        raw = mix_sources(streams, self.weights, random.Random(f"mix-{self.seed}-{slot}"))
-        raw = shuffle_buffer(raw, self.cfg.shuffle_buffer, random.Random(f"shuffle-{self.seed}-{slot}"),
-                             max_bytes=int(self.cfg.shuffle_buffer_mib * 2**20))
-        skip = self.skip_raw[worker]
-        samples, samples_ok, last_ok_epoch = [], 0, 0
-        for index, (epoch, sample) in enumerate(raw):
-            if index < skip:
-                if index == skip - 1:
-                    stats.clear()  # the resumed state already counted everything read up to here
-                last_ok_epoch = epoch
-                continue
+        mix_rng = _random(f"mix-{self.seed}-{slot}", generation, state["mix"])
+        shuffle_rng = _random(f"shuffle-{self.seed}-{slot}", generation, state["shuffle"])
+        # A resumed buffer's samples are read again raw: their annotations are merged in again. The buffer
+        # spans the last few shards each stream read, so a few shards' annotations at a time serve it.
+        annotations_of = lru_cache(maxsize=8)(self.annotations.for_shard) if self.annotations is not None else None
+        annotate = (lambda sample: annotations_of(sample["__url__"]).annotate(sample)) if annotations_of else None
+        buffer = buffered_items(self.sources, state["buffer"], stats, annotate)
+        raw = shuffle_buffer(mix_sources([iter(s) for s in streams], self.weights, mix_rng), self.cfg.shuffle_buffer,
+                             shuffle_rng, buffer, max_bytes=int(self.cfg.shuffle_buffer_mib * 2**20))
+        index = state["raw"]
+        augment_key = [self.seed, slot] + ([generation] if generation else [])
+        samples, epochs, samples_ok, last_ok_epoch = [], [], 0, None
+        for epoch, sample in raw:
+            index += 1
+            last_ok_epoch = epoch if last_ok_epoch is None else last_ok_epoch
+            if "__key__" not in sample:  # a buffered sample of the resumed state: read it now
+                sample = read_reference(self.sources, sample["__ref__"])
+                if sample is None:
+                    stats["buffered_sample_lost"] += 1
+                    continue
+                if annotate is not None:
+                    sample = annotate(sample)
             try:
-                samples.append(decode_train_sample(sample, self.cfg, np.random.default_rng([self.seed, slot, index]),
+                samples.append(decode_train_sample(sample, self.cfg, np.random.default_rng(augment_key + [index - 1]),
                                                    self.tag_vocab))
             except SkipSample as e:
                 stats[e.reason] += 1
                 if epoch - last_ok_epoch >= 2:  # a whole epoch without one usable sample: fail, don't spin
-                    raise RuntimeError(f"train_data: no usable sample in a whole epoch for rank {self.rank} "
-                                       f"worker {worker}; skipped: {dict(stats)}") from None
+                    raise RuntimeError(f"train_data: no usable sample in a whole epoch for slot {slot}; "
+                                       f"skipped: {dict(stats)}") from None
                 continue
             samples_ok += 1
             last_ok_epoch = epoch
+            epochs.append(epoch)
             if len(samples) == self.batch_size:
-                batch = self.collate(samples)
-                batch["_meta"] = {"worker": worker, "raw": index + 1, "epoch": epoch,
-                                  "reasons": dict(stats), "samples_ok": samples_ok}
-                samples = []
+                batch = self.collate(samples) | {"epochs": epochs}
+                batch["_meta"] = {"worker": worker, "epoch": epoch, "reasons": dict(stats), "samples_ok": samples_ok,
+                                  "state": {**state, "streams": [copy.deepcopy(s.position) for s in streams],
+                                            "mix": list(mix_rng.getstate()), "shuffle": list(shuffle_rng.getstate()),
+                                            "buffer": [item[1]["__ref__"] for item in buffer], "raw": index}}
+                samples, epochs = [], []
                 yield batch
 
     def collate(self, samples: list) -> dict:
@@ -202,14 +305,15 @@ class TrainLoader:
         self.tokenizer, self.tag_vocab = tokenizer, tag_vocab
         self.num_workers = cfg.workers
         self._slots = max(1, cfg.workers)
-        self._raw_consumed = [0] * self._slots
+        self._sources = ShardStream(cfg, batch_size, seed, tokenizer, tag_vocab, []).sources  # validates them
+        self._slot_states = [fresh_slot_state(rank * self._slots + w, world_size * self._slots, len(self._sources))
+                             for w in range(self._slots)]
         self._reasons_base: Counter = Counter()  # counts from before the last (re)start
         self._samples_base = 0
         self._live_reasons: list[dict] = [{} for _ in range(self._slots)]
         self._live_ok = [0] * self._slots
         self.batches = 0
         self.epoch = 0
-        ShardStream(cfg, batch_size, rank, world_size, seed, tokenizer, tag_vocab, [0])  # validates sources
 
     @property
     def samples(self) -> int:
@@ -224,8 +328,8 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self._checkpoint_live_counts()
-        dataset = ShardStream(self.cfg, self.batch_size, self.rank, self.world_size, self.seed, self.tokenizer,
-                              self.tag_vocab, list(self._raw_consumed))
+        dataset = ShardStream(self.cfg, self.batch_size, self.seed, self.tokenizer, self.tag_vocab,
+                              copy.deepcopy(self._slot_states))
         if self.num_workers == 0:
             source = iter(dataset)
             pull = lambda: next(source)  # noqa: E731
@@ -246,7 +350,7 @@ class TrainLoader:
                 pending[batch["_meta"]["worker"]].append(batch)
             batch = pending[wanted].popleft()
             meta = batch.pop("_meta")
-            self._raw_consumed[wanted] = meta["raw"]
+            self._slot_states[wanted] = meta["state"]
             self._live_reasons[wanted] = meta["reasons"]
             self._live_ok[wanted] = meta["samples_ok"]
             self.epoch = max(self.epoch, meta["epoch"])
@@ -264,20 +368,67 @@ class TrainLoader:
         return {
             "version": STATE_VERSION, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
             "workers": self.num_workers, "batch_size": self.batch_size, "batches": self.batches,
-            "epoch": self.epoch, "raw_consumed": list(self._raw_consumed),
+            "epoch": self.epoch, "slots": copy.deepcopy(self._slot_states),
             "samples_ok": stats["samples_ok"], "reasons": stats["reasons"],
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_version(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"state: unsupported loader state version {state.get('version')}")
-        for name in ("seed", "world_size", "workers", "batch_size"):
-            mine = {"workers": self.num_workers}.get(name, getattr(self, name, None))
+            raise ValueError(f"state: unsupported loader state version {state.get('version')} (this loader reads "
+                             f"version {STATE_VERSION})")
+
+    def resumes_exactly(self, state: dict) -> bool:
+        """Whether `state` (this rank's) was saved by a loader of the same layout: load_state_dict takes it."""
+        return all(state.get(name) == value for name, value in self._layout().items())
+
+    def _layout(self) -> dict:
+        return {"seed": self.seed, "world_size": self.world_size, "workers": self.num_workers,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where the loader that saved `state` (same layout, this rank) stopped."""
+        self._check_version(state)
+        for name, mine in self._layout().items():
             if state[name] != mine:
                 raise ValueError(f"state: saved {name}={state[name]} but this loader has {name}={mine}; "
-                                 "exact resume needs the same value")
+                                 "exact resume needs the same value (load_elastic takes every rank's state)")
         self.batches, self.epoch = int(state["batches"]), int(state["epoch"])
-        self._raw_consumed = [int(x) for x in state["raw_consumed"]]
+        self._slot_states = copy.deepcopy(state["slots"])
+        self._restore_counts(state)
+
+    def load_elastic(self, states: Iterable[dict]) -> None:
+        """Continue from every rank's saved state, given in rank order, on this loader's layout (another number of
+        ranks, workers or another batch size; the seed must match). `states` may be a generator: one state is
+        held at a time, less its buffer and generators. See sharding.elastic_slot_states and deal_buffers for
+        what is guaranteed. The batch count restarts; this rank's sample counts continue those of the saved rank
+        of the same number."""
+        mine = range(self.rank * self._slots, (self.rank + 1) * self._slots)
+        old, saved = [], {"epoch": 0, "counts": {"reasons": {}, "samples_ok": 0}}
+
+        def buffers():  # reads the states one by one, keeping what the new layout needs
+            for rank, state in enumerate(states):
+                self._check_version(state)
+                if state["seed"] != self.seed:
+                    raise ValueError(f"state: saved seed={state['seed']} but this loader has seed={self.seed}; "
+                                     "the shard orders of the epochs in progress depend on it")
+                if state["rank"] != rank:
+                    raise ValueError(f"state: rank {state['rank']}'s loader state where rank {rank}'s belongs")
+                old.extend({key: slot[key] for key in ("slot", "num_slots", "generation", "streams")}
+                           for slot in state["slots"])
+                saved["epoch"] = max(saved["epoch"], int(state["epoch"]))
+                if rank == self.rank:
+                    saved["counts"] = state
+                for slot in state["slots"]:
+                    yield slot["buffer"]
+
+        dealt = deal_buffers(buffers(), self.world_size * self._slots, mine)
+        new = elastic_slot_states(old, [len(urls) for urls in self._sources], self.world_size * self._slots,
+                                  seed=self.seed, resampled=self.cfg.resampled)
+        self._slot_states = [new[slot] | {"buffer": dealt[slot]} for slot in mine]
+        self.batches, self.epoch = 0, saved["epoch"]
+        self._restore_counts(saved["counts"])
+
+    def _restore_counts(self, state: dict) -> None:
         self._reasons_base = Counter(state["reasons"])
         self._samples_base = int(state["samples_ok"])
         self._live_reasons = [{} for _ in range(self._slots)]
@@ -307,17 +458,22 @@ class EvalDataset(IterableDataset):
     DataLoader(batch_size=B): keys collate to a list, images to [B, 3, S, S], cls to a LongTensor, dicts of
     strings to dicts of lists. Dirty samples are skipped and counted in `stats()` (per process).
 
-    Sharing among ranks (rank, world_size): a sample's index is its position among the samples the tar reader
-    finds (consecutive members sharing a key), shards in pattern order, counted before anything is decoded.
-    This rank yields the samples with index % world_size == rank and never decodes the others. Because the
-    index depends only on the tar structure, every rank that reads the same bytes assigns the same index to
-    the same sample: a sample whose image, json or cls is damaged keeps its index (its rank skips it and
-    counts why), and a sample the tar cut off (truncated shard) gets no index on any rank. The shares therefore
-    partition exactly the samples one process yields, but are not i % world_size shares of them: with
-    `with_index` the index orders the gathered results. Shard-level counts (empty, truncated, unreadable
-    shards and cut samples), which every rank sees, are counted by rank 0 only, so the ranks' stats() sum to
-    one process's.
+    A sample's index is (its shard's number in pattern order) * 2**24 + (its position among the samples the tar
+    reader finds in that shard, consecutive members sharing a key), counted before anything is decoded: indices
+    order the samples as one process reads them, whoever reads them. A damaged sample keeps its index (its
+    reader skips it and counts why); a sample the tar cut off (truncated shard) gets none.
+
+    Sharing among ranks (rank, world_size): with at least as many shards as ranks, rank r reads whole shards
+    r, r + world_size, ... and opens no other (each byte of the set is read once over the ranks; the shares
+    then differ by up to a shard). With fewer shards, every rank reads every shard and keeps the samples at
+    positions p (counting all shards' samples in order) with p % world_size == rank, never decoding the others;
+    shard-level counts (empty, truncated, unreadable shards and cut samples), which every rank then sees, are
+    counted by rank 0 only. Either way the shares partition exactly the samples one process yields and the
+    ranks' stats() sum to one process's; with `with_index` the index orders the gathered results. DataLoader
+    workers of a rank split its samples by position the same way.
     """
+
+    INDEX_STRIDE = 1 << 24  # samples a shard may hold
 
     def __init__(self, pattern: str, image_size: int, *, rank: int = 0, world_size: int = 1,
                  with_index: bool = False):
@@ -328,17 +484,28 @@ class EvalDataset(IterableDataset):
         self.urls = [u for source in expand_sources(pattern) for u in source]
         self.image_size = image_size
         self.rank, self.world_size, self.with_index = rank, world_size, with_index
+        self.by_shard = len(self.urls) >= world_size
         self._reasons: Counter = Counter()
         self._ok = 0
+
+    def _raw_samples(self, shard_reasons: Counter) -> Iterator[tuple[int, dict]]:
+        numbers = range(len(self.urls))
+        for number in numbers[self.rank::self.world_size] if self.by_shard else numbers:
+            for raw in iter_tar_samples(self.urls[number], shard_reasons):
+                if raw["__index__"] >= self.INDEX_STRIDE:
+                    raise ValueError(f"eval shard {self.urls[number]} holds more than {self.INDEX_STRIDE} samples")
+                yield number * self.INDEX_STRIDE + raw["__index__"], raw
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        shard_reasons = self._reasons if self.rank == 0 else Counter()  # seen by every rank: count them once
-        raw_samples = (raw for url in self.urls for raw in iter_tar_samples(url, shard_reasons))
-        for index, raw in enumerate(raw_samples):
-            share_position, owner = divmod(index, self.world_size)
-            if owner != self.rank or share_position % num_workers != worker:
+        # the samples are this rank's (its shards'), or every rank's to be split by position
+        owners, owner = (1, 0) if self.by_shard else (self.world_size, self.rank)
+        # shard-level counts: by the only rank reading the shard, or once (rank 0) when every rank reads it
+        shard_reasons = self._reasons if self.by_shard or self.rank == 0 else Counter()
+        for position, (index, raw) in enumerate(self._raw_samples(shard_reasons)):
+            share_position, mine = divmod(position, owners)
+            if mine != owner or share_position % num_workers != worker:
                 continue  # another rank's (or worker's) sample: not decoded here
             try:
                 target = self._target(raw)

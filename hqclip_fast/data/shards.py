@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -74,6 +74,11 @@ def expand_sources(train_data: str) -> list[list[str]]:
 def _is_remote(url: str) -> bool:
     """An fsspec URL (s3://, gs://, https://, ...) rather than a local path or file:// URL."""
     return "://" in url and not url.startswith("file://")
+
+
+def is_local(url: str) -> bool:
+    """A local path or file:// URL (seeking in it is cheap), not a pipe: command or a remote URL."""
+    return not (url.startswith("pipe:") or _is_remote(url))
 
 
 def _glob(url: str) -> list[str]:
@@ -217,11 +222,19 @@ class _CountingReader:
             pass
 
 
-def iter_tar_samples(url: str, stats: Counter, offsets: bool = False) -> Iterator[dict]:
-    """Yield {'__key__', '__url__', ext: bytes, ...} per sample (consecutive members sharing a key).
+def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tuple[int, int | None] = (0, None),
+                     keep: Callable[[int], bool] | None = None) -> Iterator[dict]:
+    """Yield {'__key__', '__url__', '__index__', '__start__', '__end__', ext: bytes, ...} per sample (consecutive
+    members sharing a key). '__index__' is the sample's position in the shard; '__start__' and '__end__' are the
+    byte offsets of its first header and of the end of its last member (None in a compressed tar).
 
     offsets=True adds '__offsets__': {ext: (data offset in the uncompressed tar, size, member name)}, which is
     what a DALI index file lists.
+
+    at=(index, offset) starts at sample `index`: a seekable source seeks to `offset` (where that sample begins,
+    from an earlier '__start__' or '__end__'); others (pipe:, compressed, offset None) are read from the start
+    and the samples before `index` are passed over by their headers. keep(index) False passes a sample over the
+    same way (its members are not extracted). Shard-level counts of a shard entered mid-way leave out "empty".
 
     An unreadable or empty shard is counted and yields nothing; a truncated shard yields every complete sample
     before the cut ('truncated_tar'), and counts a sample that the cut went through as 'truncated_sample'.
@@ -231,14 +244,25 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False) -> Iterato
     except OSError:
         stats["unreadable_shard"] += 1
         return
+    first_index, base = at
+    if base and stream.seekable():
+        stream.seek(base)
+    else:
+        first_index, base = 0, 0
+    wanted = lambda index: index >= at[0] and (keep is None or keep(index))  # noqa: E731
+    index = first_index - 1
     sample: dict | None = None
+    sample_wanted = False
     counter = _CountingReader(stream)
     members_seen = 0
     try:
         try:
             tar = tarfile.open(fileobj=counter, mode="r|*")
         except tarfile.ReadError as e:
-            stats["empty_tar" if "empty" in str(e) else "truncated_tar"] += 1
+            if "empty" not in str(e):
+                stats["truncated_tar"] += 1
+            elif not base:  # entered at its end (a resumed, finished shard): nothing to count
+                stats["empty_tar"] += 1
             return
         members = iter(tar)
         ended_cleanly = False
@@ -258,12 +282,22 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False) -> Iterato
                 continue
             key, ext = parts
             if sample is not None and key != sample["__key__"]:
-                yield sample
+                if sample_wanted:
+                    yield sample
                 sample = None
             if sample is None:
-                sample = {"__key__": key, "__url__": url} | ({"__offsets__": {}} if offsets else {})
+                index += 1
+                sample_wanted = wanted(index)
+                seekable = getattr(tar.fileobj, "comptype", "tar") == "tar"
+                sample = {"__key__": key, "__url__": url, "__index__": index,
+                          "__start__": base + member.offset if seekable else None, "__end__": None}
+                sample |= {"__offsets__": {}} if offsets else {}
+            if not sample_wanted:
+                continue
             try:
                 sample[ext] = tar.extractfile(member).read()
+                if sample["__start__"] is not None:
+                    sample["__end__"] = base + member.offset_data + tarfile.BLOCKSIZE * -(-member.size // 512)
                 if offsets:
                     sample["__offsets__"][ext] = (member.offset_data, member.size, member.name)
             except (tarfile.TarError, EOFError, OSError, ValueError):
@@ -277,9 +311,9 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False) -> Iterato
             uncompressed = getattr(tar.fileobj, "comptype", "tar") == "tar"
             if uncompressed and counter.count % 512:
                 stats["truncated_tar"] += 1  # cut inside a header: the samples read so far are complete
-            elif members_seen == 0:
+            elif members_seen == 0 and not base:
                 stats["empty_tar"] += 1
-        if sample is not None:
+        if sample is not None and sample_wanted:
             yield sample
     except SourceError as e:  # retries spent: loud, and never counted as an empty or truncated shard
         stats["source_failed"] += 1
