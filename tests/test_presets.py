@@ -1,7 +1,8 @@
 """Every training preset in configs/ starts and trains: 2 steps on 2 CPU ranks (torchrun, gloo) with only the
 overrides a CPU needs, keeping the preset's data and loader settings (DALI in its CPU mode where it says dali).
 
-The overrides: device and DALI device, a tiny model of the preset's family, a batch of 2, synthetic shards
+The overrides: device and DALI device, a tiny model of the preset's family (started, where the preset starts from
+pretrained weights, from a tiny model's weights in open_clip's layout), a batch of 2, synthetic shards
 (and their tag vocabulary), 2 steps (with a warmup that fits them), no torch.compile (inductor would compile
 every block on 2 cores for minutes; tests/test_parallelize.py covers compile), no progress bar or TensorBoard.
 """
@@ -15,12 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from data_helpers import dali_cpu_unavailable_reason
+from safetensors.torch import save_file
 
 from hqclip_fast.checkpoint import latest_checkpoint
 from hqclip_fast.config import load_config, load_run_config
 from hqclip_fast.data.cli import main as data_cli
 from hqclip_fast.data.synthetic import write_synthetic
 from hqclip_fast.metrics import read_metrics
+from hqclip_fast.model import create_model
 from hqclip_fast.model.configs import get_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -55,9 +58,14 @@ def test_preset_trains_two_steps_on_two_cpu_ranks(preset, shards, tmp_path):
         if reason:
             pytest.skip(reason)
         assert data_cli(["index", shards["train"]]) == 0
+    tiny = tiny_model_of_family(as_written.model.name)
+    if as_written.model.pretrained:  # the preset fine-tunes: start from weights of the tiny model, a file here
+        weights = tmp_path / "pretrained.safetensors"
+        save_file(create_model(tiny).open_clip_state_dict(), str(weights))
+        cpu_needs["model.pretrained"] = str(weights)
     cpu_needs |= {
         "run_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "device": "cpu", "cpu_threads": 1,
-        "model.name": tiny_model_of_family(as_written.model.name), "data.dali_device": "cpu",
+        "model.name": tiny, "data.dali_device": "cpu",
         "optim.warmup_steps": 1, "parallel.compile": False, "log.progress_bar": False, "log.tensorboard": False,
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
