@@ -1,6 +1,5 @@
 """model.pretrained: every form of checkpoint an open_clip user has, made here by open_clip itself (no download)."""
 
-from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -132,6 +131,7 @@ def test_positional_embeddings_resized_as_open_clip_resizes_them(theirs, tmp_pat
 
 
 def test_trainer_builds_its_model_from_model_pretrained(theirs, tmp_path):
+    from hqclip_fast.runtime import Runtime
     from hqclip_fast.train import build_model
 
     path = tmp_path / "epoch_1.pt"
@@ -140,7 +140,7 @@ def test_trainer_builds_its_model_from_model_pretrained(theirs, tmp_path):
     open_clip_train_checkpoint(model, path, epoch=1)
     cfg = load_config(None, [f"model.name={NAME}", f"model.pretrained={path}", "data.image_size=32",
                              "data.context_length=77"])
-    ours = build_model(cfg, SimpleNamespace(device=torch.device("cpu")))
+    ours = build_model(cfg, Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     assert_loaded(ours, model)
 
 
