@@ -3,11 +3,11 @@ processes started with SLURM's variables set by hand train together."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from dist_helpers import free_port
 
 from hqclip_fast.checkpoint import latest_checkpoint
 from hqclip_fast.data.synthetic import write_synthetic
@@ -37,11 +37,6 @@ def test_srun_variables_become_torch_distributed_environment():
         slurm_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 def test_two_processes_with_slurm_variables_train_without_torchrun(tmp_path):
@@ -57,7 +52,7 @@ def test_two_processes_with_slurm_variables_train_without_torchrun(tmp_path):
     # rather than the one the job id would give (tests may run side by side).
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     base.update({"OMP_NUM_THREADS": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost",
-                 "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_ID": "77", "MASTER_PORT": str(_free_port())})
+                 "SLURM_TASKS_PER_NODE": "2", "SLURM_JOB_ID": "77", "MASTER_PORT": str(free_port())})
     procs = [subprocess.Popen(command, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]

@@ -8,13 +8,13 @@ subgroup passed as `group` is used instead of the default group.
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from dist_helpers import free_port
 
 from hqclip_fast.loss import hqclip_loss
 
@@ -89,16 +89,11 @@ def _worker(rank, world_size, port, dtype, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size,dtype", [(2, torch.float64), (3, torch.float32)])
 def test_ranks_match_single_process(world_size, dtype, tmp_path):
-    mp.spawn(_worker, args=(world_size, _free_port(), dtype, tmp_path), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), dtype, tmp_path), nprocs=world_size, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
 

@@ -6,13 +6,13 @@ The ring exists in the Triton backend only, so the ranks run impl="triton" throu
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port
 from test_loss_distributed import OPTIONS, PER_SAMPLE, REPLICATED, global_inputs, run_loss
 
 from hqclip_fast.loss import HQCLIPLoss, hqclip_loss
@@ -91,16 +91,11 @@ def _worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.distributed
 def test_ring_and_all_gather_equal_the_fp64_reference_on_2_3_5_8_ranks(tmp_path, interpreter_env):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(max(WORLD_SIZES), _free_port(), str(tmp_path)), nprocs=max(WORLD_SIZES), join=True)
+    mp.spawn(_worker, args=(max(WORLD_SIZES), free_port(), str(tmp_path)), nprocs=max(WORLD_SIZES), join=True)
     tol = dict(rtol=2e-5, atol=2e-6)
     for n in WORLD_SIZES:
         results = [torch.load(tmp_path / f"n{n}_rank{r}.pt", weights_only=True) for r in range(n)]

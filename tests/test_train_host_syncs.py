@@ -17,12 +17,12 @@ optimizer internals) are not ours to remove and are not counted: only calls made
 import collections
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from dist_helpers import free_port
 
 from hqclip_fast.data.synthetic import write_synthetic
 
@@ -49,11 +49,6 @@ def expected(step: int) -> collections.Counter:
         counts.update({"all_reduce": 1, "tolist": 1})
     return counts
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _install_counters(events: list) -> None:
@@ -124,7 +119,7 @@ def test_a_training_step_makes_only_the_documented_collectives_and_no_host_read(
     out = tmp_path / "out"
     out.mkdir()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, _free_port(), synthetic, str(tmp_path / "run"), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), synthetic, str(tmp_path / "run"), str(out)), nprocs=2, join=True)
     for rank in range(2):
         counts = json.loads((out / f"rank{rank}.json").read_text())
         assert len(counts) == STEPS

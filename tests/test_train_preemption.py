@@ -7,11 +7,11 @@ The SIGTERM kill/resume trajectory test (a real `hqclip-train` process) is in te
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
+from dist_helpers import free_port
 
 from hqclip_fast.checkpoint import checkpoint_step, list_checkpoints
 from hqclip_fast.config import load_config
@@ -94,11 +94,6 @@ def test_watcher_records_only_while_open():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank_worker(rank: int, world_size: int, port: int, synthetic: dict, run_dir: str, out_dir: str) -> None:
     import torch
@@ -125,7 +120,7 @@ def _rank_worker(rank: int, world_size: int, port: int, synthetic: dict, run_dir
 def test_ranks_agree_to_stop_when_only_one_is_signalled(synthetic, tmp_path):
     run_dir, out_dir = tmp_path / "run", tmp_path / "out"
     out_dir.mkdir()
-    mp.spawn(_rank_worker, args=(2, _free_port(), synthetic, str(run_dir), str(out_dir)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port(), synthetic, str(run_dir), str(out_dir)), nprocs=2, join=True)
     results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(2)]
     checkpoint = str(run_dir / "checkpoints" / "step_00000003")
     for rank, result in enumerate(results):
