@@ -315,7 +315,8 @@ class Trainer:
                 data = self.loader.stats()
                 self.metrics.log(self.step, "train", {
                     **values, "lr": lr, "samples_per_s": samples_per_s,
-                    "samples_skipped": data["samples_skipped"], "samples_ok": data["samples_ok"]})
+                    "samples_skipped": data["samples_skipped"], "samples_ok": data["samples_ok"],
+                    **({"samples_unannotated": data["samples_unannotated"]} if "samples_unannotated" in data else {})})
                 bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{samples_per_s:.0f}", refresh=False)
             if cfg.eval.every_steps and self.step % cfg.eval.every_steps == 0 and not (last or stop_signal):
                 self.evaluate()

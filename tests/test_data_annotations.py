@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +278,37 @@ def test_load_time_join_survives_a_resume(data, workers):
 def _take(loader, count: int) -> list[dict]:
     it = iter(loader)
     return [next(it) for _ in range(count)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_load_time_join_counts_unmatched_samples(data, workers):
+    """The loader's stats count the samples read with and without an annotation (these keep their alt-text and
+    are trained on, so they are not skipped samples). No shuffle buffer: the samples read are those batched."""
+    cfg = DataConfig(train_data=data["shards"], annotations=data["per_json"], image_size=16, workers=workers,
+                     shuffle_buffer=1, use_negatives=False, use_tags=False)
+    loader = build_train_loader(cfg, batch_size=100, seed=0)
+    keys = [k for b in _take(loader, 24) for k in b["keys"]]
+    numbers = [int(k[:5]) * PER_SHARD + int(k[5:]) for k in keys]
+    unmatched = sum(n % NO_ANNOTATION == 0 for n in numbers)
+    stats = loader.stats()
+    assert unmatched > 0 and stats["samples_unannotated"] == unmatched
+    assert stats["reasons"]["annotation_matched"] == len(keys) - unmatched
+    assert stats["samples_ok"] == len(keys) and stats["samples_skipped"] == 0
+    plain = build_train_loader(DataConfig(train_data=data["shards"], image_size=16, workers=0, shuffle_buffer=1,
+                                          use_negatives=False, use_tags=False), batch_size=100, seed=0)
+    _take(plain, 1)
+    assert "samples_unannotated" not in plain.stats()
+
+
+def test_load_time_join_counts_a_shard_without_annotation_file(data, tmp_path):
+    (tmp_path / "00000.jsonl").write_text((Path(data["per_jsonl"]) / "00000.jsonl").read_text())
+    (tmp_path / "00001.jsonl").write_text('{"uid": "x", "long_positive_description": 3}\n')
+    cfg = DataConfig(train_data=data["shards"], annotations=str(tmp_path), image_size=16, workers=0,
+                     shuffle_buffer=1, use_negatives=False, use_tags=False)
+    loader = build_train_loader(cfg, batch_size=100, seed=0)
+    _take(loader, 30)  # the whole epoch: 3 shards
+    reasons = loader.stats()["reasons"]
+    assert reasons["annotation_file_missing_for_shard"] == 1  # 00002
+    assert reasons["annotation_wrong_type"] == 1  # 00001's one record
+    assert loader.stats()["samples_unannotated"] == 2 * PER_SHARD + sum(n % NO_ANNOTATION == 0
+                                                                       for n in range(PER_SHARD))

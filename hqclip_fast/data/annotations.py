@@ -105,20 +105,22 @@ class RecordReader:
                 for name in synonyms:
                     self.names.setdefault(name, ours)
 
-    def read(self, structural_id: str | None, item) -> tuple[str, dict] | None:
+    def read(self, structural_id: str | None, item, stats: Counter | None = None) -> tuple[str, dict] | None:
+        """(id, record), or None for an item it refuses, counted in `stats` (default: its own)."""
+        stats = self.stats if stats is None else stats
         if isinstance(item, RecordError):
-            self.stats[f"annotation_{item.reason}"] += 1
+            stats[f"annotation_{item.reason}"] += 1
             return None
         if not isinstance(item, dict):
-            self.stats["annotation_not_an_object"] += 1
+            stats["annotation_not_an_object"] += 1
             return None
         if item.get("error"):
-            self.stats["annotation_recaptioner_error"] += 1
+            stats["annotation_recaptioner_error"] += 1
             return None
         ids = (self.key_field,) if self.key_field else ID_FIELDS
         record_id = next((item[f] for f in ids if item.get(f) is not None), structural_id)
         if record_id is None:
-            self.stats["annotation_missing_key"] += 1
+            stats["annotation_missing_key"] += 1
             return None
         record = {}
         for name, value in item.items():
@@ -126,12 +128,12 @@ class RecordReader:
             if ours is not None and ours not in record and value is not None:
                 record[ours] = _tags(value) if ours in TAG_FIELDS else value
         if not record:  # an id and nothing we know: a naming we do not guess (--map says it)
-            self.stats["annotation_no_known_field"] += 1
+            stats["annotation_no_known_field"] += 1
             return None
         try:
             check_record(record, ())
         except RecordError as e:
-            self.stats[f"annotation_{e.reason}"] += 1
+            stats[f"annotation_{e.reason}"] += 1
             return None
         return str(record_id), record
 
@@ -156,20 +158,24 @@ def sample_id(raw: dict, id_field: str) -> str:
 
 
 class ShardAnnotations:
-    """The annotations of one shard's samples, and the counts of the matching."""
+    """The annotations of one shard's samples, and the counts of the matching. With `stats` (the training
+    loader's counts) each sample is also counted there as annotation_matched or annotation_unmatched."""
 
-    def __init__(self, lookup, id_field: str, records: dict[str, dict] | None = None):
+    def __init__(self, lookup, id_field: str, records: dict[str, dict] | None = None, stats: Counter | None = None):
         self._lookup, self.id_field = lookup, id_field
         self.records = records  # the per-shard file's records (None: looked up in an index)
         self.matched: set[str] = set()
         self.unmatched: list[str] = []
-        self.problems: Counter = Counter()
+        self.problems: Counter = Counter() if stats is None else stats
+        self._counts = stats
 
     def annotate(self, raw: dict) -> dict:
         """The raw sample with its annotation merged into its .json (alt-text from .txt kept), or unchanged when
         it has none."""
         sid = sample_id(raw, self.id_field)
         annotation = self._lookup(sid)
+        if self._counts is not None:
+            self._counts["annotation_unmatched" if annotation is None else "annotation_matched"] += 1
         if annotation is None:
             self.unmatched.append(sid)
             return raw
@@ -179,7 +185,7 @@ class ShardAnnotations:
             try:
                 record = parse_record(raw["json"])
             except RecordError as e:
-                self.problems[f"image_json_{e.reason}"] += 1
+                self.problems[f"annotation_image_json_{e.reason}"] += 1
         if not record.get("alt_text") and "txt" in raw:
             record["alt_text"] = raw["txt"].decode("utf-8", errors="replace")
         record.update(annotation)
@@ -210,20 +216,23 @@ class PerShardFolder:
     def covers(self, urls: Iterable[str]) -> bool:
         return any(shard_stem(url) in self.files for url in urls)
 
-    def for_shard(self, url: str) -> ShardAnnotations:
+    def for_shard(self, url: str, stats: Counter | None = None) -> ShardAnnotations:
+        """The shard's annotations; with `stats`, the file's problems and the samples' matching are counted there
+        (else in the folder's own counts)."""
+        problems = self.reader.stats if stats is None else stats
         records: dict[str, dict] = {}
         path = self.files.get(shard_stem(url))
         if path is None:
-            self.reader.stats["shard_without_annotation_file"] += 1
+            problems["annotation_file_missing_for_shard"] += 1
         else:
             for structural_id, item in read_annotation_file(path):
-                read = self.reader.read(structural_id, item)
+                read = self.reader.read(structural_id, item, problems)
                 if read is not None:
                     if read[0] in records:
-                        self.reader.stats["annotation_duplicate_key"] += 1
+                        problems["annotation_duplicate_key"] += 1
                     records[read[0]] = read[1]
         self.max_records_held = max(self.max_records_held, len(records))
-        return ShardAnnotations(records.get, self.id_field, records)
+        return ShardAnnotations(records.get, self.id_field, records, stats)
 
 
 class AnnotationIndex:
@@ -254,8 +263,8 @@ class AnnotationIndex:
         for (record_id,) in self._db().execute("SELECT id FROM annotations ORDER BY id"):
             yield record_id
 
-    def for_shard(self, url: str) -> ShardAnnotations:
-        return ShardAnnotations(self.lookup, self.id_field)
+    def for_shard(self, url: str, stats: Counter | None = None) -> ShardAnnotations:
+        return ShardAnnotations(self.lookup, self.id_field, stats=stats)
 
     def __getstate__(self):  # pickled into DataLoader workers without the connection
         return {**self.__dict__, "_connection": None, "_pid": None}

@@ -54,10 +54,15 @@ STATE_VERSION = 2
 
 
 def summarize(reasons: Counter | dict, samples_ok: int) -> dict:
-    """The stats() form: {"samples_ok", "samples_skipped", "reasons"}."""
+    """The stats() form: {"samples_ok", "samples_skipped", "reasons"} and, with load-time annotations,
+    "samples_unannotated": samples read that no annotation matched (they keep their alt-text). Shard-level counts
+    and annotation counts (annotation_*) are not skipped samples."""
     reasons = {k: int(v) for k, v in sorted(reasons.items()) if v}
-    skipped = sum(v for k, v in reasons.items() if k not in SHARD_REASONS)
-    return {"samples_ok": int(samples_ok), "samples_skipped": skipped, "reasons": reasons}
+    skipped = sum(v for k, v in reasons.items() if k not in SHARD_REASONS and not k.startswith("annotation_"))
+    summary = {"samples_ok": int(samples_ok), "samples_skipped": skipped, "reasons": reasons}
+    if "annotation_matched" in reasons or "annotation_unmatched" in reasons:
+        summary["samples_unannotated"] = reasons.get("annotation_unmatched", 0)
+    return summary
 
 
 class SlotStream:
@@ -108,7 +113,7 @@ class SlotStream:
         """The samples of `share` from cursor's index (and byte offset) on; the cursor moves past each one."""
         keep = None if share.step == 1 else lambda index: index % share.step == share.first
         url = self.urls[share.shard]
-        shard_annotations = self.annotations.for_shard(url) if self.annotations is not None else None
+        shard_annotations = self.annotations.for_shard(url, self.stats) if self.annotations is not None else None
         for sample in iter_tar_samples(url, self.stats, at=(cursor["index"], cursor["offset"]), keep=keep):
             cursor["index"], cursor["offset"] = sample["__index__"] + 1, sample["__end__"]
             sample["__ref__"] = [self.source, epoch, share.shard, sample["__index__"], sample["__start__"]]
