@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 import tarfile
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from data_helpers import write_tar
+from dist_helpers import free_port
 
 from hqclip_fast.config import EvalConfig
 from hqclip_fast.data import ClipTokenizer
@@ -74,14 +74,6 @@ def _suite(manifest: str) -> EvalSuite:
     return EvalSuite.from_config(EvalConfig(synthetic_manifest=manifest, batch_size=BATCH), SIZE)
 
 
-def _free_ports(n: int) -> tuple[int, ...]:
-    with contextlib.ExitStack() as stack:  # all bound at once: n different ports
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return tuple(s.getsockname()[1] for s in sockets)
-
-
 def _check_edge_cases(ranks: EvalRanks) -> None:
     """Shares of 3 and 2 rows gather in the global order; a rank with nothing to share takes part (a set
     smaller than the world); row counts that are no i % world share are an error on every rank."""
@@ -116,11 +108,11 @@ def _eval_cli_as_torchrun_rank(rank: int, world_size: int, port: int, manifest: 
     return printed.getvalue()
 
 
-def _worker(rank: int, world_size: int, ports: tuple[int, int], manifest: str, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, cli_port: int, manifest: str, out_dir: str) -> None:
     from hqclip_fast.parallelize import parallelize_model
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports[0]}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'init')}", rank=rank, world_size=world_size)
     try:
         ranks = EvalRanks.current("cpu")
         assert (ranks.rank, ranks.world_size) == (rank, world_size)
@@ -134,7 +126,7 @@ def _worker(rank: int, world_size: int, ports: tuple[int, int], manifest: str, o
             results = _suite(manifest).run(model, ClipTokenizer(CONTEXT), "cpu", ranks=ranks)
     finally:
         dist.destroy_process_group()
-    printed = _eval_cli_as_torchrun_rank(rank, world_size, ports[1], manifest, out_dir)
+    printed = _eval_cli_as_torchrun_rank(rank, world_size, cli_port, manifest, out_dir)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
         {"results": results, "images_seen": images_seen, "decoded": decoded, "cli_printed": printed}))
 
@@ -149,7 +141,7 @@ def test_two_ranks_give_the_single_process_metrics(manifest, tmp_path):
         <= set(expected)
 
     export_open_clip(_model(), MODEL, tmp_path / "export")
-    mp.spawn(_worker, args=(2, _free_ports(2), manifest, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), manifest, str(tmp_path)), nprocs=2, join=True)
     outputs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for output in outputs:
         assert output["results"] == expected
@@ -166,9 +158,9 @@ def test_two_ranks_give_the_single_process_metrics(manifest, tmp_path):
     assert outputs[1]["cli_printed"] == "" and not (tmp_path / "cli_rank1.json").exists()
 
 
-def _sharded_worker(rank: int, world_size: int, port: int, manifest: str, out_dir: str) -> None:
+def _sharded_worker(rank: int, world_size: int, manifest: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'init')}", rank=rank, world_size=world_size)
     try:
         with _counting_decodes() as decoded:
             results = _suite(manifest).run(_model(), ClipTokenizer(CONTEXT), "cpu", ranks=EvalRanks.current("cpu"))
@@ -190,7 +182,7 @@ def test_sets_of_several_shards_are_shared_by_whole_shards(world_size, tmp_path)
     assert {len(s) for s in shards.values()} == {4}
     with _counting_decodes() as decoded:
         expected = _suite(manifest).run(_model(), ClipTokenizer(CONTEXT), "cpu")
-    mp.spawn(_sharded_worker, args=(world_size, _free_ports(1)[0], manifest, str(tmp_path)), nprocs=world_size,
+    mp.spawn(_sharded_worker, args=(world_size, manifest, str(tmp_path)), nprocs=world_size,
              join=True)
     outputs = [json.loads((tmp_path / f"sharded{world_size}_rank{r}.json").read_text()) for r in range(world_size)]
     for output in outputs:

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from dist_helpers import free_port
 
 from hqclip_fast.loss import hqclip_loss
 
@@ -48,12 +47,12 @@ def run_loss(inputs, impl, **options):
     return terms, {k: v.grad for k, v in leaves.items() if v.is_floating_point()}
 
 
-def _worker(rank, world_size, port, dtype, out_dir):
+def _worker(rank, world_size, dtype, out_dir):
     from hqclip_fast.loss import chunked
 
     torch.set_num_threads(1)
     chunked.CHUNK_ROWS, chunked.CHUNK_COLS = 2, 3
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'init'}", rank=rank, world_size=world_size)
     try:
         full = global_inputs(world_size, dtype)
         local = {k: v if k in REPLICATED else v[rank * BATCH:(rank + 1) * BATCH] for k, v in full.items()}
@@ -93,7 +92,7 @@ def _worker(rank, world_size, port, dtype, out_dir):
 @pytest.mark.distributed
 @pytest.mark.parametrize("world_size,dtype", [(2, torch.float64), (3, torch.float32)])
 def test_ranks_match_single_process(world_size, dtype, tmp_path):
-    mp.spawn(_worker, args=(world_size, free_port(), dtype, tmp_path), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, dtype, tmp_path), nprocs=world_size, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     tol = dict(rtol=1e-9, atol=1e-10) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from dist_helpers import free_port
 from test_loss_distributed import OPTIONS, PER_SAMPLE, REPLICATED, global_inputs, run_loss
 
 from hqclip_fast.loss import HQCLIPLoss, hqclip_loss
@@ -67,10 +66,10 @@ def test_bad_exchange_is_refused():
 WORLD_SIZES = (2, 3, 5, 8)
 
 
-def _worker(rank, world_size, port, out_dir):
+def _worker(rank, world_size, out_dir):
     """One set of 8 processes serves every group size: the first n ranks form the group of size n."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir) / 'init'}", rank=rank, world_size=world_size)
     try:
         for n in WORLD_SIZES:
             group = dist.new_group(list(range(n)))  # collective over all ranks, members or not
@@ -95,7 +94,7 @@ def _worker(rank, world_size, port, out_dir):
 @pytest.mark.distributed
 def test_ring_and_all_gather_equal_the_fp64_reference_on_2_3_5_8_ranks(tmp_path, interpreter_env):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(max(WORLD_SIZES), free_port(), str(tmp_path)), nprocs=max(WORLD_SIZES), join=True)
+    mp.spawn(_worker, args=(max(WORLD_SIZES), str(tmp_path)), nprocs=max(WORLD_SIZES), join=True)
     tol = dict(rtol=2e-5, atol=2e-6)
     for n in WORLD_SIZES:
         results = [torch.load(tmp_path / f"n{n}_rank{r}.pt", weights_only=True) for r in range(n)]
