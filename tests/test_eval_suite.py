@@ -223,17 +223,20 @@ def test_suite_reports_every_set_and_matches_single_set_runs(sets, model, tmp_pa
         f"root_dir: {Path(sets['zeroshot']).parent}\nsets:\n"
         "  - {name: zs, root: zeroshot, metric: mean_per_class_recall}\n  - {name: gone, root: not_here}\n"
         f"  - {{name: broken, root: {broken}}}\n  - {{name: ret, root: retrieval, metric: mean_recall@1}}\n"
-        "  - {name: wino, root: retrieval, metric: jaccard_score_10-12}\n"
-        "  - {name: wrong_kind, root: retrieval, metric: acc1}\n  - {name: odd, root: retrieval, metric: recall@5}\n")
+        "  - {name: wino, root: winogavil, metric: jaccard_score_10-12}\n"
+        "  - {name: wrong_kind, root: retrieval, metric: acc1}\n  - {name: odd, root: retrieval, metric: recall@5}\n"
+        "  - {name: wino_gone, root: retrieval, metric: jaccard_score_10-12}\n")
     lines = []
     results = run_suite(load_suite(tmp_path / "suite.yaml"), model, ClipTokenizer(), "cpu", image_size=SIZE,
                         batch_size=8, report=lines.append)
-    assert [r["status"] for r in results.values()] == ["ok", "missing", "error", "ok", "missing", "error",
-                                                       "unsupported"]
-    assert [line.split()[0] for line in lines] == ["zs", "gone", "broken", "ret", "wino", "wrong_kind", "odd"]
+    assert [r["status"] for r in results.values()] == ["ok", "missing", "error", "ok", "ok", "error",
+                                                       "unsupported", "missing"]
+    assert [line.split()[0] for line in lines] == ["zs", "gone", "broken", "ret", "wino", "wrong_kind", "odd",
+                                                   "wino_gone"]
     assert "MISSING" in lines[1] and "ERROR" in lines[2] and "multilabel" in lines[2]
-    assert "MISSING" in lines[4] and "no test.jsonl" in lines[4] and "needs a classification" in lines[5]
-    assert "UNSUPPORTED" in lines[6] and "recall@5" in lines[6]
+    assert f"main: jaccard_score_10-12 {results['wino']['main_metric']:.4f}" in lines[4]
+    assert "needs a classification" in lines[5] and "UNSUPPORTED" in lines[6] and "recall@5" in lines[6]
+    assert "MISSING" in lines[7] and "no test.jsonl" in lines[7] and "hqclip-data winogavil" in lines[7]
     assert results["zs"]["main_metric"] == results["zs"]["zeroshot_mean_per_class_recall"]
     assert f"main: mean_per_class_recall {results['zs']['main_metric']:.4f}" in lines[0]
     ret = results["ret"]
@@ -252,10 +255,10 @@ def test_suite_reports_every_set_and_matches_single_set_runs(sets, model, tmp_pa
         eval_cli(["--model", MODEL, "--pretrained", str(tmp_path / "export" / "open_clip_pytorch_model.bin"),
                   "--suite", str(tmp_path / "suite.yaml"), "--batch-size", "8", "--out", str(tmp_path / "s.json")])
     assert exit_status.value.code == 1
-    average_line = capsys.readouterr().out.splitlines()[7]
-    expected = (results["zs"]["main_metric"] + results["ret"]["main_metric"]) / 2
+    average_line = capsys.readouterr().out.splitlines()[8]
+    expected = (results["zs"]["main_metric"] + results["ret"]["main_metric"] + results["wino"]["main_metric"]) / 3
     assert average_line.startswith("average of main metrics") and f"{expected:.4f}" in average_line
-    assert "2 of 5 tasks; PARTIAL" in average_line and "wino (missing)" in average_line
+    assert "3 of 6 tasks; PARTIAL" in average_line and "wino_gone (missing)" in average_line
     assert "odd (unsupported)" in average_line
     assert json.loads((tmp_path / "s.json").read_text())["average"]["average"] == pytest.approx(expected)
     # --amp autocasts as clip_benchmark does by default (bf16 here): the same set, rounding-level changes.
