@@ -1,4 +1,5 @@
-"""Evaluation: zero-shot classification, image-text retrieval, hard-negative accuracy; and `hqclip-eval`.
+"""Evaluation: zero-shot classification, image-text retrieval, hard-negative accuracy, WinoGAViL's association
+Jaccard score; and `hqclip-eval`.
 
 The metric functions take a model with open_clip's `encode_image` / `encode_text` and batches of tensors, so
 they run unchanged on our model (plain or FSDP2-sharded) and on an open_clip model. Given `ranks`
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from hqclip_fast.data.benchmark_sets import BenchmarkSet, read_benchmark_set
+from hqclip_fast.data.winogavil import AssociationExample
 from hqclip_fast.eval_ranks import EvalRanks
 
 TopK = (1, 5)
@@ -258,6 +261,77 @@ def image_text_metrics(model, tokenizer: Callable, batches: Iterable[tuple], dev
     return result
 
 
+# ------------------------------------------------------------------------------ WinoGAViL (association)
+
+# DataComp's WinoGAViL groups (eval_utils/wino_eval.py): by the example's number of candidates.
+ASSOCIATION_GROUPS = {
+    "5": lambda n: n == 5, "6": lambda n: n == 6, "10": lambda n: n == 10, "12": lambda n: n == 12,
+    "5-6": lambda n: n <= 6, "10-12": lambda n: n >= 10,
+}
+
+
+def association_prompt(cue: str) -> str:
+    """DataComp's WinoGAViL prompt: the cue lower-cased after "An" when it starts with a vowel, else "A"."""
+    cue = cue.lower()
+    return f"{'An' if cue[0] in 'aeiou' else 'A'} {cue}"
+
+
+def top_n_jaccard(similarity: torch.Tensor, associated: torch.Tensor) -> float:
+    """The Jaccard index |P & T| / |P | T| of the predicted candidates P, the n of highest similarity to the cue
+    (n = the number of true associations T, as DataComp's solver is told), and T (`associated`, a bool per
+    candidate). Ties are broken by position, the lower index first (a stable sort, as ranks_of); DataComp takes
+    the last n of np.argsort, not a stable sort, so its pick among exact ties is not fixed."""
+    n = int(associated.sum())
+    if n == 0:
+        raise ValueError("an example needs at least one association")
+    predicted = torch.zeros_like(associated, dtype=torch.bool)
+    predicted[torch.sort(similarity, descending=True, stable=True).indices[:n]] = True
+    return int((predicted & associated).sum()) / int((predicted | associated).sum())
+
+
+def association_metrics(scores: Sequence[float], num_candidates: Sequence[int]) -> dict:
+    """DataComp's WinoGAViL aggregates of per-example Jaccard scores: their mean (avg_jaccard_score) and the
+    mean per group of candidate counts (jaccard_score_5, _6, _10, _12, _5-6, _10-12; DataComp's main metric is
+    jaccard_score_10-12). A group without examples is None (DataComp's mean of an empty array is NaN)."""
+    if not scores:
+        raise ValueError("association evaluation got no examples")
+    result = {"avg_jaccard_score": math.fsum(scores) / len(scores)}
+    for group, member in ASSOCIATION_GROUPS.items():
+        chosen = [s for s, n in zip(scores, num_candidates) if member(n)]
+        result[f"jaccard_score_{group}"] = math.fsum(chosen) / len(chosen) if chosen else None
+    result["association_samples"] = len(scores)
+    return result
+
+
+@torch.no_grad()
+def association_eval(model, tokenizer: Callable, batches: Iterable[tuple], device, *,
+                     ranks: EvalRanks | None = None, image_size: int | None = None) -> dict:
+    """association_metrics over (candidate images of the batch's examples one after the other, cue prompts,
+    per-example associated masks, example indices) batches (AssociationTask.batches): each cue's normalized
+    text embedding against its candidates' normalized image embeddings. With `ranks`: the batches are this
+    rank's share of the examples; the per-example scores are gathered in example order, so every rank gets the
+    metrics of one process; `image_size` is then needed."""
+    ranks = ranks or EvalRanks()
+    blank = _blank_images(ranks, image_size)
+
+    def encode(batch):
+        images, prompts, associated, indices = batch
+        texts = _normalized(model.encode_text(tokenizer(prompts).to(device))).cpu()
+        return _encode_images(model, images, device), texts, associated, indices
+
+    rows, order = [], []
+    for image_features, text_features, associated, indices in ranks.lockstep(
+            batches, encode, blank=lambda: (blank(), [""], [], [])):
+        start = 0
+        for text, truth, index in zip(text_features, associated, indices):
+            candidates = image_features[start:start + len(truth)]
+            start += len(truth)
+            rows.append((top_n_jaccard(candidates @ text, truth), len(truth)))
+            order.append(index)
+    gathered = ranks.gather(torch.tensor(rows, dtype=torch.float64).view(-1, 2), order)
+    return association_metrics(gathered[:, 0].tolist(), [int(n) for n in gathered[:, 1]])
+
+
 # ---------------------------------------------------------------------------------------------- eval data
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "an image of a {}.", "a picture of a {}.")
@@ -375,6 +449,49 @@ class ImageTextSet:
                 yield image, [positive], record.get("negative_text") or record.get("negative_description"), index
 
 
+@dataclass
+class AssociationTask:
+    """WinoGAViL-style examples (hqclip_fast.data.winogavil.read_association_set): a cue and its candidate
+    images, some of which go with the cue."""
+
+    examples: list[AssociationExample]
+    image_size: int
+
+    def batches(self, batch_size: int, ranks: EvalRanks | None = None
+                ) -> Iterator[tuple[torch.Tensor, list[str], list[torch.Tensor], list[int]]]:
+        """(candidate images of the examples one after the other, cue prompts, associated masks, example
+        indices) batches of whole examples of this rank's share (examples i % world_size == rank; all without
+        `ranks`), at most `batch_size` images each unless one example alone has more; only the share's images
+        are decoded."""
+        ranks = ranks or EvalRanks()
+        batch, count = [], 0
+        for index in ranks.share(range(len(self.examples))):
+            size = len(self.examples[index].images)
+            if batch and count + size > batch_size:
+                yield self._batch(batch)
+                batch, count = [], 0
+            batch.append(index)
+            count += size
+        if batch:
+            yield self._batch(batch)
+
+    def _batch(self, indices: list[int]) -> tuple[torch.Tensor, list[str], list[torch.Tensor], list[int]]:
+        from PIL import Image
+
+        from hqclip_fast.data.samples import eval_transform
+
+        images = []
+        for path in (path for i in indices for path in self.examples[i].images):
+            try:
+                with Image.open(path) as img:
+                    images.append(eval_transform(img.convert("RGB"), self.image_size))
+            except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+                raise ValueError(f"association: unreadable image {path}: {err}") from None
+        examples = [self.examples[i] for i in indices]
+        return (torch.stack(images), [association_prompt(e.cue) for e in examples],
+                [torch.tensor(e.associated) for e in examples], indices)
+
+
 def sample_groups(shards: str) -> dict[str, int]:
     """Sample key -> group of every sample of a set whose samples carry metadata in a `.npy` member (WILDS's and
     the fairness sets in clip_benchmark's layout: FMoW [region, year, y], Dollar Street [income_ds, income_meta,
@@ -419,12 +536,14 @@ def _read_benchmark(root: str, split: str, what: str, kind: str) -> BenchmarkSet
 class EvalSuite:
     """The evaluation sets of a run; `run` computes every metric on them."""
 
-    def __init__(self, zeroshot: ZeroShotSet | None, image_text: ImageTextSet | None, batch_size: int = 256):
+    def __init__(self, zeroshot: ZeroShotSet | None, image_text: ImageTextSet | None, batch_size: int = 256, *,
+                 association: AssociationTask | None = None):
         self.zeroshot, self.image_text, self.batch_size = zeroshot, image_text, batch_size
+        self.association = association
 
     @property
     def enabled(self) -> bool:
-        return self.zeroshot is not None or self.image_text is not None
+        return self.zeroshot is not None or self.image_text is not None or self.association is not None
 
     @classmethod
     def from_benchmark(cls, benchmark: BenchmarkSet, image_size: int, batch_size: int = 256, *,
@@ -491,6 +610,9 @@ class EvalSuite:
         if self.image_text is not None:
             results.update(image_text_metrics(model, tokenizer, self.image_text.batches(self.batch_size, ranks),
                                               device, ranks=ranks, image_size=self.image_text.image_size))
+        if self.association is not None:
+            results.update(association_eval(model, tokenizer, self.association.batches(self.batch_size, ranks),
+                                            device, ranks=ranks, image_size=self.association.image_size))
         return results
 
 

@@ -11,8 +11,10 @@ A suite file (YAML; configs/eval/datacomp.yaml is an example):
 
 `name` is the set's clip_benchmark name (`clip_benchmark eval --dataset wds/<name>`); a root holds the layout of
 hqclip_fast.data.benchmark_sets and its `dataset_type.txt` says whether it is a classification or a retrieval
-set. A set whose root, split or shards are not there is reported as missing, one that cannot be evaluated as an
-error, and the other sets are evaluated all the same.
+set. WinoGAViL is the exception: its root holds the layout of hqclip_fast.data.winogavil (written by
+`hqclip-data winogavil`), read when the set's metric is jaccard_score_10-12 or its `dataset_type.txt` says
+"association". A set whose root, split or shards are not there is reported as missing, one that cannot be
+evaluated as an error, and the other sets are evaluated all the same.
 
 `metric` (optional) names a set's main metric as DataComp does (MAIN_METRICS; `datacomp` is the task's name
 in DataComp's results): the suite then reports the average of the main metrics, as DataComp scores a model.
@@ -28,7 +30,8 @@ from pathlib import Path
 import yaml
 
 from hqclip_fast.data.benchmark_sets import read_benchmark_set
-from hqclip_fast.eval import EvalSuite
+from hqclip_fast.data.winogavil import is_association_root, read_association_set
+from hqclip_fast.eval import AssociationTask, EvalSuite
 from hqclip_fast.eval_ranks import EvalRanks
 
 _SUITE_KEYS = {"root_dir", "split", "sets"}
@@ -48,6 +51,9 @@ MAIN_METRICS = {
     "acc_worst_region": ("classification", lambda r: r["zeroshot_worst_group_top1"]),
     "acc_wg": ("classification", lambda r: r["zeroshot_worst_group_top1"]),
     "acc_top5_wg": ("classification", lambda r: r["zeroshot_worst_group_top5"]),
+    # WinoGAViL's: the mean Jaccard score of the examples with 10 or 12 candidates (DataComp's
+    # eval_utils/wino_eval.py; hqclip_fast.eval.top_n_jaccard); None when the set has none of them.
+    "jaccard_score_10-12": ("association", lambda r: r["jaccard_score_10-12"]),
 }
 GROUP_METRICS = ("acc_worst_region", "acc_wg", "acc_top5_wg")
 
@@ -102,18 +108,14 @@ def run_suite(sets: list[SuiteSet], model, tokenizer: Callable, device, *, image
             report(format_result(entry.name, result))
             continue
         try:
-            benchmark = read_benchmark_set(entry.root, entry.split)
-            if entry.metric is not None and MAIN_METRICS[entry.metric][0] != benchmark.kind:
-                raise ValueError(f"{entry.root} is a {benchmark.kind} set; its metric {entry.metric} needs a "
-                                 f"{MAIN_METRICS[entry.metric][0]} set")
-            suite = EvalSuite.from_benchmark(benchmark, image_size, batch_size, groups=entry.metric in GROUP_METRICS)
+            kind, suite = _set_suite(entry, image_size, batch_size)
             metrics = suite.run(model, tokenizer, device, ranks)
         except FileNotFoundError as err:
             result.update(status="missing", reason=str(err))
         except ValueError as err:
             result.update(status="error", reason=str(err))
         else:
-            result.update(status="ok", task=benchmark.kind, **metrics)
+            result.update(status="ok", task=kind, **metrics)
             if entry.metric is not None:
                 result.update(main_metric=main_metric(entry, result), main_metric_name=entry.metric)
         results[entry.name] = result
@@ -121,9 +123,23 @@ def run_suite(sets: list[SuiteSet], model, tokenizer: Callable, device, *, image
     return results
 
 
+def _set_suite(entry: SuiteSet, image_size: int, batch_size: int) -> tuple[str, EvalSuite]:
+    """(the set's kind, what evaluates it): an association set (WinoGAViL) when its metric needs one or its
+    root says it is one, else a set in clip_benchmark's layout."""
+    wanted = MAIN_METRICS[entry.metric][0] if entry.metric is not None else None
+    if wanted == "association" or (wanted is None and is_association_root(entry.root)):
+        examples = read_association_set(entry.root, entry.split).examples
+        return "association", EvalSuite(None, None, batch_size, association=AssociationTask(examples, image_size))
+    benchmark = read_benchmark_set(entry.root, entry.split)
+    if wanted is not None and wanted != benchmark.kind:
+        raise ValueError(f"{entry.root} is a {benchmark.kind} set; its metric {entry.metric} needs a {wanted} set")
+    return benchmark.kind, EvalSuite.from_benchmark(benchmark, image_size, batch_size,
+                                                    groups=entry.metric in GROUP_METRICS)
+
+
 def main_metric(entry: SuiteSet, result: dict | None) -> float | None:
-    """The set's DataComp main metric from its result (as run_suite writes it), or None: not evaluated, or
-    a metric hqclip-eval does not compute."""
+    """The set's DataComp main metric from its result (as run_suite writes it), or None: not evaluated, a
+    metric hqclip-eval does not compute, or one the set has no examples for (WinoGAViL's 10-12 group)."""
     if result is None or result.get("status") != "ok" or entry.metric not in MAIN_METRICS:
         return None
     return MAIN_METRICS[entry.metric][1](result)
@@ -145,9 +161,14 @@ def suite_average(sets: list[SuiteSet], results: dict[str, dict]) -> dict | None
         "tasks_scored": len(scores),
         "tasks": len(scored),
         "partial": len(scores) < len(scored),
-        "not_scored": {s.name: results.get(s.name, {}).get("status", "not run") for s in scored
-                       if s.name not in scores},
+        "not_scored": {s.name: _not_scored_reason(results.get(s.name)) for s in scored if s.name not in scores},
     }
+
+
+def _not_scored_reason(result: dict | None) -> str:
+    if result is None:
+        return "not run"
+    return "no value for its main metric" if result.get("status") == "ok" else result.get("status", "not run")
 
 
 def format_average(average: dict) -> str:
@@ -163,7 +184,11 @@ def format_result(name: str, result: dict) -> str:
     """One line: the set's headline metrics, or why it was not evaluated."""
     if result["status"] != "ok":
         return f"{name:<28} {result['status'].upper():<8} {result['reason']}"
-    main = f"  main: {result['main_metric_name']} {result['main_metric']:.4f}" if "main_metric" in result else ""
+    main = f"  main: {result['main_metric_name']} {_value(result['main_metric'])}" if "main_metric" in result else ""
+    if result["task"] == "association":
+        return (f"{name:<28} Jaccard {_value(result['avg_jaccard_score'])}  5-6 candidates "
+                f"{_value(result['jaccard_score_5-6'])}  10-12 candidates {_value(result['jaccard_score_10-12'])}"
+                f"  ({result['association_samples']} examples){main}")
     if result["task"] == "retrieval":
         return (f"{name:<28} image->text R@1 {result['image_to_text_R@1']:.4f} R@5 {result['image_to_text_R@5']:.4f}"
                 f"  text->image R@1 {result['text_to_image_R@1']:.4f} R@5 {result['text_to_image_R@5']:.4f}"
@@ -171,3 +196,7 @@ def format_result(name: str, result: dict) -> str:
     top5 = f"{result['zeroshot_top5']:.4f}" if "zeroshot_top5" in result else "-"
     return (f"{name:<28} top-1 {result['zeroshot_top1']:.4f}  top-5 {top5}  mean per-class recall "
             f"{result['zeroshot_mean_per_class_recall']:.4f}  ({result['zeroshot_samples']} images){main}")
+
+
+def _value(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -8,6 +8,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,8 +28,8 @@ EXAMPLE_SUITE = Path(__file__).resolve().parent.parent / "configs" / "eval" / "d
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
-    return write_synthetic_benchmark(tmp_path_factory.mktemp("sets"), num_zeroshot=24, num_retrieval=16, seed=3,
-                                     image_size=SIZE, shard_size=10)
+    return write_synthetic_benchmark(tmp_path_factory.mktemp("sets"), num_zeroshot=24, num_retrieval=16,
+                                     num_association=8, seed=3, image_size=SIZE, shard_size=10)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +137,72 @@ def test_datacomp_average_of_a_made_up_result_file(tmp_path):
     assert not whole["partial"] and "PARTIAL" not in format_average(whole)
 
 
+def test_datacomp_average_of_all_38_tasks_made_up():
+    """Every task of configs/eval/datacomp.yaml evaluated (made up): task i (in the file's order) scores
+    (i + 1) / 100 in the field its main metric reads, WinoGAViL's jaccard_score_10-12 included. By hand:
+    (0.01 + 0.38) / 2 = 0.195 over 38 of 38 tasks, not partial. WinoGAViL without examples of 10 or 12
+    candidates has no score: 37 of 38, partial."""
+    suite = load_suite(EXAMPLE_SUITE)
+    fields = {"acc1": ["zeroshot_top1"], "mean_per_class_recall": ["zeroshot_mean_per_class_recall"],
+              "F1-macro_all": ["zeroshot_macro_f1"], "acc_worst_region": ["zeroshot_worst_group_top1"],
+              "acc_wg": ["zeroshot_worst_group_top1"], "acc_top5_wg": ["zeroshot_worst_group_top5"],
+              "mean_recall@1": ["image_to_text_R@1", "text_to_image_R@1"],
+              "jaccard_score_10-12": ["jaccard_score_10-12"]}
+    made_up = {s.name: {"status": "ok", **dict.fromkeys(fields[s.metric], (i + 1) / 100)} for i, s in enumerate(suite)}
+    average = suite_average(suite, made_up)
+    assert average["average"] == pytest.approx(0.195, abs=1e-12)
+    assert (average["tasks_scored"], average["tasks"], average["partial"]) == (38, 38, False)
+    assert "38 of 38 tasks)" in format_average(average)
+    made_up["winogavil"]["jaccard_score_10-12"] = None
+    average = suite_average(suite, made_up)
+    assert (average["tasks_scored"], average["partial"]) == (37, True)
+    assert average["not_scored"] == {"winogavil": "no value for its main metric"}
+
+
+def test_winogavil_in_the_suite_scores_as_datacomp(sets, model, tmp_path):
+    """The synthetic WinoGAViL set (8 examples: 5, 6, 10, 12 candidates in turn) evaluated as DataComp's
+    wino_eval.py does it, recomputed here from the model's embeddings with numpy's argsort and sklearn's
+    jaccard_score; the same root without `metric` is recognised by its dataset_type.txt."""
+    jaccard_score = pytest.importorskip("sklearn.metrics").jaccard_score
+    from hqclip_fast.data.winogavil import read_association_set
+
+    (tmp_path / "suite.yaml").write_text(f"root_dir: {Path(sets['winogavil']).parent}\nsets:\n"
+                                         "  - {name: winogavil, root: winogavil, metric: jaccard_score_10-12}\n"
+                                         "  - {name: plain, root: winogavil}\n")
+    lines = []
+    results = run_suite(load_suite(tmp_path / "suite.yaml"), model, ClipTokenizer(), "cpu", image_size=SIZE,
+                        batch_size=16, report=lines.append)
+    wino = results["winogavil"]
+    assert wino["status"] == "ok" and wino["task"] == "association" and wino["association_samples"] == 8
+    assert wino["main_metric"] == wino["jaccard_score_10-12"] and wino["main_metric_name"] == "jaccard_score_10-12"
+    assert results["plain"]["avg_jaccard_score"] == wino["avg_jaccard_score"]
+    assert lines[0].startswith("winogavil") and f"main: jaccard_score_10-12 {wino['main_metric']:.4f}" in lines[0]
+    assert "(8 examples)" in lines[0] and "main:" not in lines[1]
+
+    from PIL import Image
+
+    from hqclip_fast.data.samples import eval_transform
+    scores, groups = [], []
+    with torch.no_grad():
+        for example in read_association_set(sets["winogavil"]).examples:
+            images = torch.stack([eval_transform(Image.open(p).convert("RGB"), SIZE) for p in example.images])
+            image_features = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+            cue = example.cue.lower()
+            prompt = f"{'An' if cue[0] in 'aeiou' else 'A'} {cue}"
+            text_features = torch.nn.functional.normalize(model.encode_text(ClipTokenizer()([prompt])), dim=-1)
+            logits = (text_features @ image_features.T).squeeze(0).numpy()
+            truth = np.array(example.associated)
+            predicted = np.isin(np.arange(len(truth)), np.argsort(logits)[-truth.sum():])
+            scores.append(jaccard_score(truth, predicted))
+            groups.append(len(truth))
+    scores, groups = np.array(scores), np.array(groups)
+    assert sorted(set(groups)) == [5, 6, 10, 12]
+    assert wino["avg_jaccard_score"] == pytest.approx(scores.mean(), abs=1e-12)
+    assert wino["jaccard_score_5-6"] == pytest.approx(scores[groups <= 6].mean(), abs=1e-12)
+    assert wino["jaccard_score_10-12"] == pytest.approx(scores[groups >= 10].mean(), abs=1e-12)
+    assert wino["jaccard_score_12"] == pytest.approx(scores[groups == 12].mean(), abs=1e-12)
+
+
 @pytest.mark.parametrize("text,match", [
     ("sets: []\n", "non-empty list"),
     ("sets: [{name: a}]\n", "must have `name` and `root`"),
@@ -156,15 +223,20 @@ def test_suite_reports_every_set_and_matches_single_set_runs(sets, model, tmp_pa
         f"root_dir: {Path(sets['zeroshot']).parent}\nsets:\n"
         "  - {name: zs, root: zeroshot, metric: mean_per_class_recall}\n  - {name: gone, root: not_here}\n"
         f"  - {{name: broken, root: {broken}}}\n  - {{name: ret, root: retrieval, metric: mean_recall@1}}\n"
-        "  - {name: wino, root: retrieval, metric: jaccard_score_10-12}\n"
-        "  - {name: wrong_kind, root: retrieval, metric: acc1}\n")
+        "  - {name: wino, root: winogavil, metric: jaccard_score_10-12}\n"
+        "  - {name: wrong_kind, root: retrieval, metric: acc1}\n  - {name: odd, root: retrieval, metric: recall@5}\n"
+        "  - {name: wino_gone, root: retrieval, metric: jaccard_score_10-12}\n")
     lines = []
     results = run_suite(load_suite(tmp_path / "suite.yaml"), model, ClipTokenizer(), "cpu", image_size=SIZE,
                         batch_size=8, report=lines.append)
-    assert [r["status"] for r in results.values()] == ["ok", "missing", "error", "ok", "unsupported", "error"]
-    assert [line.split()[0] for line in lines] == ["zs", "gone", "broken", "ret", "wino", "wrong_kind"]
+    assert [r["status"] for r in results.values()] == ["ok", "missing", "error", "ok", "ok", "error",
+                                                       "unsupported", "missing"]
+    assert [line.split()[0] for line in lines] == ["zs", "gone", "broken", "ret", "wino", "wrong_kind", "odd",
+                                                   "wino_gone"]
     assert "MISSING" in lines[1] and "ERROR" in lines[2] and "multilabel" in lines[2]
-    assert "UNSUPPORTED" in lines[4] and "jaccard_score_10-12" in lines[4] and "needs a classification" in lines[5]
+    assert f"main: jaccard_score_10-12 {results['wino']['main_metric']:.4f}" in lines[4]
+    assert "needs a classification" in lines[5] and "UNSUPPORTED" in lines[6] and "recall@5" in lines[6]
+    assert "MISSING" in lines[7] and "no test.jsonl" in lines[7] and "hqclip-data winogavil" in lines[7]
     assert results["zs"]["main_metric"] == results["zs"]["zeroshot_mean_per_class_recall"]
     assert f"main: mean_per_class_recall {results['zs']['main_metric']:.4f}" in lines[0]
     ret = results["ret"]
@@ -183,10 +255,11 @@ def test_suite_reports_every_set_and_matches_single_set_runs(sets, model, tmp_pa
         eval_cli(["--model", MODEL, "--pretrained", str(tmp_path / "export" / "open_clip_pytorch_model.bin"),
                   "--suite", str(tmp_path / "suite.yaml"), "--batch-size", "8", "--out", str(tmp_path / "s.json")])
     assert exit_status.value.code == 1
-    average_line = capsys.readouterr().out.splitlines()[6]
-    expected = (results["zs"]["main_metric"] + results["ret"]["main_metric"]) / 2
+    average_line = capsys.readouterr().out.splitlines()[8]
+    expected = (results["zs"]["main_metric"] + results["ret"]["main_metric"] + results["wino"]["main_metric"]) / 3
     assert average_line.startswith("average of main metrics") and f"{expected:.4f}" in average_line
-    assert "2 of 4 tasks; PARTIAL" in average_line and "wino (unsupported)" in average_line
+    assert "3 of 6 tasks; PARTIAL" in average_line and "wino_gone (missing)" in average_line
+    assert "odd (unsupported)" in average_line
     assert json.loads((tmp_path / "s.json").read_text())["average"]["average"] == pytest.approx(expected)
     # --amp autocasts as clip_benchmark does by default (bf16 here): the same set, rounding-level changes.
     eval_cli(["--model", MODEL, "--pretrained", str(tmp_path / "export" / "open_clip_pytorch_model.bin"),

@@ -23,10 +23,12 @@ from pathlib import Path
 from .synthetic import (
     ZEROSHOT_TEMPLATES,
     add_tar_member,
+    make_association_example,
     make_retrieval_sample,
     make_zeroshot_sample,
     zeroshot_classnames,
 )
+from .winogavil import write_association_set
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -131,9 +133,11 @@ def _npy_bytes(array) -> bytes:
 
 
 def write_synthetic_benchmark(out_dir: str | Path, *, num_zeroshot: int = 600, num_retrieval: int = 500,
-                              seed: int = 0, image_size: int = 64, shard_size: int | None = None) -> dict[str, str]:
+                              num_association: int = 40, seed: int = 0, image_size: int = 64,
+                              shard_size: int | None = None) -> dict[str, str]:
     """The synthetic zero-shot set (lossless WebP images, as clip_benchmark's converter writes them) and the
-    synthetic retrieval set (JPEG) as clip_benchmark sets under out_dir/zeroshot and out_dir/retrieval.
+    synthetic retrieval set (JPEG) as clip_benchmark sets under out_dir/zeroshot and out_dir/retrieval, and a
+    WinoGAViL-style set in hqclip_fast.data.winogavil's layout under out_dir/winogavil (PNG images).
     shard_size None: each set in CLIP_BENCHMARK_WORKERS shards, so that clip_benchmark's defaults read it."""
     out_dir = Path(os.path.abspath(out_dir))
     sizes = {name: shard_size or max(1, -(-count // CLIP_BENCHMARK_WORKERS))
@@ -149,4 +153,6 @@ def write_synthetic_benchmark(out_dir: str | Path, *, num_zeroshot: int = 600, n
         ((image, "jpg", captions) for image, captions in
          (make_retrieval_sample(i, seed, image_size) for i in range(num_retrieval))),
         shard_size=sizes["retrieval"])
-    return {"zeroshot": zeroshot.root, "retrieval": retrieval.root}
+    association = write_association_set(
+        out_dir / "winogavil", (make_association_example(i, seed, image_size) for i in range(num_association)))
+    return {"zeroshot": zeroshot.root, "retrieval": retrieval.root, "winogavil": association["root"]}

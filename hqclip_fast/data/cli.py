@@ -1,5 +1,5 @@
-"""`hqclip-data` console script: synthetic | synthetic-benchmark | validate | join | annotations index | tags build
-| index."""
+"""`hqclip-data` console script: synthetic | synthetic-benchmark | winogavil | validate | join | annotations index |
+tags build | index."""
 
 from __future__ import annotations
 
@@ -31,8 +31,21 @@ def _synthetic_benchmark(args) -> int:
     from .benchmark_sets import write_synthetic_benchmark
 
     roots = write_synthetic_benchmark(args.out, num_zeroshot=args.num_zeroshot, num_retrieval=args.num_retrieval,
-                                      seed=args.seed, image_size=args.image_size, shard_size=args.shard_size)
+                                      num_association=args.num_association, seed=args.seed,
+                                      image_size=args.image_size, shard_size=args.shard_size)
     print(json.dumps(roots))
+    return 0
+
+
+def _winogavil(args) -> int:
+    from .winogavil import convert_hf_winogavil
+
+    try:
+        report = convert_hf_winogavil(args.out, from_disk=args.from_disk, split=args.split, cache_dir=args.cache_dir,
+                                      progress=not args.no_progress)
+    except ValueError as err:  # no `datasets`, or a malformed row: the message says which
+        raise SystemExit(f"hqclip-data winogavil: {err}") from None
+    print(json.dumps(report))
     return 0
 
 
@@ -142,16 +155,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_synthetic)
 
     p = sub.add_parser("synthetic-benchmark", help="write the synthetic zero-shot and retrieval sets in "
-                                                   "clip_benchmark's webdataset layout (OUT/zeroshot, OUT/retrieval)")
+                                                   "clip_benchmark's webdataset layout (OUT/zeroshot, OUT/retrieval) "
+                                                   "and a WinoGAViL-style set (OUT/winogavil)")
     p.add_argument("--out", required=True)
     p.add_argument("--num-zeroshot", type=int, default=600)
     p.add_argument("--num-retrieval", type=int, default=500)
+    p.add_argument("--num-association", type=int, default=40, help="WinoGAViL-style examples (5, 6, 10 and 12 "
+                                                                    "candidates in turn)")
     p.add_argument("--shard-size", type=int, default=None,
                    help="samples per shard (default: each set in 4 shards, one for each of clip_benchmark's "
                         "default 4 workers; fewer shards than workers stops it with 'No samples found')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.set_defaults(func=_synthetic_benchmark)
+
+    p = sub.add_parser("winogavil", help="convert DataComp's WinoGAViL set (Hugging Face nlphuji/winogavil; needs "
+                                         "`pip install datasets`) into the local layout `hqclip-eval --suite` reads")
+    p.add_argument("--out", required=True)
+    p.add_argument("--from-disk", help="a copy saved with datasets' save_to_disk (default: load_dataset from the "
+                                       "Hub, as DataComp does)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--cache-dir", help="datasets' cache folder for load_dataset")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_winogavil)
 
     p = sub.add_parser("validate", help="stream shards through the training decode path and count skips")
     p.add_argument("pattern")

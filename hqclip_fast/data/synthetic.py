@@ -9,7 +9,8 @@ training sample gets the annotation record of ARCHITECTURE.md:
 Also a held-out zero-shot set (single objects, classes "{colour} {shape}"), a hard-negative set (image,
 positive text, negative text differing in one object's colour or shape) and a retrieval set (scenes of 2 or 3
 objects with one or two captions each; hqclip_fast.data.benchmark_sets writes it and the zero-shot set in
-clip_benchmark's layout). Everything is a pure function of the seed: the same arguments give byte-identical
+clip_benchmark's layout) and a WinoGAViL-style association set (a colour or shape as the cue, single-object
+candidates named "{colour} {shape}", those that have it as associations). Everything is a pure function of the seed: the same arguments give byte-identical
 shards.
 """
 
@@ -46,7 +47,7 @@ BACKGROUNDS = {"light gray": (200, 200, 200), "dark gray": (70, 70, 70), "beige"
 ZEROSHOT_COLOURS = ("red", "green", "blue", "yellow")
 ZEROSHOT_SHAPES = ("circle", "square", "triangle")
 ZEROSHOT_TEMPLATES = ("a photo of a {}.", "a {} on a plain background.", "an image of a {}.", "a rendering of a {}.")
-_SPLIT_IDS = {"train": 0, "zeroshot": 1, "hardneg": 2, "retrieval": 3}
+_SPLIT_IDS = {"train": 0, "zeroshot": 1, "hardneg": 2, "retrieval": 3, "association": 4}
 # How often a training negative edits each attribute: mostly what binds an object (its colour and shape), the
 # attributes a tiny vision tower learns last, as a captioner asked for minimal edits of objects would.
 TRAIN_EDIT_WEIGHTS = {"colour": 0.3, "shape": 0.4, "size": 0.15, "position": 0.15}
@@ -232,6 +233,25 @@ def make_retrieval_sample(index: int, seed: int, image_size: int, image_format: 
     scene = _sample_scene(rng, int(rng.integers(2, 4)))
     captions = [scene.describe(), scene.describe_background_first()][: int(rng.integers(1, 3))]
     return encode_image(render(scene, image_size, rng), image_format), captions
+
+
+# WinoGAViL's candidate counts (DataComp groups its scores by them).
+ASSOCIATION_CANDIDATES = (5, 6, 10, 12)
+
+
+def make_association_example(index: int, seed: int, image_size: int) -> dict:
+    """A row shaped like nlphuji/winogavil's: 5, 6, 10 or 12 single-object candidates (in turn), the cue one
+    candidate's colour or shape, the associations every candidate that has it; candidate_images as PIL images."""
+    rng = np.random.default_rng([seed, _SPLIT_IDS["association"], index])
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+    chosen = [pairs[i] for i in rng.choice(len(pairs), ASSOCIATION_CANDIDATES[index % 4], replace=False)]
+    by_colour = bool(rng.integers(2))
+    cue = chosen[0][0] if by_colour else chosen[0][1]
+    images = [render(Scene((SceneObject(c, s, "large", "center"),), str(rng.choice(list(BACKGROUNDS)))),
+                     image_size, rng) for c, s in chosen]
+    return {"cue": cue, "candidates": [f"{c} {s}" for c, s in chosen],
+            "associations": [f"{c} {s}" for c, s in chosen if cue == (c if by_colour else s)],
+            "candidate_images": images}
 
 
 def zeroshot_classnames() -> list[str]:
