@@ -9,6 +9,14 @@ on the output size, and the timed starts use the real one.
 
 Goal: resumed / fresh <= 1.2 (resume costs about one shard, whatever the step). Each time is the median of
 --repeats starts; fresh and resumed starts alternate. Results: benchmarks/results/bench_resume_cpu.json and .md (machine load recorded).
+
+    python benchmarks/bench_resume.py --shared-shard 4   # 4 slots sharing one 1,000-sample shard
+
+measures only what slots sharing a shard (fewer shards than slots) read: each of K slots reads its samples of one
+shard (index % K == slot, the loader's rule), from the local tar (read by its headers, seeking over the other
+slots' data) and from the same bytes through `pipe:cat` (streamed). Bytes are what this process took in through
+read calls (/proc/thread-self/io rchar), seconds the median of --repeats alternating runs, the shard in the page cache.
+Results: benchmarks/results/bench_resume_shared_shard_cpu.json and .md.
 """
 
 from __future__ import annotations
@@ -21,10 +29,12 @@ import statistics
 import tarfile
 import tempfile
 import time
+from collections import Counter
 
 from bench_loader import RESULTS, environment
 
 from hqclip_fast.data import ClipTokenizer, DataConfig, build_train_loader
+from hqclip_fast.data.shards import expand_sources, iter_tar_samples
 from hqclip_fast.data.synthetic import add_tar_member, make_train_record
 
 GOAL = 1.2
@@ -52,6 +62,55 @@ def time_to_first_batch(make, state: dict | None) -> float:
     return time.perf_counter() - start
 
 
+def bytes_taken_in() -> int:
+    """Bytes this thread has read through read calls, from files and pipes alike (Linux; not /proc/self/io,
+    which adds the reads of reaped children: the `cat` of a pipe:)."""
+    with open("/proc/thread-self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def shared_shard(args, env: dict) -> int:
+    """--shared-shard K (see the module docstring)."""
+    k = args.shared_shard
+    with tempfile.TemporaryDirectory() as root:
+        url = expand_sources(write_shards(root, 1, args.shard_size, args.source_size))[0][0]
+        shard_bytes = os.path.getsize(url)
+        sources = {"local tar (seeks over the others' data)": url, "pipe:cat (streams)": f"pipe:cat {url}"}
+        runs = {name: [] for name in sources}
+        for _ in range(args.repeats):
+            for name, source in sources.items():
+                before, start, keys = bytes_taken_in(), time.perf_counter(), []
+                for slot in range(k):
+                    keys += [s["__key__"] for s in iter_tar_samples(source, Counter(),
+                                                                    keep=lambda i, slot=slot: i % k == slot)]
+                runs[name].append((bytes_taken_in() - before, time.perf_counter() - start))
+                assert len(keys) == len(set(keys)) == args.shard_size, "every sample read once"
+    rows = {name: {"bytes_read": statistics.median(b for b, _ in r),
+                   "seconds": round(statistics.median(t for _, t in r), 4), "runs": [[b, round(t, 4)] for b, t in r]}
+            for name, r in runs.items()}
+    result = {"benchmark": "bench_resume --shared-shard", "environment": env,
+              "load_average_1m_at_end": round(os.getloadavg()[0], 2), "config": vars(args) | {"out": None},
+              "slots": k, "shard_samples": args.shard_size, "shard_bytes": shard_bytes, "rows": rows}
+    out = args.out or os.path.join(RESULTS, "bench_resume_shared_shard_cpu")
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    table = "".join(f"| {name} | {row['bytes_read'] / 1e6:.2f} MB | {row['bytes_read'] / shard_bytes:.2f} | "
+                    f"{row['seconds']:.3f} |\n" for name, row in rows.items())
+    with open(out + ".md", "w") as f:
+        f.write(f"# bench_resume --shared-shard (cpu)\n\n{env['device']}; commit {env['git_commit'][:10]}; "
+                f"{env['time_utc']}; load average {env['load_average_1m']} at the start, "
+                f"{result['load_average_1m_at_end']} at the end\n\n"
+                f"{k} slots share one shard of {args.shard_size} samples ({args.source_size}px JPEGs and json "
+                f"records, {shard_bytes / 1e6:.2f} MB, in the page cache); each slot reads its samples "
+                f"(index % {k} == slot). Bytes: taken in by the reading thread, all slots together; seconds: "
+                f"median of {args.repeats} alternating runs.\n\n"
+                f"| shard read as | bytes read, {k} slots | / shard size | seconds, {k} slots |\n"
+                f"|---|---|---|---|\n"
+                f"{table}")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=120)
@@ -63,8 +122,13 @@ def main() -> int:
     parser.add_argument("--source-size", type=int, default=256, help="JPEG side in the shards")
     parser.add_argument("--image-size", type=int, default=224, help="output crop of the timed starts")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(RESULTS, "bench_resume_cpu"))
+    parser.add_argument("--shared-shard", type=int, metavar="K", help="only measure K slots sharing one shard")
+    parser.add_argument("--out", help="result path without extension (default: benchmarks/results/bench_resume_cpu, "
+                                      "or bench_resume_shared_shard_cpu with --shared-shard)")
     args = parser.parse_args()
+    if args.shared_shard:
+        return shared_shard(args, environment("cpu"))
+    args.out = args.out or os.path.join(RESULTS, "bench_resume_cpu")
     if args.consume > args.shards * args.shard_size:
         parser.error("--consume must stay inside one epoch (shards x shard-size)")
 
