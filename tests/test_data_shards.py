@@ -150,6 +150,39 @@ def test_truncation_counts(shard, tmp_path, kind, where, keep, expected):
     assert stats == expected
 
 
+def _corrupt(shard, tmp_path, key: str, ext: str) -> str:
+    """`shard` with the header of `key`'s `ext` member overwritten by bytes that are no header."""
+    with open(shard, "rb") as f:
+        data = bytearray(f.read())
+    sample = next(s for s in _read(shard, offsets=True)[0] if s["__key__"] == key)
+    header = sample["__offsets__"][ext][0] - 512  # a short name: one ustar header before the data
+    data[header:header + 512] = bytes(range(256)) * 2
+    path = tmp_path / f"corrupt-{key}-{ext}.tar"
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["local", "pipe"])
+def test_a_corrupt_header_is_counted_and_the_samples_after_it_are_kept(shard, tmp_path, kind):
+    """tarfile ends a shard at an invalid header without a word; read with ignore_zeros, it goes on at the next
+    valid header: only the corrupt member is lost, and counted."""
+    full, _ = _read(shard)
+    for key, ext, index in (("s0012", "jpg", 12), ("s0000", "jpg", 0), ("s0020", "json", 20)):
+        samples, stats = _read(_as(kind, _corrupt(shard, tmp_path, key, ext)))
+        assert stats == {"corrupt_header": 1}
+        assert [s["__index__"] for s in samples] == list(range(NUM_SAMPLES))
+        assert ext not in samples[index] and samples[index]["__key__"] == key
+        assert all(ours == theirs for i, (ours, theirs) in enumerate(zip(samples, full)) if i != index)
+        other = "json" if ext == "jpg" else "jpg"
+        assert samples[index][other] == full[index][other]
+
+
+def test_a_file_that_is_no_tar_is_counted_as_corrupt(tmp_path):
+    path = tmp_path / "page.tar"
+    path.write_bytes(b"<html>" + bytes(range(256)) * 20)  # an error page saved under a shard's name
+    assert _read(str(path)) == ([], {"corrupt_header": 1, "truncated_tar": 1})
+
+
 def test_missing_and_unreadable_local_shards(tmp_path):
     assert _read(str(tmp_path / "missing.tar")) == ([], {"unreadable_shard": 1})
     assert _read(str(tmp_path)) == ([], {"unreadable_shard": 1})  # a directory
@@ -215,9 +248,10 @@ def test_slots_sharing_a_shard_each_read_their_own_bytes(shard, opened, num_slot
         read = opened[0].count  # the first open: epoch 0's pass over the shard
         assert read <= own + HEADER_BYTES * members
         assert read < shard_bytes / num_slots * 1.5
-        # after its last sample the slot reads the headers left, no data
+        # after its last sample the slot reads the headers left and the end-of-archive padding (at most a tar
+        # record: read with ignore_zeros, to go on past a corrupt header), no data
         members_after = 2 * (NUM_SAMPLES - 1 - indexes[-1]) + 1  # + the directory
-        assert read - read_at_last <= HEADER_BYTES * members_after
+        assert read - read_at_last <= HEADER_BYTES * members_after + tarfile.RECORDSIZE
 
 
 def test_reading_one_buffered_sample_reads_that_sample(shard, opened):
@@ -227,4 +261,6 @@ def test_reading_one_buffered_sample_reads_that_sample(shard, opened):
         opened.clear()
         sample = read_reference([[shard]], [0, 0, 0, index, full[index]["__start__"]])
         assert sample["__key__"] == full[index]["__key__"]
-        assert opened[0].count <= sizes[index] + HEADER_BYTES * 3  # its 2 members, the header after them
+        # its 2 members, the header after them; after the last sample, the end-of-archive padding (one record)
+        padding = tarfile.RECORDSIZE if index == NUM_SAMPLES - 1 else 0
+        assert opened[0].count <= sizes[index] + HEADER_BYTES * 3 + padding

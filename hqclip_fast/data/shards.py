@@ -30,7 +30,8 @@ import braceexpand
 log = logging.getLogger(__name__)
 
 # Reasons that describe a whole shard or a failed read of it, not a lost sample (not added to samples_skipped).
-SHARD_REASONS = frozenset({"empty_tar", "truncated_tar", "unreadable_shard", "source_error", "source_failed"})
+SHARD_REASONS = frozenset({"empty_tar", "truncated_tar", "corrupt_header", "unreadable_shard", "source_error",
+                           "source_failed"})
 STDERR_TAIL = 2000  # characters of a failed pipe: command's stderr kept in its error
 
 
@@ -242,6 +243,24 @@ def _seekable_tar_size(url: str, stream: IO[bytes]) -> int | None:
     return size
 
 
+class _CountedTarInfo(tarfile.TarInfo):
+    """Counts the corrupt stretches of a tar read with ignore_zeros: tarfile then passes an invalid header over
+    block by block until the next valid one, instead of ending the shard there without a word. A run of invalid
+    blocks (a corrupt header and the data of its member) counts once."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            member = super().fromtarfile(tar)
+        except tarfile.InvalidHeaderError:
+            if not getattr(tar, "in_corrupt_run", False):
+                tar.corrupt_headers = getattr(tar, "corrupt_headers", 0) + 1
+                tar.in_corrupt_run = True
+            raise
+        tar.in_corrupt_run = False
+        return member
+
+
 def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tuple[int, int | None] = (0, None),
                      keep: Callable[[int], bool] | None = None) -> Iterator[dict]:
     """Yield {'__key__', '__url__', '__index__', '__start__', '__end__', ext: bytes, ...} per sample (consecutive
@@ -259,7 +278,9 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tup
     out "empty".
 
     An unreadable or empty shard is counted and yields nothing; a truncated shard yields every complete sample
-    before the cut ('truncated_tar'), and counts a sample that the cut went through as 'truncated_sample'.
+    before the cut ('truncated_tar'), and counts a sample that the cut went through as 'truncated_sample'. A
+    corrupt header is counted ('corrupt_header') and passed over up to the next valid one: its member is lost
+    (its sample comes without it, and the decoder counts what it then lacks), the samples after it are not.
     """
     try:
         stream = open_url(url, stats)
@@ -284,8 +305,8 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tup
             stream.seek(base)
         try:
             # "r:" reads a header, then seeks to the next one unless the member is extracted; "r|*" reads all.
-            tar = tarfile.open(fileobj=stream, mode="r:") if counter is None else \
-                tarfile.open(fileobj=counter, mode="r|*")
+            tar = tarfile.open(fileobj=stream if counter is None else counter, mode="r:" if counter is None else "r|*",
+                               ignore_zeros=True, tarinfo=_CountedTarInfo)
         except tarfile.ReadError as e:
             if "empty" not in str(e):
                 stats["truncated_tar"] += 1
@@ -293,6 +314,7 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tup
                 stats["empty_tar"] += 1
             return
         uncompressed = counter is None or tar.fileobj.comptype == "tar"
+        corrupt_counted = 0
         ended_cleanly = False
         while True:
             try:
@@ -302,6 +324,10 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tup
                 # are complete.
                 stats["truncated_tar"] += 1
                 break
+            finally:
+                if getattr(tar, "corrupt_headers", 0) > corrupt_counted:
+                    stats["corrupt_header"] += tar.corrupt_headers - corrupt_counted
+                    corrupt_counted = tar.corrupt_headers
             if member is None:
                 ended_cleanly = True
                 break
@@ -341,7 +367,7 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tup
             length = size if counter is None else counter.drain()
             if uncompressed and length % 512:
                 stats["truncated_tar"] += 1  # cut inside a header: the samples read so far are complete
-            elif members_seen == 0 and not base:
+            elif members_seen == 0 and not base and not getattr(tar, "corrupt_headers", 0):
                 stats["empty_tar"] += 1
         if sample is not None and sample_wanted:
             yield sample
