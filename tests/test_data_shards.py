@@ -264,3 +264,23 @@ def test_reading_one_buffered_sample_reads_that_sample(shard, opened):
         # its 2 members, the header after them; after the last sample, the end-of-archive padding (one record)
         padding = tarfile.RECORDSIZE if index == NUM_SAMPLES - 1 else 0
         assert opened[0].count <= sizes[index] + HEADER_BYTES * 3 + padding
+
+
+@pytest.mark.parametrize("num_slots", [2, 3])
+def test_a_shard_shared_by_slots_counts_its_faults_once(shard, tmp_path, num_slots):
+    """A truncated, corrupt shard split among slots: each slot sees the cut and the bad header (it reads every
+    header), the slot of its first sample counts them; the sample the cut went through is its slot's."""
+    corrupt = _corrupt(shard, tmp_path, "s0003", "json")
+    with open(corrupt, "rb") as f:
+        data = f.read()
+    full, _ = _read(shard)
+    (tmp_path / "both.tar").write_bytes(data[:full[12]["__start__"] + 512 + 3000])  # in s0012's jpg data
+    totals = Counter()
+    for slot in range(num_slots):
+        stats = Counter()
+        stream = SlotStream([str(tmp_path / "both.tar")], 0, fresh_slot_state(slot, num_slots, 1), seed=7,
+                            resampled=False, stats=stats)
+        list(itertools.takewhile(lambda item: item[0] == 0, stream))
+        assert stats.get("truncated_sample", 0) == (12 % num_slots == slot)
+        totals += stats
+    assert totals == {"truncated_tar": 1, "corrupt_header": 1, "truncated_sample": 1}

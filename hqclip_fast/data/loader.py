@@ -65,6 +65,25 @@ def summarize(reasons: Counter | dict, samples_ok: int) -> dict:
     return summary
 
 
+# A shard's own faults: every slot sharing the shard sees them (each reads all its headers), one counts them.
+SHARD_FAULTS = SHARD_REASONS - {"source_error", "source_failed"}  # read failures are each slot's own
+
+
+class _CountsLessShardFaults:
+    """The counts of a slot that shares a shard and does not read its first sample: the shard's faults are the
+    first slot's to count, so a truncated shard split among k slots counts once, not k times."""
+
+    def __init__(self, stats: Counter):
+        self.stats = stats
+
+    def __getitem__(self, reason: str) -> int:
+        return self.stats[reason]
+
+    def __setitem__(self, reason: str, count: int) -> None:
+        if reason not in SHARD_FAULTS:
+            self.stats[reason] = count
+
+
 class SlotStream:
     """Infinite (epoch, raw sample) stream of one source for one slot. `position` (JSON, see sharding) is where
     it is, moved past each sample before that sample is yielded; a stream built from a saved position continues
@@ -114,7 +133,8 @@ class SlotStream:
         keep = None if share.step == 1 else lambda index: index % share.step == share.first
         url = self.urls[share.shard]
         shard_annotations = self.annotations.for_shard(url, self.stats) if self.annotations is not None else None
-        for sample in iter_tar_samples(url, self.stats, at=(cursor["index"], cursor["offset"]), keep=keep):
+        counts = self.stats if share.first == 0 else _CountsLessShardFaults(self.stats)
+        for sample in iter_tar_samples(url, counts, at=(cursor["index"], cursor["offset"]), keep=keep):
             cursor["index"], cursor["offset"] = sample["__index__"] + 1, sample["__end__"]
             sample["__ref__"] = [self.source, epoch, share.shard, sample["__index__"], sample["__start__"]]
             yield epoch, shard_annotations.annotate(sample) if shard_annotations else sample
