@@ -80,6 +80,9 @@ def test_elastic_four_then_two_then_three_ranks_reads_each_sample_once_per_epoch
     stage = [_loader(twelve_shards, tokenizer, rank=r, world_size=2, batch_size=5) for r in range(2)]
     for loader in stage:
         loader.load_elastic(states)
+    # the counts summed over ranks carry over whole, those of the two ranks lost included
+    assert sum(loader.stats()["samples_ok"] for loader in stage) == 4 * 4 * 3
+    for loader in stage:
         read += _take(loader, 3)
     states = [json.loads(json.dumps(loader.state_dict())) for loader in stage]
     stage = [_loader(twelve_shards, tokenizer, rank=r, world_size=3, batch_size=4) for r in range(3)]
@@ -87,6 +90,7 @@ def test_elastic_four_then_two_then_three_ranks_reads_each_sample_once_per_epoch
     for loader in stage:
         loader.load_elastic(iter(states))  # as the checkpointer gives them: one file at a time
         streams.append(iter(loader))
+    assert sum(loader.stats()["samples_ok"] for loader in stage) == 4 * 4 * 3 + 2 * 3 * 5
     for _ in range(30):  # until every sample of epoch 0 is read (the buffers hold a few back)
         if sum(epoch == 0 for epoch, _ in read) >= SHARDS * SHARD_SIZE:
             break

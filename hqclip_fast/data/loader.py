@@ -425,10 +425,10 @@ class TrainLoader:
         """Continue from every rank's saved state, given in rank order, on this loader's layout (another number of
         ranks, workers or another batch size; the seed must match). `states` may be a generator: one state is
         held at a time, less its buffer and generators. See sharding.elastic_slot_states and deal_buffers for
-        what is guaranteed. The batch count restarts; this rank's sample counts continue those of the saved rank
-        of the same number."""
+        what is guaranteed. The batch count restarts; this rank's sample counts continue those of the saved ranks
+        r with r % world_size == rank, so the counts summed over ranks carry over whole, ranks lost included."""
         mine = range(self.rank * self._slots, (self.rank + 1) * self._slots)
-        old, saved = [], {"epoch": 0, "counts": {"reasons": {}, "samples_ok": 0}}
+        old, saved = [], {"epoch": 0, "counts": {"reasons": Counter(), "samples_ok": 0}}
 
         def buffers():  # reads the states one by one, keeping what the new layout needs
             for rank, state in enumerate(states):
@@ -441,8 +441,9 @@ class TrainLoader:
                 old.extend({key: slot[key] for key in ("slot", "num_slots", "generation", "streams")}
                            for slot in state["slots"])
                 saved["epoch"] = max(saved["epoch"], int(state["epoch"]))
-                if rank == self.rank:
-                    saved["counts"] = state
+                if rank % self.world_size == self.rank:
+                    saved["counts"]["reasons"].update(state["reasons"])
+                    saved["counts"]["samples_ok"] += int(state["samples_ok"])
                 for slot in state["slots"]:
                     yield slot["buffer"]
 
