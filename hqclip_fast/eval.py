@@ -620,8 +620,8 @@ class EvalSuite:
 
 
 def _load_model(args):
-    from hqclip_fast.model import create_model, load_open_clip_state_dict
-    from hqclip_fast.serialization import load_weights
+    from hqclip_fast.model import create_model
+    from hqclip_fast.pretrained import load_pretrained, resolve_pretrained
 
     if args.run:
         from hqclip_fast.export import load_trained_model
@@ -629,14 +629,15 @@ def _load_model(args):
         model, cfg = load_trained_model(args.run, args.checkpoint)
         return model, cfg.data.image_size, cfg.data.context_length
     overrides = {}
-    exported_config = Path(args.pretrained or "").parent / f"{args.model}.json"
-    if args.pretrained and exported_config.is_file():  # the architecture hqclip-export wrote beside the weights
-        overrides = json.loads(exported_config.read_text())
+    weights = resolve_pretrained(args.pretrained, args.model, args.cache_dir) if args.pretrained else None
+    if weights is not None and (weights.parent / f"{args.model}.json").is_file():
+        # the architecture hqclip-export wrote beside the weights
+        overrides = json.loads((weights.parent / f"{args.model}.json").read_text())
     if args.image_size:
         overrides["image_size"] = args.image_size
     model = create_model(args.model, **overrides)
-    if args.pretrained:
-        load_open_clip_state_dict(model, load_weights(args.pretrained))
+    if weights is not None:
+        load_pretrained(model, args.pretrained, args.model, args.cache_dir)
     config = model.config
     return model.eval(), config.vision_cfg.image_size, config.text_cfg.context_length
 
@@ -650,9 +651,11 @@ def cli(argv: list[str] | None = None) -> None:
     which.add_argument("--run", help="training run folder (its latest checkpoint, or --checkpoint)")
     which.add_argument("--model", help="model config name, with --pretrained <open_clip checkpoint file>")
     parser.add_argument("--checkpoint", help="with --run: a checkpoints/step_XXXXXXXX folder")
-    parser.add_argument("--pretrained", help="with --model: open_clip weights (e.g. from hqclip-export): "
+    parser.add_argument("--pretrained", help="with --model: open_clip weights, resolved as model.pretrained is "
+                                             "(a file, a folder, hf-hub:org/name, an open_clip pretrained tag): "
                                              ".safetensors, or .bin/.pt read with weights_only=True; a <model>.json "
                                              "beside them (hqclip-export writes one) gives the architecture")
+    parser.add_argument("--cache-dir", help="with --pretrained hf-hub:/tag: the Hugging Face cache to look in")
     parser.add_argument("--image-size", type=int, default=None, help="with --model: override the image size")
     parser.add_argument("--synthetic-manifest", help="manifest.json of `hqclip-data synthetic`")
     parser.add_argument("--zeroshot", help="a clip_benchmark webdataset set, zero-shot shards (key.cls) or an "
@@ -690,7 +693,7 @@ def cli(argv: list[str] | None = None) -> None:
                                   classnames=args.classnames, templates=args.templates,
                                   image_text=args.image_text, batch_size=args.batch_size)
             suite = EvalSuite.from_config(eval_cfg, image_size, split=args.split)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     if not args.suite and not suite.enabled:
         parser.error("nothing to evaluate: give --synthetic-manifest, --zeroshot, --image-text or --suite")

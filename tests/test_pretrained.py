@@ -153,3 +153,20 @@ def test_tag_trained_with_quick_gelu_warns_on_a_plain_gelu_model(tmp_path):
     with pytest.warns(UserWarning, match="quick_gelu=True but the model has quick_gelu=False"), \
             pytest.raises(ValueError, match="does not match the model"):
         load_pretrained(plain, "openai", "ViT-B-32", str(tmp_path))
+
+
+def test_hqclip_eval_resolves_pretrained_as_training_does(theirs, tmp_path):
+    """hqclip-eval --pretrained takes the forms model.pretrained takes: here hf-hub: from a hub cache, with the
+    architecture file hqclip-export writes beside the weights."""
+    from argparse import Namespace
+
+    from hqclip_fast.eval import _load_model
+
+    snapshot = hub_cache(tmp_path, "org/tiny-clip", {"open_clip_pytorch_model.bin": theirs.state_dict()})
+    args = Namespace(run=None, model=NAME, pretrained="hf-hub:org/tiny-clip", cache_dir=str(tmp_path),
+                     image_size=None)
+    model, image_size, _ = _load_model(args)
+    assert_loaded(model, theirs)
+    (snapshot / f"{NAME}.json").write_text('{"image_size": 48}')
+    model, image_size, _ = _load_model(args)
+    assert image_size == 48  # the exported architecture; the positional embedding resized as open_clip does
