@@ -144,8 +144,10 @@ def build_open_clip(args, device):
         model = torch.compile(model)
     context = model.context_length if hasattr(model, "context_length") else 77
     loss = open_clip.ClipLoss(cache_labels=True)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "logit" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n and "logit" not in n)]
+    # open_clip_train's groups (its main.py): no decay for gains, biases, norms and logit_scale
+    no_decay = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    decay = [p for n, p in model.named_parameters() if not no_decay(n, p)]
+    rest = [p for n, p in model.named_parameters() if no_decay(n, p)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.2}, {"params": rest, "weight_decay": 0.0}],
                                   lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
 
