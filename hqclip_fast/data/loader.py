@@ -491,10 +491,11 @@ class EvalDataset(IterableDataset):
 
     Sharing among ranks (rank, world_size): with at least as many shards as ranks, rank r reads whole shards
     r, r + world_size, ... and opens no other (each byte of the set is read once over the ranks; the shares
-    then differ by up to a shard). With fewer shards, every rank reads every shard and keeps the samples at
-    positions p (counting all shards' samples in order) with p % world_size == rank, never decoding the others;
-    shard-level counts (empty, truncated, unreadable shards and cut samples), which every rank then sees, are
-    counted by rank 0 only. Either way the shares partition exactly the samples one process yields and the
+    then differ by up to a shard). With fewer shards, every rank reads every shard's headers and keeps the samples
+    at positions p (counting all shards' samples in order) with p % world_size == rank, passing the others over
+    unread in a local tar (iter_tar_samples' `keep`) and never decoding them; a shard's faults (empty, truncated,
+    corrupt, unreadable), which every rank then sees, are counted by rank 0 only, a cut sample by its rank. Either
+    way the shares partition exactly the samples one process yields and the
     ranks' stats() sum to one process's; with `with_index` the index orders the gathered results. DataLoader
     workers of a rank split its samples by position the same way.
     """
@@ -514,25 +515,38 @@ class EvalDataset(IterableDataset):
         self._reasons: Counter = Counter()
         self._ok = 0
 
-    def _raw_samples(self, shard_reasons: Counter) -> Iterator[tuple[int, dict]]:
+    def _raw_samples(self, counts, mine: Callable[[int], bool]) -> Iterator[tuple[int, dict]]:
+        """(index, raw sample) of the samples at the positions `mine` takes, positions counting the samples of
+        the shards read in order; the others are passed over by the shard reader."""
         numbers = range(len(self.urls))
+        before = 0  # samples in the shards read before this one
         for number in numbers[self.rank::self.world_size] if self.by_shard else numbers:
-            for raw in iter_tar_samples(self.urls[number], shard_reasons):
+            found = 0
+
+            def keep(index: int, start: int = before) -> bool:  # asked once per sample of the shard, in order
+                nonlocal found
+                found = index + 1
+                return mine(start + index)
+
+            for raw in iter_tar_samples(self.urls[number], counts, keep=keep):
                 if raw["__index__"] >= self.INDEX_STRIDE:
                     raise ValueError(f"eval shard {self.urls[number]} holds more than {self.INDEX_STRIDE} samples")
                 yield number * self.INDEX_STRIDE + raw["__index__"], raw
+            before += found
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # the samples are this rank's (its shards'), or every rank's to be split by position
         owners, owner = (1, 0) if self.by_shard else (self.world_size, self.rank)
-        # shard-level counts: by the only rank reading the shard, or once (rank 0) when every rank reads it
-        shard_reasons = self._reasons if self.by_shard or self.rank == 0 else Counter()
-        for position, (index, raw) in enumerate(self._raw_samples(shard_reasons)):
-            share_position, mine = divmod(position, owners)
-            if mine != owner or share_position % num_workers != worker:
-                continue  # another rank's (or worker's) sample: not decoded here
+
+        def mine(position: int) -> bool:  # not another rank's (or worker's) sample
+            share_position, holder = divmod(position, owners)
+            return holder == owner and share_position % num_workers == worker
+
+        # a shard's faults: by the only rank reading the shard, or once (rank 0) when every rank reads it
+        counts = self._reasons if self.by_shard or self.rank == 0 else _CountsLessShardFaults(self._reasons)
+        for index, raw in self._raw_samples(counts, mine):
             try:
                 target = self._target(raw)
                 image = eval_transform(decode_image(raw), self.image_size)
