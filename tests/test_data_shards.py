@@ -284,3 +284,20 @@ def test_a_shard_shared_by_slots_counts_its_faults_once(shard, tmp_path, num_slo
         assert stats.get("truncated_sample", 0) == (12 % num_slots == slot)
         totals += stats
     assert totals == {"truncated_tar": 1, "corrupt_header": 1, "truncated_sample": 1}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_eval_ranks_sharing_a_shard_each_read_their_own_bytes(shard, opened, world_size):
+    """Fewer eval shards than ranks: each rank reads the headers and its own samples' data (positions
+    p % world_size == rank), so the set's data is read once over the ranks (the 'jpg' here is no image: every
+    sample is read, then skipped, as the counts say)."""
+    from hqclip_fast.data import build_eval_dataset
+
+    sizes, members = _sizes(shard), len(_members(NUM_SAMPLES)) + 1
+    for rank in range(world_size):
+        opened.clear()
+        dataset = build_eval_dataset(shard, image_size=16, rank=rank, world_size=world_size)
+        assert list(dataset) == []
+        own = sum(sizes[i] for i in range(rank, NUM_SAMPLES, world_size))
+        assert dataset.stats()["samples_skipped"] == len(range(rank, NUM_SAMPLES, world_size))
+        assert opened[0].count <= own + HEADER_BYTES * members + tarfile.RECORDSIZE
