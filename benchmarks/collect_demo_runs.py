@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-SETTINGS = ("model.name", "model.overrides", "optim.lr", "steps", "data.p_description", "data.image_size",
+SETTINGS = ("seed", "model.name", "model.overrides", "optim.lr", "steps", "data.p_description", "data.image_size",
             "data.rrc_scale", "loss.stc_weight", "cpu_threads")
 
 
