@@ -8,6 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every process a test starts (gloo ranks, torchrun, CLIs) dumps its Python stacks on a fatal signal: a rank
+# that aborts (std::terminate, seen rarely in gloo CPU ranks) then shows where, in the failing test's output.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 # Two cores on CI: keep intra-op threads from oversubscribing when tests spawn worker processes.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
