@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import gloo_group
 from test_model_openclip import random_tokens
 
 from hqclip_fast.loss import HQCLIPLoss
@@ -111,12 +111,9 @@ def _fsdp_worker(rank, world_size, init_file):
     from hqclip_fast.parallelize import parallelize_model
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(init_file, rank, world_size):
         batch = make_batch(8, seed=10 + rank)  # this rank's 4b; the loss sees both ranks' samples
         assert_same(*accumulated_and_whole(lambda: parallelize_model(build_model()), batch, 4))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed

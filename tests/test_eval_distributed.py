@@ -14,10 +14,9 @@ from pathlib import Path
 import braceexpand
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from data_helpers import write_tar
-from dist_helpers import free_port
+from dist_helpers import free_port, gloo_group
 
 from hqclip_fast.config import EvalConfig
 from hqclip_fast.data import ClipTokenizer
@@ -112,8 +111,7 @@ def _worker(rank: int, world_size: int, cli_port: int, manifest: str, out_dir: s
     from hqclip_fast.parallelize import parallelize_model
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'init')}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(Path(out_dir, "init"), rank, world_size):
         ranks = EvalRanks.current("cpu")
         assert (ranks.rank, ranks.world_size) == (rank, world_size)
         _check_edge_cases(ranks)
@@ -124,8 +122,6 @@ def _worker(rank: int, world_size: int, cli_port: int, manifest: str, out_dir: s
             lambda module, args, out: images_seen.append((args[0].shape[0], bool((args[0] == 0).all()))))
         with _counting_decodes() as decoded:
             results = _suite(manifest).run(model, ClipTokenizer(CONTEXT), "cpu", ranks=ranks)
-    finally:
-        dist.destroy_process_group()
     printed = _eval_cli_as_torchrun_rank(rank, world_size, cli_port, manifest, out_dir)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
         {"results": results, "images_seen": images_seen, "decoded": decoded, "cli_printed": printed}))
@@ -160,12 +156,9 @@ def test_two_ranks_give_the_single_process_metrics(manifest, tmp_path):
 
 def _sharded_worker(rank: int, world_size: int, manifest: str, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir, 'init')}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(Path(out_dir, "init"), rank, world_size):
         with _counting_decodes() as decoded:
             results = _suite(manifest).run(_model(), ClipTokenizer(CONTEXT), "cpu", ranks=EvalRanks.current("cpu"))
-    finally:
-        dist.destroy_process_group()
     Path(out_dir, f"sharded{world_size}_rank{rank}.json").write_text(json.dumps({"results": results,
                                                                                  "decoded": decoded}))
 

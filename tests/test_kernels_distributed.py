@@ -15,9 +15,9 @@ import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from dist_helpers import gloo_group
 
 BATCH, DIM = 7, 40  # local batch; global 14: tiles of 16 straddle the rank boundary
 CASES = [  # (dtype, negatives, negatives_in_softmax, hni_weight)
@@ -51,8 +51,7 @@ def _worker(rank, world, init_file, cases):
     from hqclip_kernels._common import interpreting
 
     assert interpreting(), "gloo ranks launch Triton kernels on CPU tensors: they need TRITON_INTERPRET=1"
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with gloo_group(init_file, rank, world):
         from hqclip_fast.loss import hqclip_loss
         from hqclip_fast.loss.fused import contrastive_sums
         from hqclip_fast.loss.gather import all_gather_with_grad
@@ -95,8 +94,6 @@ def _worker(rank, world, init_file, cases):
                         continue
                     assert got is not None, f"{where} {name}: missing gradient"
                     _check(f"{where} grad {name}", got, want, dtype)
-    finally:
-        dist.destroy_process_group()
 
 
 def _spawn(world, cases):

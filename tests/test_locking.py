@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import gloo_group
 from test_model_openclip import open_clip_model, random_tokens
 
 from hqclip_fast.model import create_model, load_open_clip_state_dict
@@ -110,8 +110,7 @@ def _fsdp_locked_worker(rank, world_size, init_file, run_dir):
     from hqclip_fast.train import TrainStep
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(init_file, rank, world_size):
         for name, size in (("hqclip-micro", 32), ("hqclip-rn-micro", 64)):
             torch.manual_seed(0)
             model = create_model(name)
@@ -141,8 +140,6 @@ def _fsdp_locked_worker(rank, world_size, init_file, run_dir):
                     assert torch.equal(value, initial[key]), key
             assert len(optimizer.state) == len(list(model.parameters())) - len(frozen)
             Checkpointer(os.path.join(run_dir, name), keep_last=1).save(1, model, optimizer, {})
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
@@ -184,9 +181,6 @@ def test_sync_batchnorm_on_cpu_ranks_is_a_clear_error_and_single_process_a_no_op
 
     model = parallelize_model(create_model("hqclip-rn-micro"), sync_batchnorm=True)  # no group: nothing to sync
     assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
-    try:
+    with gloo_group(tmp_path / "init", 0, 1):
         with pytest.raises(ValueError, match="SyncBatchNorm synchronizes GPU tensors only"):
             parallelize_model(create_model("hqclip-rn-micro"), sync_batchnorm=True)
-    finally:
-        dist.destroy_process_group()

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from dist_helpers import gloo_group
 
 from hqclip_fast.loss import hqclip_loss
 
@@ -52,8 +53,7 @@ def _worker(rank, world_size, dtype, out_dir):
 
     torch.set_num_threads(1)
     chunked.CHUNK_ROWS, chunked.CHUNK_COLS = 2, 3
-    dist.init_process_group("gloo", init_method=f"file://{out_dir / 'init'}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(out_dir / "init", rank, world_size):
         full = global_inputs(world_size, dtype)
         local = {k: v if k in REPLICATED else v[rank * BATCH:(rank + 1) * BATCH] for k, v in full.items()}
         out = {impl: run_loss(local, impl, **OPTIONS) for impl in ("reference", "chunked")}
@@ -84,8 +84,6 @@ def _worker(rank, world_size, dtype, out_dir):
                 subgroup_total = run_loss(local, "chunked", **OPTIONS, group=subgroup)[0]["total"]
         torch.save((out, open_clip_value, float(plain.clip), uneven_errors, subgroup_total),
                    out_dir / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import gloo_group
 from test_loss_distributed import OPTIONS, PER_SAMPLE, REPLICATED, global_inputs, run_loss
 
 from hqclip_fast.loss import HQCLIPLoss, hqclip_loss
@@ -69,8 +70,7 @@ WORLD_SIZES = (2, 3, 5, 8)
 def _worker(rank, world_size, out_dir):
     """One set of 8 processes serves every group size: the first n ranks form the group of size n."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{Path(out_dir) / 'init'}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(Path(out_dir) / "init", rank, world_size):
         for n in WORLD_SIZES:
             group = dist.new_group(list(range(n)))  # collective over all ranks, members or not
             if rank >= n:
@@ -86,8 +86,6 @@ def _worker(rank, world_size, out_dir):
                 except ValueError as err:
                     results["chunked_ring_error"] = str(err)
             torch.save(results, Path(out_dir) / f"n{n}_rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import gloo_group
 
 from hqclip_fast.loss import hqclip_loss
 from hqclip_fast.model import create_model, to_open_clip_state_dict
@@ -155,8 +156,7 @@ def _fsdp_worker(rank, world_size, init_file, name):
     # bf16 noise through BatchNorm's backward reaches ~20% of the ResNet stem's update; measure it on this
     # process (autocast bf16), and allow the FSDP bf16 step twice that (0.08 at least).
     bf16_noise = update_errors(reference_step(name, batch, world_size, autocast=True)[2], *references[1][::2])
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(init_file, rank, world_size):
         for case, (initial, ref_loss, ref_model, rank0_stats) in zip(cases, references):
             model = create_model(name, num_tags=5)
             model.load_state_dict(initial)
@@ -195,8 +195,6 @@ def _fsdp_worker(rank, world_size, init_file, name):
             with torch.no_grad():  # the trainer's clamp on the sharded 1-D parameter
                 model.logit_scale.clamp_(0, 1.0)
                 assert model(*local[:2])["logit_scale"].item() == pytest.approx(torch.e, rel=1e-2)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
@@ -210,8 +208,7 @@ def _fp32_logit_scale_worker(rank, world_size, init_file):
     torch.set_num_threads(1)
     batch = make_batch(4, seed=5, image_size=image_size("hqclip-micro"))
     local = tuple(t[rank * 2 : rank * 2 + 2] for t in batch)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(init_file, rank, world_size):
         torch.manual_seed(0)
         model = create_model("hqclip-micro", num_tags=5)
         with torch.no_grad():  # a value that bf16 cannot hold: 1 + 2^-12
@@ -244,8 +241,6 @@ def _fp32_logit_scale_worker(rank, world_size, init_file):
         others = [torch.empty_like(own) for _ in range(world_size)]
         dist.all_gather(others, own)
         assert not torch.equal(others[0], others[1])  # the ranks' gradients differ: the mean is a real check
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
@@ -301,8 +296,7 @@ def _hsdp_worker(rank, world_size, init_file):
     single = fresh()  # one process, the whole batch
     single_opt = torch.optim.SGD(single.parameters(), lr=0.5)
     single_losses = torch.stack([train_step(single, single_opt, batch)[1] for batch in batches])
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(init_file, rank, world_size):
         fsdp = parallelize_model(fresh(), mesh=data_parallel_mesh("cpu", 1, 4))
         hsdp = parallelize_model(fresh(), mesh=data_parallel_mesh("cpu", 2, 2))
         weight = hsdp.visual.transformer.resblocks[0].mlp.c_fc.weight
@@ -317,8 +311,6 @@ def _hsdp_worker(rank, world_size, init_file):
             for key, want in single.state_dict().items():
                 torch.testing.assert_close(fsdp_state[key].reshape(want.shape), want, msg=key, **tol)
                 torch.testing.assert_close(hsdp_state[key].reshape(want.shape), want, msg=key, **tol)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed

@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
-from dist_helpers import free_port
+from dist_helpers import gloo_group
 from PIL import Image
 
 from hqclip_fast.data import ClipTokenizer
@@ -230,19 +229,16 @@ def synthetic_set(tmp_path_factory):
     return str(root)
 
 
-def _distributed_worker(rank: int, world_size: int, port: int, root: str, out_dir: str) -> None:
+def _distributed_worker(rank: int, world_size: int, root: str, out_dir: str) -> None:
     from hqclip_fast.parallelize import parallelize_model
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
+    with gloo_group(Path(out_dir, "init"), rank, world_size):
         model = parallelize_model(_model())  # FSDP2: every encode call is a collective
         calls = []
         model.visual.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
         result = association_eval(model, ClipTokenizer(), _task(root).batches(12, EvalRanks.current("cpu")), "cpu",
                                   ranks=EvalRanks.current("cpu"), image_size=SIZE)
-    finally:
-        dist.destroy_process_group()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"result": result, "calls": calls}))
 
 
@@ -252,7 +248,7 @@ def test_two_ranks_give_the_single_process_scores(synthetic_set, tmp_path):
     1 examples 1, 3, 5 (6, 12, 6: 3 batches and one blank)."""
     expected = association_eval(_model(), ClipTokenizer(), _task(synthetic_set).batches(12), "cpu")
     assert expected["association_samples"] == 7 and expected["jaccard_score_10-12"] is not None
-    mp.spawn(_distributed_worker, args=(2, free_port(), synthetic_set, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_distributed_worker, args=(2, synthetic_set, str(tmp_path)), nprocs=2, join=True)
     outputs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for output in outputs:
         assert output["result"] == expected
