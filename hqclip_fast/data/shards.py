@@ -244,21 +244,31 @@ def _seekable_tar_size(url: str, stream: IO[bytes]) -> int | None:
 
 
 class _CountedTarInfo(tarfile.TarInfo):
-    """Counts the corrupt stretches of a tar read with ignore_zeros: tarfile then passes an invalid header over
-    block by block until the next valid one, instead of ending the shard there without a word. A run of invalid
-    blocks (a corrupt header and the data of its member) counts once."""
+    """A header of a _CountingTarFile: an invalid one starts a corrupt stretch, counted once however many blocks
+    it spans (a corrupt header and the data of its member)."""
 
     @classmethod
     def fromtarfile(cls, tar):
         try:
             member = super().fromtarfile(tar)
         except tarfile.InvalidHeaderError:
-            if not getattr(tar, "in_corrupt_run", False):
-                tar.corrupt_headers = getattr(tar, "corrupt_headers", 0) + 1
+            if not tar.in_corrupt_run:
+                tar.corrupt_headers += 1
+                tar.stats["corrupt_header"] += 1
                 tar.in_corrupt_run = True
             raise
         tar.in_corrupt_run = False
         return member
+
+
+class _CountingTarFile(tarfile.TarFile):
+    """A tar read with ignore_zeros, which passes an invalid header over block by block up to the next valid one
+    (plain tarfile ends the shard there without a word), counting each corrupt stretch in `stats` as it meets it
+    (open() hands `stats` on to the constructor)."""
+
+    def __init__(self, *args, stats, **kwargs):
+        self.stats, self.corrupt_headers, self.in_corrupt_run = stats, 0, False
+        super().__init__(*args, ignore_zeros=True, tarinfo=_CountedTarInfo, **kwargs)
 
 
 def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tuple[int, int | None] = (0, None),
@@ -305,8 +315,8 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tup
             stream.seek(base)
         try:
             # "r:" reads a header, then seeks to the next one unless the member is extracted; "r|*" reads all.
-            tar = tarfile.open(fileobj=stream if counter is None else counter, mode="r:" if counter is None else "r|*",
-                               ignore_zeros=True, tarinfo=_CountedTarInfo)
+            tar = _CountingTarFile.open(fileobj=stream if counter is None else counter,
+                                        mode="r:" if counter is None else "r|*", stats=stats)
         except tarfile.ReadError as e:
             if "empty" not in str(e):
                 stats["truncated_tar"] += 1
@@ -314,7 +324,6 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tup
                 stats["empty_tar"] += 1
             return
         uncompressed = counter is None or tar.fileobj.comptype == "tar"
-        corrupt_counted = 0
         ended_cleanly = False
         while True:
             try:
@@ -324,10 +333,6 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tup
                 # are complete.
                 stats["truncated_tar"] += 1
                 break
-            finally:
-                if getattr(tar, "corrupt_headers", 0) > corrupt_counted:
-                    stats["corrupt_header"] += tar.corrupt_headers - corrupt_counted
-                    corrupt_counted = tar.corrupt_headers
             if member is None:
                 ended_cleanly = True
                 break
@@ -367,7 +372,7 @@ def iter_tar_samples(url: str, stats: Counter, offsets: bool = False, *, at: tup
             length = size if counter is None else counter.drain()
             if uncompressed and length % 512:
                 stats["truncated_tar"] += 1  # cut inside a header: the samples read so far are complete
-            elif members_seen == 0 and not base and not getattr(tar, "corrupt_headers", 0):
+            elif members_seen == 0 and not base and not tar.corrupt_headers:
                 stats["empty_tar"] += 1
         if sample is not None and sample_wanted:
             yield sample
